@@ -1,0 +1,721 @@
+//! The command line, as clap derive definitions: every command, flag and its help.
+//!
+//! This module only describes and validates the syntax (ranges, conflicts, required
+//! groups); clap turns any violation into a usage error with exit code 2. It does
+//! no I/O and talks to no server: `commands` does that.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+/// Where cipherctl connects when neither `--addr` nor `CIPHERD_ADDR` is set.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:8210";
+
+/// Help heading of the flags every command accepts.
+const GLOBAL: &str = "Global options";
+
+/// cipherctl: operate cipherd and encrypt, decrypt and rewrap data from scripts.
+#[derive(Debug, Parser)]
+#[command(name = "cipherctl", version)]
+#[command(
+    about = "Operate cipherd and encrypt, decrypt and rewrap data from scripts",
+    after_help = "Errors are printed as `error: <REASON>: <message>` on stderr (exit 1); \
+                  usage errors exit 2."
+)]
+pub struct Cli {
+    /// Flags that apply to every command.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted before or after any subcommand.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// cipherd's gRPC address; `http://` is assumed when no scheme is given.
+    #[arg(long, env = "CIPHERD_ADDR", default_value = DEFAULT_ADDR, global = true, help_heading = GLOBAL)]
+    pub addr: String,
+    /// Print machine-readable JSON (one object per command; one per line with --lines).
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub json: bool,
+    /// Deadline of each call (and of connecting), in seconds; fractions allowed.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, global = true, help_heading = GLOBAL)]
+    pub timeout: Option<Duration>,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show whether cipherd is initialized and sealed, and unseal progress.
+    Status,
+    /// Initialize a new cipherd: create the root key and print the unseal shares once.
+    Init(InitArgs),
+    /// Submit one unseal share (from the argument, or one line read from stdin).
+    Unseal(UnsealArgs),
+    /// Seal cipherd: drop all key material from its memory until unsealed again.
+    Seal,
+    /// Manage named keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Encrypt a value (argument or stdin), or every line of stdin with --lines.
+    Encrypt(EncryptArgs),
+    /// Decrypt a ciphertext (argument or stdin), or every line of stdin with --lines.
+    Decrypt(DecryptArgs),
+    /// Re-encrypt ciphertexts under the latest key version without revealing them.
+    Rewrap(RewrapArgs),
+    /// Generate a data key for envelope encryption (plaintext and wrapped).
+    Datakey(DatakeyArgs),
+}
+
+/// `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// How many unseal shares to create.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub shares: u32,
+    /// How many shares unseal (at least 2 unless there is only one share).
+    #[arg(long, value_name = "T", value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub threshold: u32,
+}
+
+/// `unseal`.
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// The share. Omit it (or pass `-`) to read one line from stdin, which keeps it
+    /// out of the shell history.
+    pub share: Option<SecretArg>,
+    /// Discard the shares submitted so far first. Without SHARE, only resets.
+    #[arg(long)]
+    pub reset: bool,
+}
+
+/// `key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a named key.
+    Create(KeyCreateArgs),
+    /// Show a key's metadata and versions (never its material).
+    Get(KeyNameArg),
+    /// List key names.
+    List(KeyListArgs),
+    /// Add a new version, which becomes the one that encrypts.
+    Rotate(KeyNameArg),
+    /// Change a key's minimum versions and flags.
+    Config(KeyConfigArgs),
+    /// Permanently destroy versions below a floor.
+    Trim(KeyTrimArgs),
+    /// Delete a key (only if created or configured with deletion allowed).
+    Delete(KeyNameArg),
+    /// Print an exportable key's material (base64).
+    Export(KeyExportArgs),
+}
+
+/// A command that takes only a key name.
+#[derive(Debug, Args)]
+pub struct KeyNameArg {
+    /// The key's name.
+    pub name: String,
+}
+
+/// `key create`.
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    /// The key's name.
+    pub name: String,
+    /// The key type.
+    #[arg(long = "type", value_enum, default_value_t = KeyTypeArg::Xaes256Gcm)]
+    pub key_type: KeyTypeArg,
+    /// Derive a working key per caller context (every call must pass --context).
+    #[arg(long)]
+    pub derived: bool,
+    /// Allow `key export` of the material (cannot be undone).
+    #[arg(long)]
+    pub exportable: bool,
+    /// Allow `key delete`.
+    #[arg(long)]
+    pub deletion_allowed: bool,
+}
+
+/// The key types, spelled as in the docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyTypeArg {
+    /// C2SP XAES-256-GCM, 192-bit nonces (the default).
+    #[value(name = "xaes-256-gcm")]
+    Xaes256Gcm,
+    /// AES-256-GCM with 96-bit nonces; usage counted and capped (Vault-compatible).
+    #[value(name = "aes256-gcm96")]
+    Aes256Gcm96,
+    /// ChaCha20-Poly1305; usage counted and capped.
+    #[value(name = "chacha20-poly1305")]
+    Chacha20Poly1305,
+    /// XChaCha20-Poly1305, 192-bit nonces.
+    #[value(name = "xchacha20-poly1305")]
+    Xchacha20Poly1305,
+}
+
+/// `key list`.
+#[derive(Debug, Args)]
+pub struct KeyListArgs {
+    /// Names per page (server default 100, at most 1000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub page_size: Option<u32>,
+    /// Continue after a previous page (its next_page_token).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+    /// Follow every page and print all names.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `key config`.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("change")
+        .required(true)
+        .multiple(true)
+        .args(["min_decryption_version", "min_encryption_version", "deletion_allowed", "exportable"])
+))]
+pub struct KeyConfigArgs {
+    /// The key's name.
+    pub name: String,
+    /// Refuse to decrypt ciphertexts made under older versions.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_decryption_version: Option<u32>,
+    /// Encrypt under at least this version (0: always the latest).
+    #[arg(long, value_name = "N")]
+    pub min_encryption_version: Option<u32>,
+    /// Allow or forbid `key delete`.
+    #[arg(long, value_name = "BOOL")]
+    pub deletion_allowed: Option<bool>,
+    /// Make the key exportable (cannot be turned off again).
+    #[arg(long)]
+    pub exportable: bool,
+}
+
+/// `key trim`.
+#[derive(Debug, Args)]
+pub struct KeyTrimArgs {
+    /// The key's name.
+    pub name: String,
+    /// Destroy every version below this one (at most min_decryption_version).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_available_version: u32,
+}
+
+/// `key export`.
+#[derive(Debug, Args)]
+pub struct KeyExportArgs {
+    /// The key's name.
+    pub name: String,
+    /// Export only this version (default: every available version).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub version: Option<u32>,
+}
+
+/// Associated data and derivation context, shared by the data-plane commands.
+#[derive(Debug, Args)]
+pub struct BindingArgs {
+    /// Associated data (UTF-8): authenticated, not stored; decrypt must repeat it.
+    #[arg(long, value_name = "TEXT", conflicts_with = "aad_base64")]
+    pub aad: Option<String>,
+    /// Associated data given as base64 of binary data.
+    #[arg(long, value_name = "BASE64", value_parser = parse_base64)]
+    pub aad_base64: Option<Base64Bytes>,
+    /// Derivation context (UTF-8), required for derived keys.
+    #[arg(long, value_name = "TEXT", conflicts_with = "context_base64")]
+    pub context: Option<String>,
+    /// Derivation context given as base64 of binary data.
+    #[arg(long, value_name = "BASE64", value_parser = parse_base64)]
+    pub context_base64: Option<Base64Bytes>,
+}
+
+impl BindingArgs {
+    /// The associated data bytes (empty when not given).
+    pub fn associated_data(&self) -> Vec<u8> {
+        pick(&self.aad, &self.aad_base64)
+    }
+
+    /// The context bytes (empty when not given).
+    pub fn context(&self) -> Vec<u8> {
+        pick(&self.context, &self.context_base64)
+    }
+}
+
+/// `encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// The key's name.
+    pub key: String,
+    /// The plaintext. Omit it to read stdin as raw bytes (nothing is trimmed);
+    /// arguments can end up in shell history and process listings.
+    #[arg(conflicts_with = "lines")]
+    pub plaintext: Option<SecretArg>,
+    /// The input is base64 of binary data (each line, with --lines).
+    #[arg(long)]
+    pub base64: bool,
+    /// Associated data and context.
+    #[command(flatten)]
+    pub binding: BindingArgs,
+    /// Encrypt under this version instead of the latest.
+    #[arg(long, value_name = "N", conflicts_with = "lines",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_version: Option<u32>,
+    /// Print base64 of the binary ciphertext instead of the text form `cipherd:v<N>:…`.
+    #[arg(long)]
+    pub binary: bool,
+    /// Encrypt every line of stdin; print one ciphertext (or error) per line, in order.
+    #[arg(long)]
+    pub lines: bool,
+}
+
+/// `decrypt`.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The key's name.
+    pub key: String,
+    /// The ciphertext, text form or base64 of the binary form. Omit it to read stdin.
+    #[arg(conflicts_with = "lines")]
+    pub ciphertext: Option<String>,
+    /// Print the plaintext as base64 instead of raw bytes.
+    #[arg(long)]
+    pub base64: bool,
+    /// Associated data and context (as given at encryption).
+    #[command(flatten)]
+    pub binding: BindingArgs,
+    /// Decrypt every line of stdin; print one plaintext (or error) per line, in order.
+    #[arg(long)]
+    pub lines: bool,
+}
+
+/// `rewrap`.
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    /// The key the ciphertext is under now.
+    pub key: String,
+    /// The ciphertext, text form or base64 of the binary form. Omit it to read stdin.
+    #[arg(conflicts_with = "lines")]
+    pub ciphertext: Option<String>,
+    /// Re-encrypt under this key instead (default: the same key's latest version).
+    #[arg(long, value_name = "DEST_KEY")]
+    pub to: Option<String>,
+    /// Associated data (kept) and the source context.
+    #[command(flatten)]
+    pub binding: BindingArgs,
+    /// Context for a derived destination key (UTF-8; default: the source context).
+    #[arg(long, value_name = "TEXT", conflicts_with = "dest_context_base64")]
+    pub dest_context: Option<String>,
+    /// Destination context given as base64 of binary data.
+    #[arg(long, value_name = "BASE64", value_parser = parse_base64)]
+    pub dest_context_base64: Option<Base64Bytes>,
+    /// Print base64 of the binary ciphertext instead of the text form.
+    #[arg(long)]
+    pub binary: bool,
+    /// Rewrap every line of stdin; print one ciphertext (or error) per line, in order.
+    #[arg(long)]
+    pub lines: bool,
+}
+
+impl RewrapArgs {
+    /// The destination context bytes (empty: the server reuses the source context).
+    pub fn dest_context(&self) -> Vec<u8> {
+        pick(&self.dest_context, &self.dest_context_base64)
+    }
+}
+
+/// `datakey`.
+#[derive(Debug, Args)]
+pub struct DatakeyArgs {
+    /// The key that wraps the data key.
+    pub key: String,
+    /// Data key length.
+    #[arg(long, value_enum, default_value_t = Bits::B256)]
+    pub bits: Bits,
+    /// Return only the wrapped key, for a component that stores it but does not use it.
+    #[arg(long)]
+    pub wrapped_only: bool,
+    /// Associated data and context for the wrapping.
+    #[command(flatten)]
+    pub binding: BindingArgs,
+    /// Print base64 of the binary wrapped key instead of the text form.
+    #[arg(long)]
+    pub binary: bool,
+}
+
+/// Data key lengths the server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Bits {
+    /// 128 bits.
+    #[value(name = "128")]
+    B128,
+    /// 256 bits.
+    #[value(name = "256")]
+    B256,
+    /// 512 bits.
+    #[value(name = "512")]
+    B512,
+}
+
+impl Bits {
+    /// The length in bits.
+    pub fn get(self) -> u32 {
+        match self {
+            Bits::B128 => 128,
+            Bits::B256 => 256,
+            Bits::B512 => 512,
+        }
+    }
+}
+
+/// A secret given on the command line (a plaintext, an unseal share). Its `Debug`
+/// prints `[redacted]`, so a parsed command line can be logged or shown in a test
+/// failure without leaking it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretArg(String);
+
+impl SecretArg {
+    /// The secret text; callers send it to the server and nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for SecretArg {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Bytes given on the command line as standard base64. A newtype because clap reads
+/// a `Vec<u8>` field as a list of values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base64Bytes(pub Vec<u8>);
+
+fn parse_base64(s: &str) -> Result<Base64Bytes, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map(Base64Bytes)
+        .map_err(|e| format!("not valid base64: {e}"))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err("the timeout must be positive".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+fn pick(text: &Option<String>, b64: &Option<Base64Bytes>) -> Vec<u8> {
+    match (text, b64) {
+        (Some(t), _) => t.as_bytes().to_vec(),
+        (None, Some(b)) => b.0.clone(),
+        (None, None) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cipherctl").chain(args.iter().copied()))
+    }
+
+    fn ok(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?} should parse: {e}"))
+    }
+
+    fn usage_error(args: &[&str]) -> ErrorKind {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} should be refused, got {cli:?}"),
+            Err(e) => {
+                assert_eq!(e.exit_code(), 2, "usage errors exit 2");
+                e.kind()
+            }
+        }
+    }
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_before_and_after_the_subcommand() {
+        let cli = ok(&["--addr", "http://h:1", "--json", "status"]);
+        assert_eq!(cli.global.addr, "http://h:1");
+        assert!(cli.global.json);
+        let cli = ok(&["status", "--timeout", "2.5", "--json"]);
+        assert_eq!(cli.global.timeout, Some(Duration::from_millis(2500)));
+        assert!(cli.global.json);
+        assert!(matches!(cli.command, Command::Status));
+    }
+
+    #[test]
+    fn timeout_must_be_a_positive_number() {
+        usage_error(&["--timeout", "0", "status"]);
+        usage_error(&["--timeout", "-1", "status"]);
+        usage_error(&["--timeout", "soon", "status"]);
+        usage_error(&["--timeout", "NaN", "status"]);
+    }
+
+    #[test]
+    fn init_requires_both_counts_in_range() {
+        let cli = ok(&["init", "--shares", "5", "--threshold", "3"]);
+        let Command::Init(a) = cli.command else {
+            panic!("init")
+        };
+        assert_eq!((a.shares, a.threshold), (5, 3));
+        usage_error(&["init", "--shares", "5"]);
+        usage_error(&["init", "--shares", "0", "--threshold", "1"]);
+        usage_error(&["init", "--shares", "256", "--threshold", "2"]);
+    }
+
+    #[test]
+    fn unseal_share_is_optional() {
+        let Command::Unseal(a) = ok(&["unseal"]).command else {
+            panic!("unseal")
+        };
+        assert_eq!(a.share, None);
+        assert!(!a.reset);
+        let cli = ok(&["unseal", "--reset", "abc"]);
+        assert!(
+            !format!("{cli:?}").contains("abc"),
+            "shares are redacted in Debug"
+        );
+        let Command::Unseal(a) = cli.command else {
+            panic!("unseal")
+        };
+        assert_eq!(a.share.as_ref().map(SecretArg::expose), Some("abc"));
+        assert!(a.reset);
+    }
+
+    #[test]
+    fn key_create_parses_types_and_flags() {
+        let Command::Key(KeyCommand::Create(a)) = ok(&["key", "create", "k"]).command else {
+            panic!("key create")
+        };
+        assert_eq!(a.key_type, KeyTypeArg::Xaes256Gcm);
+        assert!(!a.derived && !a.exportable && !a.deletion_allowed);
+        for (name, want) in [
+            ("xaes-256-gcm", KeyTypeArg::Xaes256Gcm),
+            ("aes256-gcm96", KeyTypeArg::Aes256Gcm96),
+            ("chacha20-poly1305", KeyTypeArg::Chacha20Poly1305),
+            ("xchacha20-poly1305", KeyTypeArg::Xchacha20Poly1305),
+        ] {
+            let cli = ok(&[
+                "key",
+                "create",
+                "k",
+                "--type",
+                name,
+                "--derived",
+                "--exportable",
+                "--deletion-allowed",
+            ]);
+            let Command::Key(KeyCommand::Create(a)) = cli.command else {
+                panic!("create")
+            };
+            assert_eq!(a.key_type, want);
+            assert!(a.derived && a.exportable && a.deletion_allowed);
+        }
+        assert_eq!(
+            usage_error(&["key", "create", "k", "--type", "aes128"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn key_config_needs_at_least_one_change() {
+        assert_eq!(
+            usage_error(&["key", "config", "k"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        let cli = ok(&["key", "config", "k", "--deletion-allowed", "false"]);
+        let Command::Key(KeyCommand::Config(a)) = cli.command else {
+            panic!("config")
+        };
+        assert_eq!(a.deletion_allowed, Some(false));
+        assert_eq!(a.min_decryption_version, None);
+        assert!(!a.exportable);
+        let cli = ok(&[
+            "key",
+            "config",
+            "k",
+            "--min-decryption-version",
+            "2",
+            "--min-encryption-version",
+            "0",
+            "--exportable",
+        ]);
+        let Command::Key(KeyCommand::Config(a)) = cli.command else {
+            panic!("config")
+        };
+        assert_eq!(a.min_decryption_version, Some(2));
+        assert_eq!(a.min_encryption_version, Some(0));
+        assert!(a.exportable);
+        usage_error(&["key", "config", "k", "--min-decryption-version", "0"]);
+        usage_error(&["key", "config", "k", "--deletion-allowed", "maybe"]);
+    }
+
+    #[test]
+    fn key_trim_list_and_export() {
+        usage_error(&["key", "trim", "k"]);
+        let cli = ok(&["key", "trim", "k", "--min-available-version", "3"]);
+        let Command::Key(KeyCommand::Trim(a)) = cli.command else {
+            panic!("trim")
+        };
+        assert_eq!(a.min_available_version, 3);
+
+        let cli = ok(&[
+            "key",
+            "list",
+            "--page-size",
+            "10",
+            "--page-token",
+            "b",
+            "--all",
+        ]);
+        let Command::Key(KeyCommand::List(a)) = cli.command else {
+            panic!("list")
+        };
+        assert_eq!(
+            (a.page_size, a.page_token.as_deref(), a.all),
+            (Some(10), Some("b"), true)
+        );
+        usage_error(&["key", "list", "--page-size", "1001"]);
+
+        let cli = ok(&["key", "export", "k", "--version", "2"]);
+        let Command::Key(KeyCommand::Export(a)) = cli.command else {
+            panic!("export")
+        };
+        assert_eq!(a.version, Some(2));
+        for sub in ["get", "rotate", "delete"] {
+            usage_error(&["key", sub]);
+            ok(&["key", sub, "k"]);
+        }
+    }
+
+    #[test]
+    fn encrypt_takes_plaintext_binding_and_output_flags() {
+        let cli = ok(&[
+            "encrypt",
+            "k",
+            "hello",
+            "--aad",
+            "row=1",
+            "--context-base64",
+            "AAEC",
+            "--key-version",
+            "2",
+            "--binary",
+        ]);
+        let Command::Encrypt(a) = cli.command else {
+            panic!("encrypt")
+        };
+        assert_eq!(a.plaintext.as_ref().map(SecretArg::expose), Some("hello"));
+        assert_eq!(a.binding.associated_data(), b"row=1");
+        assert_eq!(a.binding.context(), [0, 1, 2]);
+        assert_eq!(a.key_version, Some(2));
+        assert!(a.binary && !a.lines && !a.base64);
+
+        let Command::Encrypt(a) = ok(&["encrypt", "k", "--lines"]).command else {
+            panic!("encrypt")
+        };
+        assert!(a.lines && a.plaintext.is_none());
+        assert!(a.binding.associated_data().is_empty() && a.binding.context().is_empty());
+    }
+
+    #[test]
+    fn conflicting_inputs_are_usage_errors() {
+        for args in [
+            &["encrypt", "k", "x", "--lines"][..],
+            &["encrypt", "k", "--lines", "--key-version", "1"],
+            &["encrypt", "k", "x", "--aad", "a", "--aad-base64", "YQ=="],
+            &[
+                "decrypt",
+                "k",
+                "x",
+                "--context",
+                "a",
+                "--context-base64",
+                "YQ==",
+            ],
+            &["decrypt", "k", "cipherd:v1:x", "--lines"],
+            &[
+                "rewrap",
+                "k",
+                "x",
+                "--dest-context",
+                "a",
+                "--dest-context-base64",
+                "YQ==",
+            ],
+        ] {
+            assert_eq!(usage_error(args), ErrorKind::ArgumentConflict, "{args:?}");
+        }
+        assert_eq!(
+            usage_error(&["encrypt", "k", "--aad-base64", "not base64!"]),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn rewrap_and_datakey() {
+        let cli = ok(&[
+            "rewrap",
+            "src",
+            "cipherd:v1:AAAA",
+            "--to",
+            "dst",
+            "--context",
+            "a",
+            "--dest-context",
+            "b",
+        ]);
+        let Command::Rewrap(a) = cli.command else {
+            panic!("rewrap")
+        };
+        assert_eq!(a.to.as_deref(), Some("dst"));
+        assert_eq!(a.binding.context(), b"a");
+        assert_eq!(a.dest_context(), b"b");
+
+        let Command::Datakey(a) = ok(&["datakey", "k"]).command else {
+            panic!("datakey")
+        };
+        assert_eq!(a.bits.get(), 256);
+        assert!(!a.wrapped_only);
+        let cli = ok(&["datakey", "k", "--bits", "512", "--wrapped-only"]);
+        let Command::Datakey(a) = cli.command else {
+            panic!("datakey")
+        };
+        assert_eq!(a.bits.get(), 512);
+        assert!(a.wrapped_only);
+        assert_eq!(
+            usage_error(&["datakey", "k", "--bits", "192"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn address_comes_from_the_environment_default() {
+        // Not setting the variable here (tests run in parallel); the default applies
+        // unless the runner exported CIPHERD_ADDR.
+        if std::env::var_os("CIPHERD_ADDR").is_none() {
+            assert_eq!(ok(&["status"]).global.addr, DEFAULT_ADDR);
+        }
+    }
+}

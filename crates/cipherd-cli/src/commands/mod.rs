@@ -1,0 +1,211 @@
+//! Running parsed commands against cipherd: connect, read input, call the client,
+//! hand the result to `output`.
+//!
+//! One submodule per area: `system` (lifecycle), `keys` (key management), `transit`
+//! (one value at a time), `lines` (`--lines` streaming batches). Helpers shared by
+//! them (stdin, ciphertext input and output forms) live here. Rendering decisions
+//! belong to `output`, syntax to `cli`.
+
+mod keys;
+mod lines;
+mod system;
+mod transit;
+
+use std::io::{IsTerminal as _, Write as _};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use cipherd_client::{Client, ClientOptions};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+
+use crate::{
+    cli::{Cli, Command, GlobalArgs},
+    error::Failure,
+    output::{self, ErasedView, Format},
+};
+
+/// Runs one command to completion; any failure (including failed `--lines` items)
+/// comes back as `Err` and makes the process exit 1.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = if cli.global.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    let ctx = Ctx {
+        client: connect(&cli.global).await?,
+        format,
+    };
+    match cli.command {
+        Command::Status => system::status(&ctx).await?,
+        Command::Init(args) => system::init(&ctx, args).await?,
+        Command::Unseal(args) => system::unseal(&ctx, args).await?,
+        Command::Seal => system::seal(&ctx).await?,
+        Command::Key(cmd) => keys::run(&ctx, cmd).await?,
+        Command::Encrypt(args) if args.lines => lines::encrypt(&ctx, args).await?,
+        Command::Encrypt(args) => transit::encrypt(&ctx, args).await?,
+        Command::Decrypt(args) if args.lines => lines::decrypt(&ctx, args).await?,
+        Command::Decrypt(args) => transit::decrypt(&ctx, args).await?,
+        Command::Rewrap(args) if args.lines => lines::rewrap(&ctx, args).await?,
+        Command::Rewrap(args) => transit::rewrap(&ctx, args).await?,
+        Command::Datakey(args) => transit::datakey(&ctx, args).await?,
+    }
+    Ok(())
+}
+
+/// What every command needs: the connection and the output format.
+struct Ctx {
+    client: Client,
+    format: Format,
+}
+
+impl Ctx {
+    /// Prints one command result on stdout.
+    fn emit(&self, view: &dyn ErasedView) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        output::emit(self.format, view, &mut out).context("writing to stdout")?;
+        out.flush().context("writing to stdout")?;
+        Ok(())
+    }
+}
+
+/// Connects with the global flags applied.
+async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
+    let addr = endpoint(&global.addr);
+    let mut options = ClientOptions::default();
+    if let Some(timeout) = global.timeout {
+        options.timeout = timeout;
+        options.connect_timeout = timeout;
+    }
+    Client::connect_with(addr.clone(), options)
+        .await
+        .map_err(|e| {
+            let mut f = Failure::from_client(&e);
+            // The only protocol error before any call is an unparsable endpoint.
+            if matches!(e, cipherd_client::Error::Protocol(_)) {
+                f.reason = "INVALID_ADDRESS".to_owned();
+            }
+            Failure {
+                message: format!("cannot connect to cipherd at {addr}: {}", f.message),
+                ..f
+            }
+        })
+        .map_err(anyhow::Error::from)
+}
+
+/// `host:port` means `http://host:port`; anything with a scheme is used as given.
+fn endpoint(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// All of stdin, as raw bytes.
+async fn read_stdin_all(what: &str) -> anyhow::Result<Vec<u8>> {
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading the {what} from stdin; end with Ctrl-D");
+    }
+    let mut buf = Vec::new();
+    tokio::io::stdin()
+        .read_to_end(&mut buf)
+        .await
+        .with_context(|| format!("reading the {what} from stdin"))?;
+    Ok(buf)
+}
+
+/// One line of stdin without its line ending, prompting on a terminal.
+async fn read_stdin_line(prompt: &str) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprint!("{prompt}: ");
+        std::io::stderr().flush().ok();
+    }
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await
+        .context("reading stdin")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// Decodes `--base64` input (surrounding whitespace, like a final newline, ignored).
+fn decode_base64_input(input: &[u8]) -> Result<Vec<u8>, Failure> {
+    base64::engine::general_purpose::STANDARD
+        .decode(input.trim_ascii())
+        .map_err(|e| {
+            Failure::new(
+                "INVALID_INPUT",
+                format!("the input is not valid base64: {e}"),
+            )
+        })
+}
+
+/// A ciphertext as typed or piped: the text form is passed through; anything else
+/// is taken as base64 of the binary form. Surrounding whitespace is dropped (the
+/// format itself never contains any). Input that is neither is sent as is, so the
+/// server answers with its one opaque `DECRYPTION_FAILED`.
+fn ciphertext_input(input: &[u8]) -> Vec<u8> {
+    let input = input.trim_ascii();
+    if input.starts_with(b"cipherd:") {
+        return input.to_vec();
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(input)
+        .unwrap_or_else(|_| input.to_vec())
+}
+
+/// A returned ciphertext in printable form: the server's text form as is, or base64
+/// of the binary form (`--binary`).
+fn ciphertext_output(ciphertext: &[u8], binary: bool) -> Result<String, Failure> {
+    if binary {
+        return Ok(output::b64(ciphertext));
+    }
+    String::from_utf8(ciphertext.to_vec()).map_err(|_| {
+        Failure::new(
+            "PROTOCOL",
+            "the server returned a text-form ciphertext that is not UTF-8",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_a_scheme_when_missing() {
+        assert_eq!(endpoint("127.0.0.1:8210"), "http://127.0.0.1:8210");
+        assert_eq!(endpoint("https://kms:8210"), "https://kms:8210");
+    }
+
+    #[test]
+    fn ciphertext_input_accepts_text_and_base64_binary() {
+        assert_eq!(ciphertext_input(b" cipherd:v1:AAAA\n"), b"cipherd:v1:AAAA");
+        assert_eq!(ciphertext_input(b"AQAAAAE=\n"), [1, 0, 0, 0, 1]);
+        // Neither form: passed through for the server to refuse opaquely.
+        assert_eq!(ciphertext_input(b"garbage!"), b"garbage!");
+    }
+
+    #[test]
+    fn base64_input_errors_name_the_reason() {
+        assert_eq!(decode_base64_input(b"aGk=\n").expect("valid"), b"hi");
+        let err = decode_base64_input(b"not base64").expect_err("invalid");
+        assert_eq!(err.reason, "INVALID_INPUT");
+    }
+
+    #[test]
+    fn ciphertext_output_forms() {
+        assert_eq!(
+            ciphertext_output(b"cipherd:v1:AA==", false).expect("text"),
+            "cipherd:v1:AA=="
+        );
+        assert_eq!(ciphertext_output(&[1, 0], true).expect("binary"), "AQA=");
+        assert_eq!(
+            ciphertext_output(&[0xff], false)
+                .expect_err("not utf-8")
+                .reason,
+            "PROTOCOL"
+        );
+    }
+}

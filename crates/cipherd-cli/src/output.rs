@@ -1,0 +1,1105 @@
+//! Rendering command results for people (aligned `key: value` lines and tables) or
+//! for programs (`--json`, serde_json, stable snake_case field names).
+//!
+//! Every command result is a view type here, built from the proto message and
+//! implementing [`View`]. Rendering writes to any `io::Write`, so tests render into
+//! a buffer. This module decides formats only; it never talks to the server.
+//!
+//! JSON conventions: binary values are standard base64 in fields named `*_base64`
+//! (or `material`, `ciphertext` in binary mode); times are RFC 3339 UTC with
+//! milliseconds; absent values are `null`, never a missing field.
+
+use std::io::{self, Write};
+
+use base64::Engine as _;
+use cipherd_client::pb;
+use serde::Serialize;
+
+use crate::error::Failure;
+
+/// Human or machine output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned `key: value` lines, tables, raw values.
+    Human,
+    /// One JSON object per command (per line with `--lines`).
+    Json,
+}
+
+/// A command result that can be shown either way.
+pub trait View: Serialize {
+    /// Writes the human-readable form.
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()>;
+}
+
+/// Writes `view` in `format`, followed by a newline in JSON mode.
+pub fn emit(format: Format, view: &dyn ErasedView, w: &mut dyn Write) -> io::Result<()> {
+    match format {
+        Format::Human => view.write_human(w),
+        Format::Json => {
+            w.write_all(view.to_json()?.as_bytes())?;
+            w.write_all(b"\n")
+        }
+    }
+}
+
+/// Object-safe form of [`View`] (serde's `Serialize` is not object safe).
+pub trait ErasedView {
+    /// See [`View::write_human`].
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()>;
+    /// The JSON text.
+    fn to_json(&self) -> io::Result<String>;
+}
+
+impl<T: View> ErasedView for T {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        View::write_human(self, w)
+    }
+
+    fn to_json(&self) -> io::Result<String> {
+        serde_json::to_string(self).map_err(io::Error::other)
+    }
+}
+
+/// The line printed on stderr for a failure.
+pub fn error_line(failure: &Failure) -> String {
+    format!("error: {}: {}", failure.reason, failure.message)
+}
+
+/// `status`.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// Whether `init` has run.
+    pub initialized: bool,
+    /// Whether key material is unavailable.
+    pub sealed: bool,
+    /// Shares needed to unseal.
+    pub threshold: u32,
+    /// Shares issued at init.
+    pub shares: u32,
+    /// Shares submitted towards the current unseal.
+    pub progress: u32,
+    /// cipherd's version.
+    pub version: String,
+    /// Storage backend.
+    pub storage: String,
+    /// Whether the server runs in (insecure) dev mode.
+    pub dev_mode: bool,
+}
+
+impl From<pb::StatusResponse> for StatusView {
+    fn from(s: pb::StatusResponse) -> Self {
+        Self {
+            initialized: s.initialized,
+            sealed: s.sealed,
+            threshold: s.threshold,
+            shares: s.shares,
+            progress: s.progress,
+            version: s.version,
+            storage: s.storage,
+            dev_mode: s.dev_mode,
+        }
+    }
+}
+
+impl View for StatusView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = vec![
+            ("initialized", yes_no(self.initialized)),
+            ("sealed", yes_no(self.sealed)),
+        ];
+        if self.initialized {
+            if self.sealed {
+                rows.push((
+                    "unseal progress",
+                    format!("{}/{}", self.progress, self.threshold),
+                ));
+            }
+            rows.push(("shares", self.shares.to_string()));
+            rows.push(("threshold", self.threshold.to_string()));
+        }
+        rows.push(("version", self.version.clone()));
+        rows.push(("storage", self.storage.clone()));
+        rows.push(("dev mode", yes_no(self.dev_mode)));
+        write_rows(w, &rows)
+    }
+}
+
+/// `init`: the shares, shown once. `Debug` redacts them.
+#[derive(Serialize)]
+pub struct InitView {
+    /// The text-encoded unseal shares.
+    pub shares: Vec<String>,
+    /// How many of them unseal.
+    pub threshold: u32,
+}
+
+impl std::fmt::Debug for InitView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitView")
+            .field("shares", &format_args!("[{} redacted]", self.shares.len()))
+            .field("threshold", &self.threshold)
+            .finish()
+    }
+}
+
+impl View for InitView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let rows: Vec<(String, String)> = self
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("unseal share {}", i + 1), s.clone()))
+            .collect();
+        write_rows(w, &rows)
+    }
+}
+
+/// The warning printed (on stderr) with the shares from `init`.
+pub fn init_warning(shares: usize, threshold: u32) -> String {
+    format!(
+        "WARNING: the {shares} unseal share(s) above are shown this once; cipherd does not \
+         store them.\nGive each share to a different person and store them separately (never \
+         together, never in this terminal's scrollback or a shell history).\nAny {threshold} \
+         of them unseal cipherd; losing more than {lost} means the data can never be \
+         decrypted again.\ncipherd is sealed now: run `cipherctl unseal` {threshold} time(s), \
+         once per share.",
+        lost = shares.saturating_sub(threshold as usize),
+    )
+}
+
+/// `unseal`.
+#[derive(Debug, Serialize)]
+pub struct UnsealView {
+    /// Whether cipherd is still sealed.
+    pub sealed: bool,
+    /// Shares needed.
+    pub threshold: u32,
+    /// Shares submitted so far (0 once unsealed).
+    pub progress: u32,
+}
+
+impl From<pb::UnsealResponse> for UnsealView {
+    fn from(r: pb::UnsealResponse) -> Self {
+        Self {
+            sealed: r.sealed,
+            threshold: r.threshold,
+            progress: r.progress,
+        }
+    }
+}
+
+impl View for UnsealView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = vec![("sealed", yes_no(self.sealed))];
+        if self.sealed {
+            rows.push((
+                "unseal progress",
+                format!("{}/{}", self.progress, self.threshold),
+            ));
+        }
+        write_rows(w, &rows)
+    }
+}
+
+/// `seal`.
+#[derive(Debug, Serialize)]
+pub struct SealView {
+    /// Always true after a successful seal.
+    pub sealed: bool,
+}
+
+impl View for SealView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(w, &[("sealed", yes_no(self.sealed))])
+    }
+}
+
+/// A key's metadata (`key create/get/rotate/config/trim`).
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    /// Name.
+    pub name: String,
+    /// Type, as spelled on the command line (`xaes-256-gcm`, …).
+    #[serde(rename = "type")]
+    pub key_type: String,
+    /// Derived per context.
+    pub derived: bool,
+    /// Material may be exported.
+    pub exportable: bool,
+    /// The key may be deleted.
+    pub deletion_allowed: bool,
+    /// The version that encrypts.
+    pub latest_version: u32,
+    /// Oldest version that decrypts.
+    pub min_decryption_version: u32,
+    /// Oldest version that may encrypt (0: always the latest).
+    pub min_encryption_version: u32,
+    /// Oldest version not trimmed.
+    pub min_available_version: u32,
+    /// Creation time.
+    pub created_at: Option<String>,
+    /// The available versions, oldest first.
+    pub versions: Vec<KeyVersionView>,
+}
+
+/// One version in a [`KeyView`].
+#[derive(Debug, Serialize)]
+pub struct KeyVersionView {
+    /// Version number.
+    pub version: u32,
+    /// Creation time.
+    pub created_at: Option<String>,
+    /// Encryptions reserved so far (counted types; 0 otherwise).
+    pub encryptions: u64,
+    /// The enforced limit (0: not counted).
+    pub encryption_limit: u64,
+}
+
+impl From<pb::Key> for KeyView {
+    fn from(k: pb::Key) -> Self {
+        Self {
+            key_type: key_type_name(k.r#type),
+            derived: k.derived,
+            exportable: k.exportable,
+            deletion_allowed: k.deletion_allowed,
+            latest_version: k.latest_version,
+            min_decryption_version: k.min_decryption_version,
+            min_encryption_version: k.min_encryption_version,
+            min_available_version: k.min_available_version,
+            created_at: k.created_at.map(|t| rfc3339(t.seconds, t.nanos)),
+            versions: k
+                .versions
+                .into_iter()
+                .map(|v| KeyVersionView {
+                    version: v.version,
+                    created_at: v.created_at.map(|t| rfc3339(t.seconds, t.nanos)),
+                    encryptions: v.encryptions,
+                    encryption_limit: v.encryption_limit,
+                })
+                .collect(),
+            name: k.name,
+        }
+    }
+}
+
+impl View for KeyView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let min_enc = match self.min_encryption_version {
+            0 => "0 (latest)".to_owned(),
+            n => n.to_string(),
+        };
+        write_rows(
+            w,
+            &[
+                ("name", self.name.clone()),
+                ("type", self.key_type.clone()),
+                ("derived", yes_no(self.derived)),
+                ("exportable", yes_no(self.exportable)),
+                ("deletion allowed", yes_no(self.deletion_allowed)),
+                ("created", opt(&self.created_at)),
+                ("latest version", self.latest_version.to_string()),
+                (
+                    "min decryption version",
+                    self.min_decryption_version.to_string(),
+                ),
+                ("min encryption version", min_enc),
+                (
+                    "min available version",
+                    self.min_available_version.to_string(),
+                ),
+            ],
+        )?;
+        writeln!(w)?;
+        let mut table = vec![vec![
+            "VERSION".to_owned(),
+            "CREATED".to_owned(),
+            "USAGE (ENCRYPTIONS/LIMIT)".to_owned(),
+        ]];
+        for v in &self.versions {
+            table.push(vec![
+                v.version.to_string(),
+                opt(&v.created_at),
+                usage(v.encryptions, v.encryption_limit),
+            ]);
+        }
+        write_table(w, &table)?;
+        if self.versions.iter().any(|v| v.encryption_limit > 0) {
+            writeln!(
+                w,
+                "\nEncryptions are reserved from storage in blocks, so the count is an \
+                 upper bound on those made."
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `key list`.
+#[derive(Debug, Serialize)]
+pub struct KeyListView {
+    /// Key names in order.
+    pub names: Vec<String>,
+    /// Token of the next page (`null` on the last page or with `--all`).
+    pub next_page_token: Option<String>,
+}
+
+impl View for KeyListView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        for name in &self.names {
+            writeln!(w, "{name}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `key delete`.
+#[derive(Debug, Serialize)]
+pub struct DeletedView {
+    /// The deleted key.
+    pub name: String,
+    /// Always true.
+    pub deleted: bool,
+}
+
+impl View for DeletedView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(w, &[("deleted", self.name.clone())])
+    }
+}
+
+/// `key export`.
+#[derive(Debug, Serialize)]
+pub struct ExportView {
+    /// Key name.
+    pub name: String,
+    /// Key type.
+    #[serde(rename = "type")]
+    pub key_type: String,
+    /// The exported versions.
+    pub versions: Vec<ExportedVersionView>,
+}
+
+/// One exported version.
+#[derive(Serialize)]
+pub struct ExportedVersionView {
+    /// Version number.
+    pub version: u32,
+    /// The 256-bit material, base64.
+    pub material: String,
+}
+
+impl std::fmt::Debug for ExportedVersionView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportedVersionView")
+            .field("version", &self.version)
+            .field("material", &"[redacted]")
+            .finish()
+    }
+}
+
+impl From<pb::ExportKeyResponse> for ExportView {
+    fn from(r: pb::ExportKeyResponse) -> Self {
+        Self {
+            name: r.name,
+            key_type: key_type_name(r.r#type),
+            versions: r
+                .versions
+                .into_iter()
+                .map(|v| ExportedVersionView {
+                    version: v.version,
+                    material: b64(&v.material),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl View for ExportView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = vec![
+            ("name".to_owned(), self.name.clone()),
+            ("type".to_owned(), self.key_type.clone()),
+        ];
+        rows.extend(
+            self.versions
+                .iter()
+                .map(|v| (format!("version {}", v.version), v.material.clone())),
+        );
+        write_rows(w, &rows)
+    }
+}
+
+/// `encrypt`, `rewrap`: one ciphertext.
+#[derive(Debug, Serialize)]
+pub struct CiphertextView {
+    /// Text form, or base64 of the binary form with `--binary`.
+    pub ciphertext: String,
+    /// The key version that encrypted it.
+    pub key_version: u32,
+}
+
+impl View for CiphertextView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        writeln!(w, "{}", self.ciphertext)
+    }
+}
+
+/// `decrypt`: one plaintext.
+pub struct PlaintextView {
+    /// The plaintext bytes.
+    pub plaintext: Vec<u8>,
+    /// The version the ciphertext was made under.
+    pub key_version: u32,
+    /// Human output as base64 (plus newline) instead of raw bytes.
+    pub base64: bool,
+    /// Human raw output ends with a newline if the plaintext lacks one, so a
+    /// terminal prompt does not run into it. Set only when stdout is a terminal:
+    /// piped output stays byte for byte.
+    pub terminal_newline: bool,
+}
+
+impl Serialize for PlaintextView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        PlaintextJson::new(None, &self.plaintext, Some(self.key_version)).serialize(s)
+    }
+}
+
+impl View for PlaintextView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        if self.base64 {
+            return writeln!(w, "{}", b64(&self.plaintext));
+        }
+        w.write_all(&self.plaintext)?;
+        if self.terminal_newline && !self.plaintext.ends_with(b"\n") {
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+}
+
+/// `datakey`.
+pub struct DataKeyView {
+    /// The plaintext data key (absent with `--wrapped-only`).
+    pub plaintext: Option<Vec<u8>>,
+    /// The wrapped key: text form, or base64 of the binary form.
+    pub ciphertext: String,
+    /// The wrapping key's version.
+    pub key_version: u32,
+}
+
+#[derive(Serialize)]
+struct DataKeyJson<'a> {
+    plaintext_base64: Option<String>,
+    ciphertext: &'a str,
+    key_version: u32,
+}
+
+impl Serialize for DataKeyView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        DataKeyJson {
+            plaintext_base64: self.plaintext.as_deref().map(b64),
+            ciphertext: &self.ciphertext,
+            key_version: self.key_version,
+        }
+        .serialize(s)
+    }
+}
+
+impl View for DataKeyView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = Vec::new();
+        if let Some(p) = &self.plaintext {
+            rows.push(("plaintext (base64)", b64(p)));
+        }
+        rows.push(("ciphertext", self.ciphertext.clone()));
+        rows.push(("key version", self.key_version.to_string()));
+        write_rows(w, &rows)
+    }
+}
+
+/// What a successful `--lines` item produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineValue {
+    /// A ciphertext (already in its printable form).
+    Ciphertext(String),
+    /// A plaintext.
+    Plaintext(Vec<u8>),
+}
+
+/// Writes the output line for input line `line` (1-based). Returns false when the
+/// line reports an error, which includes a plaintext that cannot be printed on one
+/// line in human mode (it contains a line break; `--base64` avoids that).
+pub fn write_line(
+    format: Format,
+    line: u64,
+    outcome: Result<LineValue, Failure>,
+    plaintext_base64: bool,
+    w: &mut dyn Write,
+) -> io::Result<bool> {
+    let outcome = match outcome {
+        Ok(LineValue::Plaintext(p))
+            if format == Format::Human
+                && !plaintext_base64
+                && p.iter().any(|&b| b == b'\n' || b == b'\r') =>
+        {
+            Err(Failure::new(
+                "LINE_BREAK_IN_PLAINTEXT",
+                "the plaintext contains a line break; use --base64 to print it",
+            ))
+        }
+        other => other,
+    };
+    let ok = outcome.is_ok();
+    match format {
+        Format::Human => match outcome {
+            Ok(LineValue::Ciphertext(c)) => writeln!(w, "{c}")?,
+            Ok(LineValue::Plaintext(p)) if plaintext_base64 => writeln!(w, "{}", b64(&p))?,
+            Ok(LineValue::Plaintext(p)) => {
+                w.write_all(&p)?;
+                w.write_all(b"\n")?;
+            }
+            Err(f) => writeln!(w, "{}", error_line(&f))?,
+        },
+        Format::Json => {
+            let json = match &outcome {
+                Ok(LineValue::Ciphertext(c)) => serde_json::to_string(&LineCiphertextJson {
+                    line,
+                    ciphertext: c,
+                }),
+                Ok(LineValue::Plaintext(p)) => {
+                    serde_json::to_string(&PlaintextJson::new(Some(line), p, None))
+                }
+                Err(f) => serde_json::to_string(&LineErrorJson {
+                    line,
+                    error: ErrorJson {
+                        reason: &f.reason,
+                        message: &f.message,
+                    },
+                }),
+            }
+            .map_err(io::Error::other)?;
+            writeln!(w, "{json}")?;
+        }
+    }
+    Ok(ok)
+}
+
+#[derive(Serialize)]
+struct LineCiphertextJson<'a> {
+    line: u64,
+    ciphertext: &'a str,
+}
+
+#[derive(Serialize)]
+struct LineErrorJson<'a> {
+    line: u64,
+    error: ErrorJson<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    reason: &'a str,
+    message: &'a str,
+}
+
+/// A plaintext in JSON: as a string when it is UTF-8 (else `null`), and always as
+/// base64, so binary values survive and text stays readable.
+#[derive(Serialize)]
+struct PlaintextJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<u64>,
+    plaintext: Option<&'a str>,
+    plaintext_base64: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_version: Option<u32>,
+}
+
+impl<'a> PlaintextJson<'a> {
+    fn new(line: Option<u64>, plaintext: &'a [u8], key_version: Option<u32>) -> Self {
+        Self {
+            line,
+            plaintext: std::str::from_utf8(plaintext).ok(),
+            plaintext_base64: b64(plaintext),
+            key_version,
+        }
+    }
+}
+
+/// The command-line spelling of a proto key type.
+pub fn key_type_name(value: i32) -> String {
+    match pb::KeyType::try_from(value) {
+        Ok(pb::KeyType::Xaes256Gcm) => "xaes-256-gcm".to_owned(),
+        Ok(pb::KeyType::Aes256Gcm96) => "aes256-gcm96".to_owned(),
+        Ok(pb::KeyType::Chacha20Poly1305) => "chacha20-poly1305".to_owned(),
+        Ok(pb::KeyType::Xchacha20Poly1305) => "xchacha20-poly1305".to_owned(),
+        Ok(pb::KeyType::Unspecified) | Err(_) => format!("unknown ({value})"),
+    }
+}
+
+/// Standard padded base64.
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-05-01T09:30:00.250Z`.
+pub fn rfc3339(seconds: i64, nanos: i32) -> String {
+    let days = seconds.div_euclid(86_400);
+    let secs_of_day = seconds.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs_of_day / 3600,
+        secs_of_day % 3600 / 60,
+        secs_of_day % 60,
+        nanos.clamp(0, 999_999_999) / 1_000_000,
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard
+/// Hinnant's `civil_from_days`, exact for every i64 day count we can meet.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11]
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32; // [1, 31]
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32; // [1, 12]
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn usage(encryptions: u64, limit: u64) -> String {
+    if limit == 0 {
+        return "not counted".to_owned();
+    }
+    // Display only; f64 rounding is irrelevant at one decimal.
+    let percent = encryptions as f64 * 100.0 / limit as f64;
+    format!("{encryptions}/{limit} ({percent:.1}%)")
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+/// `label: value` lines with the values aligned one space after the longest label.
+fn write_rows<L: AsRef<str>>(w: &mut dyn Write, rows: &[(L, String)]) -> io::Result<()> {
+    let width = rows
+        .iter()
+        .map(|(l, _)| l.as_ref().len())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    for (label, value) in rows {
+        let label = format!("{}:", label.as_ref());
+        writeln!(w, "{label:<width$} {value}", width = width)?;
+    }
+    Ok(())
+}
+
+/// Left-aligned columns two spaces apart, no trailing spaces.
+fn write_table(w: &mut dyn Write, rows: &[Vec<String>]) -> io::Result<()> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        writeln!(w, "{line}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn human(view: &dyn ErasedView) -> String {
+        let mut out = Vec::new();
+        emit(Format::Human, view, &mut out).expect("render");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    fn json(view: &dyn ErasedView) -> serde_json::Value {
+        let mut out = Vec::new();
+        emit(Format::Json, view, &mut out).expect("render");
+        assert_eq!(out.last(), Some(&b'\n'), "one object, one line");
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        serde_json::from_slice(&out).expect("json")
+    }
+
+    fn ts(seconds: i64, millis: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp {
+            seconds,
+            nanos: millis * 1_000_000,
+        })
+    }
+
+    fn sample_key() -> pb::Key {
+        pb::Key {
+            name: "patients".into(),
+            r#type: pb::KeyType::Aes256Gcm96 as i32,
+            derived: false,
+            exportable: true,
+            deletion_allowed: false,
+            latest_version: 2,
+            min_decryption_version: 1,
+            min_encryption_version: 0,
+            min_available_version: 1,
+            versions: vec![
+                pb::KeyVersionInfo {
+                    version: 1,
+                    created_at: ts(1_700_000_000, 5),
+                    encryptions: 65_536,
+                    encryption_limit: 3_865_470_566,
+                },
+                pb::KeyVersionInfo {
+                    version: 2,
+                    created_at: ts(1_700_003_600, 0),
+                    encryptions: 0,
+                    encryption_limit: 3_865_470_566,
+                },
+            ],
+            created_at: ts(1_700_000_000, 5),
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(1_700_000_000, 5_000_000),
+            "2023-11-14T22:13:20.005Z"
+        );
+        assert_eq!(rfc3339(951_825_600, 0), "2000-02-29T12:00:00.000Z");
+        assert_eq!(rfc3339(-1, 0), "1969-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339(4_102_444_800, 999_999_999),
+            "2100-01-01T00:00:00.999Z"
+        );
+    }
+
+    #[test]
+    fn key_human_shows_fields_aligned_and_a_usage_table() {
+        let text = human(&KeyView::from(sample_key()));
+        let expected = "\
+name:                   patients
+type:                   aes256-gcm96
+derived:                no
+exportable:             yes
+deletion allowed:       no
+created:                2023-11-14T22:13:20.005Z
+latest version:         2
+min decryption version: 1
+min encryption version: 0 (latest)
+min available version:  1
+
+VERSION  CREATED                   USAGE (ENCRYPTIONS/LIMIT)
+1        2023-11-14T22:13:20.005Z  65536/3865470566 (0.0%)
+2        2023-11-14T23:13:20.000Z  0/3865470566 (0.0%)
+
+Encryptions are reserved from storage in blocks, so the count is an upper bound on those made.
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn uncounted_types_say_so() {
+        let mut key = sample_key();
+        key.r#type = pb::KeyType::Xaes256Gcm as i32;
+        for v in &mut key.versions {
+            v.encryption_limit = 0;
+        }
+        let text = human(&KeyView::from(key));
+        assert!(text.contains("type:                   xaes-256-gcm\n"));
+        assert!(text.ends_with("  not counted\n"), "{text}");
+    }
+
+    #[test]
+    fn key_json_has_stable_field_names() {
+        let v = json(&KeyView::from(sample_key()));
+        assert_eq!(v["name"], "patients");
+        assert_eq!(v["type"], "aes256-gcm96");
+        assert_eq!(v["latest_version"], 2);
+        assert_eq!(v["min_encryption_version"], 0);
+        assert_eq!(v["exportable"], true);
+        assert_eq!(v["created_at"], "2023-11-14T22:13:20.005Z");
+        assert_eq!(v["versions"][0]["encryptions"], 65_536);
+        assert_eq!(v["versions"][1]["encryption_limit"], 3_865_470_566_u64);
+        let fields: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(fields.len(), 11, "{fields:?}");
+    }
+
+    #[test]
+    fn status_hides_share_counts_before_init_and_shows_progress_while_sealed() {
+        let mut s = pb::StatusResponse {
+            initialized: true,
+            sealed: true,
+            threshold: 3,
+            shares: 5,
+            progress: 1,
+            version: "0.1.0".into(),
+            storage: "sqlite".into(),
+            dev_mode: false,
+        };
+        let text = human(&StatusView::from(s.clone()));
+        assert_eq!(
+            text,
+            "initialized:     yes\nsealed:          yes\nunseal progress: 1/3\nshares:          5\n\
+             threshold:       3\nversion:         0.1.0\nstorage:         sqlite\n\
+             dev mode:        no\n"
+        );
+        s.initialized = false;
+        let text = human(&StatusView::from(s.clone()));
+        assert!(
+            !text.contains("shares") && !text.contains("progress"),
+            "{text}"
+        );
+        let v = json(&StatusView::from(s));
+        assert_eq!(v["initialized"], false);
+        assert_eq!(v["threshold"], 3);
+        assert_eq!(v["dev_mode"], false);
+    }
+
+    #[test]
+    fn init_prints_numbered_shares_and_json_list() {
+        let view = InitView {
+            shares: vec!["s1".into(), "s2".into(), "s3".into()],
+            threshold: 2,
+        };
+        assert_eq!(
+            human(&view),
+            "unseal share 1: s1\nunseal share 2: s2\nunseal share 3: s3\n"
+        );
+        let v = json(&view);
+        assert_eq!(v["shares"], serde_json::json!(["s1", "s2", "s3"]));
+        assert!(!format!("{view:?}").contains("s1"));
+        let warning = init_warning(3, 2);
+        assert!(warning.starts_with("WARNING"));
+        assert!(warning.contains("separately") && warning.contains("Any 2"));
+    }
+
+    #[test]
+    fn unseal_and_seal() {
+        let sealed = UnsealView {
+            sealed: true,
+            threshold: 3,
+            progress: 2,
+        };
+        assert_eq!(
+            human(&sealed),
+            "sealed:          yes\nunseal progress: 2/3\n"
+        );
+        let open = UnsealView {
+            sealed: false,
+            threshold: 3,
+            progress: 0,
+        };
+        assert_eq!(human(&open), "sealed: no\n");
+        assert_eq!(json(&open)["sealed"], false);
+        assert_eq!(human(&SealView { sealed: true }), "sealed: yes\n");
+    }
+
+    #[test]
+    fn list_prints_names_one_per_line() {
+        let view = KeyListView {
+            names: vec!["a".into(), "b".into()],
+            next_page_token: None,
+        };
+        assert_eq!(human(&view), "a\nb\n");
+        assert_eq!(json(&view)["next_page_token"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn export_shows_base64_material_and_redacts_debug() {
+        let view = ExportView::from(pb::ExportKeyResponse {
+            name: "k".into(),
+            r#type: pb::KeyType::Xchacha20Poly1305 as i32,
+            versions: vec![pb::ExportedKeyVersion {
+                version: 1,
+                material: vec![0xff; 4].into(),
+            }],
+        });
+        assert_eq!(
+            human(&view),
+            "name:      k\ntype:      xchacha20-poly1305\nversion 1: /////w==\n"
+        );
+        assert_eq!(json(&view)["versions"][0]["material"], "/////w==");
+        assert!(!format!("{view:?}").contains("/////w=="));
+    }
+
+    #[test]
+    fn ciphertext_is_one_line() {
+        let view = CiphertextView {
+            ciphertext: "cipherd:v2:AAAA".into(),
+            key_version: 2,
+        };
+        assert_eq!(human(&view), "cipherd:v2:AAAA\n");
+        let v = json(&view);
+        assert_eq!(v["ciphertext"], "cipherd:v2:AAAA");
+        assert_eq!(v["key_version"], 2);
+    }
+
+    #[test]
+    fn plaintext_is_raw_or_base64_and_json_carries_both() {
+        let view = PlaintextView {
+            plaintext: b"hi\n".to_vec(),
+            key_version: 1,
+            base64: false,
+            terminal_newline: true,
+        };
+        assert_eq!(human(&view), "hi\n");
+        let piped = PlaintextView {
+            plaintext: b"hi".to_vec(),
+            key_version: 1,
+            base64: false,
+            terminal_newline: false,
+        };
+        assert_eq!(human(&piped), "hi");
+        let terminal = PlaintextView {
+            terminal_newline: true,
+            ..piped
+        };
+        assert_eq!(human(&terminal), "hi\n");
+        let v = json(&view);
+        assert_eq!(v["plaintext"], "hi\n");
+        assert_eq!(v["plaintext_base64"], "aGkK");
+        assert_eq!(v["key_version"], 1);
+
+        let binary = PlaintextView {
+            plaintext: vec![0xff, 0x00],
+            key_version: 3,
+            base64: true,
+            terminal_newline: false,
+        };
+        assert_eq!(human(&binary), "/wA=\n");
+        assert_eq!(json(&binary)["plaintext"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn datakey_rows_and_json() {
+        let view = DataKeyView {
+            plaintext: Some(vec![1, 2, 3]),
+            ciphertext: "cipherd:v1:xyz".into(),
+            key_version: 1,
+        };
+        assert_eq!(
+            human(&view),
+            "plaintext (base64): AQID\nciphertext:         cipherd:v1:xyz\n\
+             key version:        1\n"
+        );
+        let wrapped = DataKeyView {
+            plaintext: None,
+            ..view
+        };
+        assert!(!human(&wrapped).contains("plaintext"));
+        let v = json(&wrapped);
+        assert_eq!(v["plaintext_base64"], serde_json::Value::Null);
+        assert_eq!(v["ciphertext"], "cipherd:v1:xyz");
+    }
+
+    fn line(format: Format, outcome: Result<LineValue, Failure>, b64: bool) -> (String, bool) {
+        let mut out = Vec::new();
+        let ok = write_line(format, 7, outcome, b64, &mut out).expect("write");
+        (String::from_utf8_lossy(&out).into_owned(), ok)
+    }
+
+    #[test]
+    fn lines_print_values_or_errors() {
+        let failure = Failure::new("DECRYPTION_FAILED", "decryption failed");
+        assert_eq!(
+            line(
+                Format::Human,
+                Ok(LineValue::Ciphertext("cipherd:v1:A".into())),
+                false
+            ),
+            ("cipherd:v1:A\n".into(), true)
+        );
+        assert_eq!(
+            line(Format::Human, Err(failure.clone()), false),
+            (
+                "error: DECRYPTION_FAILED: decryption failed\n".into(),
+                false
+            )
+        );
+        assert_eq!(
+            line(
+                Format::Human,
+                Ok(LineValue::Plaintext(b"x y".to_vec())),
+                false
+            ),
+            ("x y\n".into(), true)
+        );
+        assert_eq!(
+            line(
+                Format::Human,
+                Ok(LineValue::Plaintext(b"x\ny".to_vec())),
+                true
+            ),
+            ("eAp5\n".into(), true)
+        );
+        let (text, ok) = line(
+            Format::Human,
+            Ok(LineValue::Plaintext(b"x\ny".to_vec())),
+            false,
+        );
+        assert!(!ok);
+        assert!(
+            text.starts_with("error: LINE_BREAK_IN_PLAINTEXT: "),
+            "{text}"
+        );
+
+        let (text, ok) = line(Format::Json, Err(failure), false);
+        assert!(!ok);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["line"], 7);
+        assert_eq!(v["error"]["reason"], "DECRYPTION_FAILED");
+        let (text, ok) = line(
+            Format::Json,
+            Ok(LineValue::Plaintext(b"a\nb".to_vec())),
+            false,
+        );
+        assert!(ok, "JSON escapes line breaks, so they are fine there");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["plaintext"], "a\nb");
+        assert!(v.get("key_version").is_none());
+    }
+
+    #[test]
+    fn error_line_format() {
+        assert_eq!(
+            error_line(&Failure::new("KEY_NOT_FOUND", "key \"x\" not found")),
+            "error: KEY_NOT_FOUND: key \"x\" not found"
+        );
+    }
+
+    #[test]
+    fn unknown_key_types_are_named_not_dumped() {
+        assert_eq!(key_type_name(0), "unknown (0)");
+        assert_eq!(key_type_name(42), "unknown (42)");
+    }
+}

@@ -1,0 +1,348 @@
+//! A typed async client for cipherd.
+//!
+//! [`Client`] wraps the three gRPC services with one connection, a per-call
+//! deadline, and retries of calls that are safe to repeat when the server is
+//! briefly unavailable (never while it reports `SEALED`, which needs an operator).
+//! Batch helpers split large inputs into server-sized chunks and return exactly one
+//! result per input, in order. The generated service clients remain reachable for
+//! anything not wrapped here ([`Client::transit`] and friends).
+//!
+//! Errors carry the server's `ErrorInfo` reason ([`Error::reason`]); match on that,
+//! never on message text.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::{future::Future, time::Duration};
+
+use bytes::Bytes;
+pub use cipherd_proto::v1 as pb;
+use pb::{
+    key_admin_client::KeyAdminClient, system_client::SystemClient, transit_client::TransitClient,
+};
+use tonic::{Code, transport::Channel};
+use tonic_types::{RpcStatusExt as _, StatusExt as _};
+
+/// Items per batch request the helpers send (the server default allows 10,000).
+pub const DEFAULT_BATCH_CHUNK: usize = 1000;
+
+/// Result alias for the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Could not connect (bad address, refused, TLS).
+    #[error("connecting to cipherd: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The server answered with an error status.
+    #[error("{code:?} ({reason}): {message}")]
+    Status {
+        /// The gRPC code.
+        code: Code,
+        /// The `ErrorInfo` reason (empty if the server sent none).
+        reason: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server's reply broke the protocol (e.g. a batch with the wrong count).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The `ErrorInfo` reason, e.g. `SEALED`, `KEY_NOT_FOUND`, `DECRYPTION_FAILED`.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::Status { reason, .. } if !reason.is_empty() => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The gRPC code, when the server answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The error of one batch or stream item (a `google.rpc.Status`).
+    pub fn from_item(status: &tonic_types::pb::Status) -> Self {
+        Error::Status {
+            code: Code::from_i32(status.code),
+            reason: status
+                .get_details_error_info()
+                .map(|i| i.reason)
+                .unwrap_or_default(),
+            message: status.message.clone(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Status {
+            code: status.code(),
+            reason: status
+                .get_details_error_info()
+                .map(|i| i.reason)
+                .unwrap_or_default(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline for each call.
+    pub timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Extra attempts for calls that failed with UNAVAILABLE (not SEALED).
+    pub retries: u32,
+    /// Items per batch request.
+    pub batch_chunk: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            retries: 2,
+            batch_chunk: DEFAULT_BATCH_CHUNK,
+        }
+    }
+}
+
+/// One connection to cipherd with typed helpers.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    options: ClientOptions,
+}
+
+/// Options of one encryption (all empty by default).
+#[derive(Debug, Clone, Default)]
+pub struct EncryptOptions {
+    /// Bound to the ciphertext, not stored in it.
+    pub associated_data: Bytes,
+    /// Required for derived keys.
+    pub context: Bytes,
+    /// Encrypt under this version instead of the latest.
+    pub key_version: Option<u32>,
+    /// Return the text form `cipherd:v<N>:<base64>`.
+    pub text: bool,
+}
+
+/// One item's outcome in a batch.
+pub type ItemResult = Result<Bytes>;
+
+impl Client {
+    /// Connects to `endpoint`, e.g. `http://127.0.0.1:8210`.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
+        Self::connect_with(endpoint, ClientOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(endpoint: impl Into<String>, options: ClientOptions) -> Result<Self> {
+        let channel = Channel::from_shared(endpoint.into())
+            .map_err(|e| Error::Protocol(format!("bad endpoint: {e}")))?
+            .connect_timeout(options.connect_timeout)
+            .timeout(options.timeout)
+            .connect()
+            .await?;
+        Ok(Self { channel, options })
+    }
+
+    /// The generated Transit client on this connection.
+    pub fn transit(&self) -> TransitClient<Channel> {
+        TransitClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The generated KeyAdmin client on this connection.
+    pub fn admin(&self) -> KeyAdminClient<Channel> {
+        KeyAdminClient::new(self.channel.clone())
+    }
+
+    /// The generated System client on this connection.
+    pub fn system(&self) -> SystemClient<Channel> {
+        SystemClient::new(self.channel.clone())
+    }
+
+    /// Service status (initialized, sealed, unseal progress, version).
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        self.retrying(|| async { self.system().status(pb::StatusRequest {}).await })
+            .await
+    }
+
+    /// Encrypts one value under `key`; returns the ciphertext.
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: impl Into<Bytes>,
+        options: &EncryptOptions,
+    ) -> Result<pb::EncryptResponse> {
+        let request = pb::EncryptRequest {
+            key: key.to_owned(),
+            plaintext: plaintext.into(),
+            associated_data: options.associated_data.clone(),
+            context: options.context.clone(),
+            key_version: options.key_version,
+            encoding: encoding(options.text),
+        };
+        self.retrying(|| async { self.transit().encrypt(request.clone()).await })
+            .await
+    }
+
+    /// Decrypts one ciphertext (binary or text form).
+    pub async fn decrypt(
+        &self,
+        key: &str,
+        ciphertext: impl Into<Bytes>,
+        associated_data: impl Into<Bytes>,
+        context: impl Into<Bytes>,
+    ) -> Result<pb::DecryptResponse> {
+        let request = pb::DecryptRequest {
+            key: key.to_owned(),
+            ciphertext: ciphertext.into(),
+            associated_data: associated_data.into(),
+            context: context.into(),
+        };
+        self.retrying(|| async { self.transit().decrypt(request.clone()).await })
+            .await
+    }
+
+    /// Encrypts many items under `key`, in chunks of `batch_chunk` items. Returns
+    /// exactly one result per item, in order.
+    pub async fn batch_encrypt(
+        &self,
+        key: &str,
+        items: Vec<pb::EncryptItem>,
+        text: bool,
+    ) -> Result<Vec<ItemResult>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.options.batch_chunk.max(1)) {
+            let request = pb::BatchEncryptRequest {
+                key: key.to_owned(),
+                items: chunk.to_vec(),
+                key_version: None,
+                encoding: encoding(text),
+            };
+            let reply = self
+                .retrying(|| async { self.transit().batch_encrypt(request.clone()).await })
+                .await?;
+            check_count(chunk.len(), reply.results.len())?;
+            out.extend(reply.results.into_iter().map(|r| match r.result {
+                Some(pb::ciphertext_result::Result::Ciphertext(c)) => Ok(c),
+                Some(pb::ciphertext_result::Result::Error(e)) => Err(Error::from_item(&e)),
+                None => Err(Error::Protocol("empty batch result".into())),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Decrypts many items under `key`; one result per item, in order.
+    pub async fn batch_decrypt(
+        &self,
+        key: &str,
+        items: Vec<pb::DecryptItem>,
+    ) -> Result<Vec<ItemResult>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.options.batch_chunk.max(1)) {
+            let request = pb::BatchDecryptRequest {
+                key: key.to_owned(),
+                items: chunk.to_vec(),
+            };
+            let reply = self
+                .retrying(|| async { self.transit().batch_decrypt(request.clone()).await })
+                .await?;
+            check_count(chunk.len(), reply.results.len())?;
+            out.extend(reply.results.into_iter().map(|r| match r.result {
+                Some(pb::plaintext_result::Result::Plaintext(p)) => Ok(p),
+                Some(pb::plaintext_result::Result::Error(e)) => Err(Error::from_item(&e)),
+                None => Err(Error::Protocol("empty batch result".into())),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Rewraps many items under the latest version of `destination` (or of `key`
+    /// when `None`), never exposing plaintext to the client.
+    pub async fn batch_rewrap(
+        &self,
+        key: &str,
+        destination: Option<&str>,
+        items: Vec<pb::RewrapItem>,
+        text: bool,
+    ) -> Result<Vec<ItemResult>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.options.batch_chunk.max(1)) {
+            let request = pb::BatchRewrapRequest {
+                key: key.to_owned(),
+                items: chunk.to_vec(),
+                destination_key: destination.unwrap_or_default().to_owned(),
+                encoding: encoding(text),
+            };
+            let reply = self
+                .retrying(|| async { self.transit().batch_rewrap(request.clone()).await })
+                .await?;
+            check_count(chunk.len(), reply.results.len())?;
+            out.extend(reply.results.into_iter().map(|r| match r.result {
+                Some(pb::ciphertext_result::Result::Ciphertext(c)) => Ok(c),
+                Some(pb::ciphertext_result::Result::Error(e)) => Err(Error::from_item(&e)),
+                None => Err(Error::Protocol("empty batch result".into())),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Runs `call`, retrying UNAVAILABLE answers other than SEALED with a short
+    /// exponential back-off. Only used for calls that are safe to repeat.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) => {
+                    let err = Error::from(status);
+                    let transient =
+                        err.code() == Some(Code::Unavailable) && err.reason() != Some("SEALED");
+                    if !transient || attempt >= self.options.retries {
+                        return Err(err);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+    }
+}
+
+fn encoding(text: bool) -> i32 {
+    if text {
+        pb::CiphertextEncoding::Text as i32
+    } else {
+        pb::CiphertextEncoding::Binary as i32
+    }
+}
+
+fn check_count(sent: usize, got: usize) -> Result<()> {
+    if sent == got {
+        Ok(())
+    } else {
+        Err(Error::Protocol(format!(
+            "batch of {sent} items answered with {got} results"
+        )))
+    }
+}

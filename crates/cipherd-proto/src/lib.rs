@@ -1,0 +1,18 @@
+//! Generated protobuf and gRPC code for the `cipherd.v1` API (`proto/cipherd/v1`).
+//!
+//! The code in `src/gen/` is generated and committed; `tests/bootstrap.rs`
+//! regenerates it and fails on any difference. This crate holds no logic beyond
+//! the redacting `Debug` impls in [`redact`](self) for messages that carry
+//! plaintext, key material or unseal shares.
+#![forbid(unsafe_code)]
+
+/// Messages and services of package `cipherd.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic, unused_qualifications)]
+pub mod v1 {
+    include!("gen/cipherd.v1.rs");
+}
+
+mod redact;
+
+/// The encoded `FileDescriptorSet` of the API and its imports, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/cipherd_descriptor.bin");

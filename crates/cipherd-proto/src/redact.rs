@@ -1,0 +1,191 @@
+//! Hand-written `Debug` impls for messages that carry plaintext, key material or
+//! unseal shares: they print sizes, never contents (invariant 1). The bootstrap
+//! test checks that the code generator emits no `Debug` of its own for these.
+
+use std::fmt;
+
+use crate::v1::{
+    DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse, ExportedKeyVersion,
+    GenerateDataKeyResponse, InitResponse, PlaintextResult, UnsealRequest, plaintext_result,
+};
+
+/// Formats a secret byte field as its length only.
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[redacted; {} bytes]", self.0)
+    }
+}
+
+impl fmt::Debug for EncryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("key", &self.key)
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("associated_data", &Redacted(self.associated_data.len()))
+            .field("context", &Redacted(self.context.len()))
+            .field("key_version", &self.key_version)
+            .field("encoding", &self.encoding)
+            .finish()
+    }
+}
+
+impl fmt::Debug for EncryptItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptItem")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("associated_data", &Redacted(self.associated_data.len()))
+            .field("context", &Redacted(self.context.len()))
+            .field("reference", &self.reference)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for PlaintextResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let result: &dyn fmt::Debug = match &self.result {
+            Some(plaintext_result::Result::Plaintext(p)) => &Redacted(p.len()),
+            Some(plaintext_result::Result::Error(e)) => e,
+            None => &None::<()>,
+        };
+        f.debug_struct("PlaintextResult")
+            .field("reference", &self.reference)
+            .field("result", result)
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for GenerateDataKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerateDataKeyResponse")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("ciphertext", &self.ciphertext)
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ExportKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExportKeyResponse")
+            .field("name", &self.name)
+            .field("type", &self.r#type)
+            .field("versions", &self.versions)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ExportedKeyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExportedKeyVersion")
+            .field("version", &self.version)
+            .field("material", &Redacted(self.material.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for InitResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InitResponse")
+            .field("shares", &Redacted(self.shares.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for UnsealRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnsealRequest")
+            .field("share", &Redacted(self.share.len()))
+            .field("reset", &self.reset)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"SSN 078-05-1120";
+
+    #[test]
+    fn secret_fields_never_print() {
+        let dumps = [
+            format!(
+                "{:?}",
+                EncryptRequest {
+                    plaintext: SECRET.to_vec().into(),
+                    associated_data: SECRET.to_vec().into(),
+                    context: SECRET.to_vec().into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                EncryptItem {
+                    plaintext: SECRET.to_vec().into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                DecryptResponse {
+                    plaintext: SECRET.to_vec().into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                PlaintextResult {
+                    result: Some(plaintext_result::Result::Plaintext(SECRET.to_vec().into())),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                GenerateDataKeyResponse {
+                    plaintext: SECRET.to_vec().into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                ExportKeyResponse {
+                    versions: vec![ExportedKeyVersion {
+                        version: 1,
+                        material: SECRET.to_vec().into()
+                    }],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                InitResponse {
+                    shares: vec![String::from_utf8_lossy(SECRET).into_owned()]
+                }
+            ),
+            format!(
+                "{:?}",
+                UnsealRequest {
+                    share: String::from_utf8_lossy(SECRET).into_owned(),
+                    reset: false
+                }
+            ),
+        ];
+        for dump in dumps {
+            assert!(!dump.contains("078-05"), "{dump}");
+            assert!(!dump.contains("48, 55, 56"), "{dump}"); // the bytes' debug form
+            assert!(dump.contains("redacted"), "{dump}");
+        }
+    }
+}

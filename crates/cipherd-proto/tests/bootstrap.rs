@@ -1,0 +1,92 @@
+//! Regenerates the committed code in `src/gen/` from `proto/` and fails on any
+//! difference, so the `.proto` files and the Rust code cannot drift apart.
+//!
+//! Ordinary builds need no protoc: the generated code is committed. After editing a
+//! `.proto` file run `CIPHERD_BLESS=1 cargo test -p cipherd-proto --test bootstrap`
+//! to rewrite `src/gen/` and commit the result.
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+#[test]
+fn generated_code_is_up_to_date() {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let proto_root = crate_dir.join("../../proto");
+    let files = [
+        "cipherd/v1/transit.proto",
+        "cipherd/v1/keys.proto",
+        "cipherd/v1/system.proto",
+    ];
+    let fds = protox::compile(files, [&proto_root]).expect("protos compile");
+
+    let out = tempfile::tempdir().expect("temp dir");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .emit_rerun_if_changed(false)
+        // Zero-copy: bytes fields become `bytes::Bytes` sharing the request buffer.
+        .bytes(".")
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        // Messages that carry plaintext, key material or unseal shares get a
+        // hand-written redacting Debug in `src/redact.rs` (invariant 1).
+        .skip_debug(REDACTED_MESSAGES)
+        .out_dir(out.path())
+        .compile_fds(fds.clone())
+        .expect("code generation");
+    std::fs::write(
+        out.path().join("cipherd_descriptor.bin"),
+        fds.encode_to_vec(),
+    )
+    .expect("write descriptor");
+
+    let gen_dir = crate_dir.join("src/gen");
+    let mut stale = Vec::new();
+    for name in ["cipherd.v1.rs", "cipherd_descriptor.bin"] {
+        let fresh = std::fs::read(out.path().join(name)).expect("generated file");
+        let committed_path = gen_dir.join(name);
+        if std::fs::read(&committed_path).ok().as_deref() != Some(&fresh[..]) {
+            if std::env::var_os("CIPHERD_BLESS").is_some() {
+                std::fs::write(&committed_path, &fresh).expect("bless");
+            } else {
+                stale.push(committed_path);
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "generated code is stale: {stale:?}; run `CIPHERD_BLESS=1 cargo test -p cipherd-proto --test bootstrap` and commit"
+    );
+    assert_no_generated_debug_for(&gen_dir.join("cipherd.v1.rs"));
+}
+
+/// Fully qualified names of messages whose Debug is hand-written and redacting.
+const REDACTED_MESSAGES: [&str; 9] = [
+    "cipherd.v1.EncryptRequest",
+    "cipherd.v1.EncryptItem",
+    "cipherd.v1.DecryptResponse",
+    "cipherd.v1.PlaintextResult",
+    "cipherd.v1.GenerateDataKeyResponse",
+    "cipherd.v1.ExportKeyResponse",
+    "cipherd.v1.ExportedKeyVersion",
+    "cipherd.v1.InitResponse",
+    "cipherd.v1.UnsealRequest",
+];
+
+fn assert_no_generated_debug_for(path: &Path) {
+    let code = std::fs::read_to_string(path).expect("generated code");
+    for full in REDACTED_MESSAGES {
+        let name = full.rsplit('.').next().expect("qualified name");
+        let decl = format!("pub struct {name} {{");
+        let at = code
+            .find(&decl)
+            .unwrap_or_else(|| panic!("{name} not generated"));
+        let attr_line = code[..at].lines().next_back().expect("attribute line");
+        assert_eq!(
+            attr_line.trim(),
+            "#[prost(skip_debug)]",
+            "{name} must not get a generated Debug"
+        );
+    }
+}

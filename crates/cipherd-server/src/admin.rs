@@ -1,0 +1,288 @@
+//! The `cipherd.v1.KeyAdmin` service: the key-management plane.
+//!
+//! Metadata only, except `ExportKey`, which returns material for keys created
+//! exportable and nothing else.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cipherd_core::{
+    KeyType,
+    keyring::{ConfigUpdate, CreateOptions, KeyVersion},
+};
+use cipherd_proto::v1::{self as pb, key_admin_server::KeyAdmin};
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::{Error, Result},
+    keys::{KeyManager, LoadedKey},
+    seal::Core,
+    transit::key_name,
+};
+
+/// Default and maximum page sizes of `ListKeys`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The KeyAdmin gRPC service.
+#[derive(Debug, Clone)]
+pub struct KeyAdminService {
+    core: Arc<Core>,
+}
+
+impl KeyAdminService {
+    /// A service over `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.name)?;
+        let opts = CreateOptions {
+            key_type: key_type_from_proto(r.r#type)?,
+            derived: r.derived,
+            exportable: r.exportable,
+            deletion_allowed: r.deletion_allowed,
+        };
+        let key = unsealed.keys.create(&name, opts).await?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&request.into_inner().name)?;
+        let key = unsealed.keys.reload(&name).await?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        // The page token is the last name of the previous page.
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let mut names = unsealed.keys.list(after, size + 1).await?;
+        let next_page_token = if names.len() > size {
+            names.truncate(size);
+            names.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListKeysResponse {
+            names,
+            next_page_token,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&request.into_inner().name)?;
+        let now = crate::keys::now_ms();
+        let key = unsealed
+            .keys
+            .update(&name, |k| k.rotate(now).map(|_| true).map_err(Error::from))
+            .await?;
+        tracing::info!(key = %name, version = %key.key().latest_version(), "key rotated");
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
+    async fn update_key_config(
+        &self,
+        request: Request<pb::UpdateKeyConfigRequest>,
+    ) -> Result<Response<pb::UpdateKeyConfigResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.name)?;
+        let min_decryption_version = r
+            .min_decryption_version
+            .map(KeyVersion::new)
+            .transpose()
+            .map_err(Error::from)?;
+        let key = unsealed
+            .keys
+            .update(&name, |k| {
+                k.update_config(ConfigUpdate {
+                    min_decryption_version,
+                    min_encryption_version: r.min_encryption_version,
+                    deletion_allowed: r.deletion_allowed,
+                    exportable: r.exportable,
+                })?;
+                Ok(true)
+            })
+            .await?;
+        tracing::info!(key = %name, "key config updated");
+        Ok(Response::new(pb::UpdateKeyConfigResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
+    async fn trim_key(
+        &self,
+        request: Request<pb::TrimKeyRequest>,
+    ) -> Result<Response<pb::TrimKeyResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.name)?;
+        let floor = KeyVersion::new(r.min_available_version).map_err(Error::from)?;
+        let key = unsealed
+            .keys
+            .update(&name, |k| {
+                k.trim(floor)?;
+                Ok(true)
+            })
+            .await?;
+        tracing::info!(key = %name, min_available_version = %floor, "key trimmed");
+        Ok(Response::new(pb::TrimKeyResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&request.into_inner().name)?;
+        unsealed.keys.delete(&name).await?;
+        Ok(Response::new(pb::DeleteKeyResponse {}))
+    }
+
+    async fn export_key(
+        &self,
+        request: Request<pb::ExportKeyRequest>,
+    ) -> Result<Response<pb::ExportKeyResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.name)?;
+        let loaded = unsealed.keys.reload(&name).await?;
+        let key = loaded.key();
+        if !key.exportable() {
+            return Err(Error::FailedPrecondition(format!(
+                "key \"{name}\" was not created exportable"
+            ))
+            .into());
+        }
+        let wanted = r
+            .version
+            .map(KeyVersion::new)
+            .transpose()
+            .map_err(Error::from)?;
+        let mut versions = Vec::new();
+        for (version, _) in key.versions() {
+            if wanted.is_some_and(|w| w != version) {
+                continue;
+            }
+            // Deliberate plaintext export: the key was created exportable and the
+            // caller asked for it. This is the only path that returns material.
+            let material =
+                Bytes::copy_from_slice(key.material(version).map_err(Error::from)?.expose_secret());
+            versions.push(pb::ExportedKeyVersion {
+                version: version.get(),
+                material,
+            });
+        }
+        if let (Some(w), true) = (wanted, versions.is_empty()) {
+            return Err(Error::InvalidArgument(format!(
+                "key \"{name}\" has no version {w} available"
+            ))
+            .into());
+        }
+        tracing::warn!(key = %name, versions = versions.len(), "key material exported");
+        Ok(Response::new(pb::ExportKeyResponse {
+            name: name.to_string(),
+            r#type: key_type_to_proto(key.key_type()) as i32,
+            versions,
+        }))
+    }
+}
+
+/// Maps the proto key type; unspecified means the default, xaes-256-gcm.
+fn key_type_from_proto(value: i32) -> Result<KeyType> {
+    match pb::KeyType::try_from(value) {
+        Ok(pb::KeyType::Unspecified | pb::KeyType::Xaes256Gcm) => Ok(KeyType::Xaes256Gcm),
+        Ok(pb::KeyType::Aes256Gcm96) => Ok(KeyType::Aes256Gcm96),
+        Ok(pb::KeyType::Chacha20Poly1305) => Ok(KeyType::ChaCha20Poly1305),
+        Ok(pb::KeyType::Xchacha20Poly1305) => Ok(KeyType::XChaCha20Poly1305),
+        Err(_) => Err(Error::InvalidArgument(format!("unknown key type {value}"))),
+    }
+}
+
+fn key_type_to_proto(t: KeyType) -> pb::KeyType {
+    match t {
+        KeyType::Xaes256Gcm => pb::KeyType::Xaes256Gcm,
+        KeyType::Aes256Gcm96 => pb::KeyType::Aes256Gcm96,
+        KeyType::ChaCha20Poly1305 => pb::KeyType::Chacha20Poly1305,
+        KeyType::XChaCha20Poly1305 => pb::KeyType::Xchacha20Poly1305,
+    }
+}
+
+fn timestamp(ms: u64) -> Timestamp {
+    Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+async fn key_to_proto(keys: &KeyManager, loaded: &LoadedKey) -> Result<pb::Key> {
+    let key = loaded.key();
+    let counted = key.key_type().usage_limit().is_some();
+    let limit = if counted {
+        keys.usage_policy().limit
+    } else {
+        0
+    };
+    let mut versions = Vec::new();
+    for (version, created_at_ms) in key.versions() {
+        let encryptions = if counted {
+            keys.reserved_encryptions(key.name(), version).await?
+        } else {
+            0
+        };
+        versions.push(pb::KeyVersionInfo {
+            version: version.get(),
+            created_at: Some(timestamp(created_at_ms)),
+            encryptions,
+            encryption_limit: limit,
+        });
+    }
+    Ok(pb::Key {
+        name: key.name().to_string(),
+        r#type: key_type_to_proto(key.key_type()) as i32,
+        derived: key.derived(),
+        exportable: key.exportable(),
+        deletion_allowed: key.deletion_allowed(),
+        latest_version: key.latest_version().get(),
+        min_decryption_version: key.min_decryption_version().get(),
+        min_encryption_version: key.min_encryption_version(),
+        min_available_version: key.min_available_version().get(),
+        versions,
+        created_at: Some(timestamp(key.created_at_ms())),
+    })
+}

@@ -1,0 +1,232 @@
+//! The server's error type and the one place where gRPC status codes are chosen.
+//!
+//! Every failure the server reports goes through [`Error::classify`], which picks
+//! the code, an UPPER_SNAKE `google.rpc.ErrorInfo` reason (AIP-193) and the message
+//! the client sees. Unary calls use `From<Error> for tonic::Status`; batch items use
+//! [`Error::to_rpc_status`]. Clients match on the reason, never the message.
+//!
+//! Internal failures (storage, corruption, bugs) reach the client as a generic
+//! message; the detail is logged on the server with a correlation id.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every cipherd error.
+pub const ERROR_DOMAIN: &str = "cipherd";
+
+/// Result alias for the server.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a cipherd request can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service is sealed: no key material is in memory.
+    #[error("cipherd is sealed; unseal it with `cipherctl unseal`")]
+    Sealed,
+    /// The storage has not been initialized yet.
+    #[error("cipherd is not initialized; run `cipherctl init`")]
+    NotInitialized,
+    /// `Init` on storage that is already initialized.
+    #[error("cipherd is already initialized")]
+    AlreadyInitialized,
+    /// `Unseal` while already unsealed.
+    #[error("cipherd is already unsealed")]
+    AlreadyUnsealed,
+    /// The submitted shares do not reconstruct the root key.
+    #[error("unseal failed: {0}")]
+    UnsealFailed(String),
+    /// No key of this name exists.
+    #[error("key {0:?} not found")]
+    KeyNotFound(String),
+    /// `CreateKey` for a name that is taken.
+    #[error("key {0:?} already exists")]
+    KeyExists(String),
+    /// A request field is invalid; the message says which and how.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An input exceeds a configured limit; the message names the limit.
+    #[error("{what} is {actual} {unit}; the limit is {limit} {unit} ({setting})")]
+    TooLarge {
+        /// What was too large ("plaintext", "batch").
+        what: &'static str,
+        /// Its size.
+        actual: usize,
+        /// The limit.
+        limit: usize,
+        /// "bytes" or "items".
+        unit: &'static str,
+        /// The config option that sets the limit.
+        setting: &'static str,
+    },
+    /// The ciphertext does not authenticate under this key, version, context and
+    /// associated data, or is malformed. Deliberately one opaque error.
+    #[error(
+        "decryption failed: the ciphertext is invalid for this key, context and associated data"
+    )]
+    DecryptionFailed,
+    /// The operation is not allowed in the key's current state (version below the
+    /// minimum, deletion not allowed, not exportable, trim limits).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A key version reached its safe encryption count.
+    #[error("{0}")]
+    UsageExhausted(String),
+    /// Concurrent changes kept a read-modify-write from completing; retry.
+    #[error("concurrent update of {0:?}; retry")]
+    Aborted(String),
+    /// Stored data failed its integrity check or could not be decoded. The service
+    /// refuses to serve instead of guessing (invariant 8).
+    #[error("stored record {0:?} failed its integrity check")]
+    Corrupt(String),
+    /// The storage backend failed.
+    #[error("storage: {0}")]
+    Storage(#[from] cipherd_store::Error),
+    /// A bug or an unexpected provider failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// How an [`Error`] is presented to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    /// The gRPC status code.
+    pub code: Code,
+    /// The `ErrorInfo` reason, UPPER_SNAKE.
+    pub reason: &'static str,
+    /// The client-facing message (generic for internal errors).
+    pub message: String,
+}
+
+impl Error {
+    /// The single error→status mapping of the server.
+    pub fn classify(&self) -> Classified {
+        use Error::*;
+        let (code, reason) = match self {
+            Sealed => (Code::Unavailable, "SEALED"),
+            NotInitialized => (Code::FailedPrecondition, "NOT_INITIALIZED"),
+            AlreadyInitialized => (Code::FailedPrecondition, "ALREADY_INITIALIZED"),
+            AlreadyUnsealed => (Code::FailedPrecondition, "ALREADY_UNSEALED"),
+            UnsealFailed(_) => (Code::InvalidArgument, "UNSEAL_FAILED"),
+            KeyNotFound(_) => (Code::NotFound, "KEY_NOT_FOUND"),
+            KeyExists(_) => (Code::AlreadyExists, "KEY_EXISTS"),
+            InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            TooLarge { .. } => (Code::InvalidArgument, "TOO_LARGE"),
+            DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
+            FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+            UsageExhausted(_) => (Code::ResourceExhausted, "KEY_USAGE_EXHAUSTED"),
+            Aborted(_) => (Code::Aborted, "CONFLICT"),
+            Corrupt(_) => (Code::Internal, "STORAGE_INTEGRITY"),
+            Storage(_) => (Code::Unavailable, "STORAGE_UNAVAILABLE"),
+            Internal(_) => (Code::Internal, "INTERNAL"),
+        };
+        let message = match self {
+            Corrupt(_) => "stored data failed its integrity check; see the server log".to_owned(),
+            Storage(_) => "storage is unavailable; see the server log".to_owned(),
+            Internal(_) => "internal error; see the server log".to_owned(),
+            other => other.to_string(),
+        };
+        if matches!(self, Corrupt(_) | Storage(_) | Internal(_)) {
+            tracing::error!(error = %self, reason, "request failed");
+        }
+        Classified {
+            code,
+            reason,
+            message,
+        }
+    }
+
+    /// The error as a `google.rpc.Status`, for one item of a batch reply.
+    pub fn to_rpc_status(&self) -> tonic_types::pb::Status {
+        let c = self.classify();
+        let info = tonic_types::pb::ErrorInfo {
+            reason: c.reason.to_owned(),
+            domain: ERROR_DOMAIN.to_owned(),
+            metadata: HashMap::new(),
+        };
+        tonic_types::pb::Status {
+            code: c.code as i32,
+            message: c.message,
+            details: vec![prost_types::Any {
+                type_url: tonic_types::ErrorInfo::TYPE_URL.to_owned(),
+                value: info.encode_to_vec(),
+            }],
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        let c = err.classify();
+        tonic::Status::with_error_details(
+            c.code,
+            c.message,
+            ErrorDetails::with_error_info(c.reason, ERROR_DOMAIN, HashMap::new()),
+        )
+    }
+}
+
+impl From<cipherd_core::Error> for Error {
+    fn from(err: cipherd_core::Error) -> Self {
+        use cipherd_core::Error as C;
+        match err {
+            C::DecryptionFailed => Error::DecryptionFailed,
+            C::InvalidArgument(m) => Error::InvalidArgument(m),
+            e @ (C::UnknownKeyType(_) | C::InvalidKeyName(_) | C::Context(_)) => {
+                Error::InvalidArgument(e.to_string())
+            }
+            // Decrypt paths map this to the opaque DecryptionFailed themselves
+            // (see transit::open); elsewhere it is a bad version argument.
+            e @ C::VersionNotFound(_) => Error::InvalidArgument(e.to_string()),
+            e @ (C::VersionBelowMinimum { .. } | C::Precondition(_)) => {
+                Error::FailedPrecondition(e.to_string())
+            }
+            e @ C::UsageLimitExceeded { .. } => Error::UsageExhausted(e.to_string()),
+            C::Shamir(m) => Error::UnsealFailed(m),
+            C::Barrier { path } => Error::Corrupt(path),
+            e => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    #[test]
+    fn every_status_carries_one_error_info() {
+        let status: tonic::Status = Error::Sealed.into();
+        assert_eq!(status.code(), Code::Unavailable);
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "SEALED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn internal_details_stay_on_the_server() {
+        let status: tonic::Status = Error::Internal("secret path /x/y".into()).into();
+        assert!(!status.message().contains("/x/y"));
+        let status: tonic::Status = Error::Corrupt("keys/patients".into()).into();
+        assert!(!status.message().contains("patients"));
+    }
+
+    #[test]
+    fn decryption_failures_are_one_opaque_error() {
+        let a: tonic::Status = Error::from(cipherd_core::Error::DecryptionFailed).into();
+        let b: tonic::Status = Error::DecryptionFailed.into();
+        assert_eq!(a.code(), b.code());
+        assert_eq!(a.message(), b.message());
+    }
+
+    #[test]
+    fn batch_item_status_matches_unary_mapping() {
+        let s = Error::KeyNotFound("k".into()).to_rpc_status();
+        assert_eq!(s.code, Code::NotFound as i32);
+        assert_eq!(s.details.len(), 1);
+    }
+}

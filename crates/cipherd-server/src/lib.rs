@@ -1,0 +1,32 @@
+//! The cipherd server: configuration, the seal lifecycle, named keys at run time,
+//! the gRPC services (`Transit`, `KeyAdmin`, `System`, health, reflection), the one
+//! error→status mapping, and [`run`].
+//!
+//! Cryptography lives in `cipherd-core` and persistence in `cipherd-store`; this
+//! crate wires them to the network and never implements a primitive itself.
+//!
+//! Embedding and tests call [`run`] with a listener bound to port 0:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let params = cipherd_server::Params::for_data_dir("/tmp/cipherd-demo", true);
+//! cipherd_server::run(listener, params, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod admin;
+pub mod config;
+mod error;
+mod keys;
+mod seal;
+mod server;
+mod system;
+mod transit;
+
+pub use config::Params;
+pub use error::{Error, Result};
+pub use seal::DEV_SHARE_FILE;
+pub use server::{RunError, run};

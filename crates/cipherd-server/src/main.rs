@@ -1,0 +1,102 @@
+//! The `cipherd` binary: parse flags, load configuration, start logging, bind the
+//! listener, and run until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use cipherd_server::config::{Params, RawConfig};
+use clap::Parser;
+
+/// cipherd: encryption as a service over gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (see docs/config.reference.toml).
+    #[arg(long, short = 'c', env = "CIPHERD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Dev mode: initialize and unseal automatically from the data dir. INSECURE.
+    #[arg(long)]
+    dev: bool,
+    /// Address to listen on, e.g. 127.0.0.1:8210.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory (SQLite database, dev unseal share).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `cipherd_server=debug`.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut overrides = Vec::new();
+    if args.dev {
+        overrides.push(("dev", "true".to_owned()));
+    }
+    if let Some(listen) = &args.listen {
+        overrides.push(("listen", listen.clone()));
+    }
+    if let Some(dir) = &args.data_dir {
+        overrides.push(("data_dir", dir.display().to_string()));
+    }
+    if let Some(level) = &args.log_level {
+        overrides.push(("log.level", level.clone()));
+    }
+    let raw = RawConfig::load(args.config.as_deref(), &overrides)?;
+    init_logging(&raw.log.level, &raw.log.format)?;
+    let addr = raw.listen_addr()?;
+    let params = Params::try_from(raw)?;
+    if params.dev {
+        tracing::warn!(
+            "DEV MODE: the unseal share is stored in {} in the clear; never use for real data",
+            params
+                .data_dir
+                .join(cipherd_server::DEV_SHARE_FILE)
+                .display()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    cipherd_server::run(listener, params, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("log.level = {level:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("log.format = {other:?}: expected \"text\" or \"json\""),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        // If the handler cannot be installed we simply never shut down on Ctrl-C.
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested; draining");
+}

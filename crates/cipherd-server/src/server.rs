@@ -1,0 +1,124 @@
+//! `run`: the whole server as a library function over a bound listener.
+
+use std::{future::Future, sync::Arc};
+
+use cipherd_proto::v1::{
+    key_admin_server::KeyAdminServer, system_server::SystemServer, transit_server::TransitServer,
+};
+use cipherd_store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::{
+    admin::KeyAdminService,
+    config::{Params, StorageParams},
+    seal::{self, Core},
+    system::SystemService,
+    transit::TransitService,
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The data directory could not be created.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The storage backend could not be opened.
+    #[error("opening storage: {0}")]
+    Store(#[from] cipherd_store::Error),
+    /// Dev-mode initialization or unsealing failed.
+    #[error("dev mode: {0}")]
+    Dev(crate::Error),
+    /// Building reflection failed.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs cipherd on `listener` until `shutdown` completes, then drains in-flight
+/// requests and returns.
+///
+/// Opens the storage named in `params`; in dev mode initializes and unseals from
+/// the data dir. Health (`grpc.health.v1`) reports NOT_SERVING while sealed.
+pub async fn run(
+    listener: TcpListener,
+    params: Params,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(&params.data_dir).map_err(|source| RunError::DataDir {
+        path: params.data_dir.display().to_string(),
+        source,
+    })?;
+    let store: Arc<dyn Store> = match &params.storage {
+        StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+    };
+    let core = Core::new(store, params.clone());
+    if params.dev {
+        seal::dev_auto_unseal(&core).await.map_err(RunError::Dev)?;
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, core.watch_sealed()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cipherd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max = params.limits.max_message_bytes;
+    let transit = TransitServer::new(TransitService::new(Arc::clone(&core)))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&core)))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let system = SystemServer::new(SystemService::new(Arc::clone(&core)));
+
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+    tracing::info!(%addr, dev = params.dev, "cipherd listening");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(system)
+        .add_service(admin)
+        .add_service(transit)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("cipherd stopped");
+    Ok(())
+}
+
+/// The health service names that follow the seal state. `""` is the whole server.
+const SEAL_GATED_SERVICES: [&str; 3] = ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"];
+
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut sealed: tokio::sync::watch::Receiver<bool>,
+) {
+    reporter
+        .set_service_status("cipherd.v1.System", ServingStatus::Serving)
+        .await;
+    loop {
+        let status = if *sealed.borrow_and_update() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        for service in SEAL_GATED_SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
+        if sealed.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The `cipherd.v1.Transit` service: encrypt, decrypt, rewrap (single and batch)
+//! and data keys.
+//!
+//! Each RPC validates its input at the edge (key name, sizes, encoding), fetches the
+//! prepared key from the cache, and runs the per-item functions below, which do the
+//! crypto through `cipherd-core`. Batch replies hold exactly one result per item, in
+//! order; an item's failure is reported in its own result (invariant 6).
+
+use std::{future::Future, sync::Arc};
+
+use bytes::Bytes;
+use cipherd_core::{
+    ciphertext::{self, Ciphertext, Encoding},
+    keyring::{KeyName, KeyVersion},
+    secret::SecretBytes,
+};
+use cipherd_proto::v1::{
+    self as pb, CiphertextEncoding, ciphertext_result, plaintext_result, transit_server::Transit,
+};
+use rayon::iter::{IntoParallelIterator as _, ParallelIterator as _};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    error::{Error, Result},
+    keys::LoadedKey,
+    seal::{Core, Unsealed},
+};
+
+/// The Transit gRPC service.
+#[derive(Debug, Clone)]
+pub struct TransitService {
+    core: Arc<Core>,
+}
+
+impl TransitService {
+    /// A service over `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    async fn batch_encrypt_chunk(
+        &self,
+        r: pb::BatchEncryptRequest,
+    ) -> Result<pb::BatchEncryptResponse> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.key)?;
+        let encoding = encoding(r.encoding)?;
+        self.check_batch(r.items.len())?;
+        let requested = r
+            .key_version
+            .map(KeyVersion::new)
+            .transpose()
+            .map_err(Error::from)?;
+        let (key, version) = unsealed
+            .keys
+            .reserve_encryptions(&name, requested, r.items.len() as u64)
+            .await?;
+        let max_plaintext = self.core.params().limits.max_plaintext_bytes;
+        let results = map_items(r.items, move |item: pb::EncryptItem| {
+            let outcome = check_plaintext(&item.plaintext, max_plaintext).and_then(|()| {
+                seal(
+                    &key,
+                    version,
+                    &item.context,
+                    &item.associated_data,
+                    &item.plaintext,
+                    encoding,
+                )
+            });
+            ciphertext_result(item.reference, outcome, version)
+        })
+        .await?;
+        Ok(pb::BatchEncryptResponse { results })
+    }
+
+    async fn batch_decrypt_chunk(
+        &self,
+        r: pb::BatchDecryptRequest,
+    ) -> Result<pb::BatchDecryptResponse> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.key)?;
+        self.check_batch(r.items.len())?;
+        let mut key = unsealed.keys.get(&name).await?;
+        // One reload at most, if any item names a version newer than the cache knows.
+        if let Some(newest) = r
+            .items
+            .iter()
+            .filter_map(|i| Ciphertext::parse(&i.ciphertext).ok().map(|c| c.version()))
+            .max()
+        {
+            key = fresh_enough(&unsealed, &name, key, newest).await?;
+        }
+        let results = map_items(r.items, move |item: pb::DecryptItem| {
+            let mut version = 0;
+            let outcome = Ciphertext::parse(&item.ciphertext)
+                .map_err(Error::from)
+                .and_then(|ct| {
+                    version = ct.version().get();
+                    open(&key, &ct, &item.context, &item.associated_data)
+                });
+            let result = match outcome {
+                Ok(p) => plaintext_result::Result::Plaintext(Bytes::from(p)),
+                Err(e) => plaintext_result::Result::Error(e.to_rpc_status()),
+            };
+            pb::PlaintextResult {
+                reference: item.reference,
+                result: Some(result),
+                key_version: version,
+            }
+        })
+        .await?;
+        Ok(pb::BatchDecryptResponse { results })
+    }
+
+    async fn batch_rewrap_chunk(
+        &self,
+        r: pb::BatchRewrapRequest,
+    ) -> Result<pb::BatchRewrapResponse> {
+        let unsealed = self.core.unsealed()?;
+        let source_name = key_name(&r.key)?;
+        let dest_name = if r.destination_key.is_empty() {
+            source_name.clone()
+        } else {
+            key_name(&r.destination_key)?
+        };
+        let encoding = encoding(r.encoding)?;
+        self.check_batch(r.items.len())?;
+        let mut source = unsealed.keys.get(&source_name).await?;
+        if let Some(newest) = r
+            .items
+            .iter()
+            .filter_map(|i| Ciphertext::parse(&i.ciphertext).ok().map(|c| c.version()))
+            .max()
+        {
+            source = fresh_enough(&unsealed, &source_name, source, newest).await?;
+        }
+        let (dest, version) = unsealed
+            .keys
+            .reserve_encryptions(&dest_name, None, r.items.len() as u64)
+            .await?;
+        let results = map_items(r.items, move |item: pb::RewrapItem| {
+            let outcome = Ciphertext::parse(&item.ciphertext)
+                .map_err(Error::from)
+                .and_then(|ct| open(&source, &ct, &item.context, &item.associated_data))
+                .and_then(|plain| {
+                    let plain = SecretBytes::new(plain);
+                    let ctx = if item.destination_context.is_empty() {
+                        &item.context
+                    } else {
+                        &item.destination_context
+                    };
+                    seal(
+                        &dest,
+                        version,
+                        ctx,
+                        &item.associated_data,
+                        plain.expose_secret(),
+                        encoding,
+                    )
+                });
+            ciphertext_result(item.reference, outcome, version)
+        })
+        .await?;
+        Ok(pb::BatchRewrapResponse { results })
+    }
+
+    fn check_batch(&self, items: usize) -> Result<()> {
+        let limit = self.core.params().limits.max_batch_items;
+        if items > limit {
+            return Err(Error::TooLarge {
+                what: "batch",
+                actual: items,
+                limit,
+                unit: "items",
+                setting: "limits.max_batch_items",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Transit for TransitService {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.key)?;
+        let encoding = encoding(r.encoding)?;
+        let requested = r
+            .key_version
+            .map(KeyVersion::new)
+            .transpose()
+            .map_err(Error::from)?;
+        check_plaintext(&r.plaintext, self.core.params().limits.max_plaintext_bytes)?;
+        let (key, version) = unsealed
+            .keys
+            .reserve_encryptions(&name, requested, 1)
+            .await?;
+        let ct = seal(
+            &key,
+            version,
+            &r.context,
+            &r.associated_data,
+            &r.plaintext,
+            encoding,
+        )?;
+        Ok(Response::new(pb::EncryptResponse {
+            ciphertext: ct.into(),
+            key_version: version.get(),
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.key)?;
+        let key = unsealed.keys.get(&name).await?;
+        let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
+        let key = fresh_enough(&unsealed, &name, key, ct.version()).await?;
+        let plaintext = open(&key, &ct, &r.context, &r.associated_data)?;
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext: Bytes::from(plaintext),
+            key_version: ct.version().get(),
+        }))
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let source_name = key_name(&r.key)?;
+        let dest_name = if r.destination_key.is_empty() {
+            source_name.clone()
+        } else {
+            key_name(&r.destination_key)?
+        };
+        let encoding = encoding(r.encoding)?;
+        let source = unsealed.keys.get(&source_name).await?;
+        let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
+        let source = fresh_enough(&unsealed, &source_name, source, ct.version()).await?;
+        let plaintext = SecretBytes::new(open(&source, &ct, &r.context, &r.associated_data)?);
+        let (dest, version) = unsealed
+            .keys
+            .reserve_encryptions(&dest_name, None, 1)
+            .await?;
+        let dest_context = if r.destination_context.is_empty() {
+            &r.context
+        } else {
+            &r.destination_context
+        };
+        let new_ct = seal(
+            &dest,
+            version,
+            dest_context,
+            &r.associated_data,
+            plaintext.expose_secret(),
+            encoding,
+        )?;
+        Ok(Response::new(pb::RewrapResponse {
+            ciphertext: new_ct.into(),
+            key_version: version.get(),
+        }))
+    }
+
+    async fn batch_encrypt(
+        &self,
+        request: Request<pb::BatchEncryptRequest>,
+    ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        Ok(Response::new(
+            self.batch_encrypt_chunk(request.into_inner()).await?,
+        ))
+    }
+
+    async fn batch_decrypt(
+        &self,
+        request: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        Ok(Response::new(
+            self.batch_decrypt_chunk(request.into_inner()).await?,
+        ))
+    }
+
+    async fn batch_rewrap(
+        &self,
+        request: Request<pb::BatchRewrapRequest>,
+    ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
+        Ok(Response::new(
+            self.batch_rewrap_chunk(request.into_inner()).await?,
+        ))
+    }
+
+    type EncryptStreamStream = ChunkStream<pb::BatchEncryptResponse>;
+    type DecryptStreamStream = ChunkStream<pb::BatchDecryptResponse>;
+    type RewrapStreamStream = ChunkStream<pb::BatchRewrapResponse>;
+
+    async fn encrypt_stream(
+        &self,
+        request: Request<Streaming<pb::BatchEncryptRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        Ok(Response::new(serve_chunks(
+            self.clone(),
+            request.into_inner(),
+            |svc, chunk| async move { svc.batch_encrypt_chunk(chunk).await },
+        )))
+    }
+
+    async fn decrypt_stream(
+        &self,
+        request: Request<Streaming<pb::BatchDecryptRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        Ok(Response::new(serve_chunks(
+            self.clone(),
+            request.into_inner(),
+            |svc, chunk| async move { svc.batch_decrypt_chunk(chunk).await },
+        )))
+    }
+
+    async fn rewrap_stream(
+        &self,
+        request: Request<Streaming<pb::BatchRewrapRequest>>,
+    ) -> Result<Response<Self::RewrapStreamStream>, Status> {
+        Ok(Response::new(serve_chunks(
+            self.clone(),
+            request.into_inner(),
+            |svc, chunk| async move { svc.batch_rewrap_chunk(chunk).await },
+        )))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let r = request.into_inner();
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&r.key)?;
+        let encoding = encoding(r.encoding)?;
+        let bytes = match r.bits {
+            0 | 256 => 32,
+            128 => 16,
+            512 => 64,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "bits must be 128, 256 or 512 (got {other})"
+                ))
+                .into());
+            }
+        };
+        let data_key = SecretBytes::random(bytes).map_err(Error::from)?;
+        let (key, version) = unsealed.keys.reserve_encryptions(&name, None, 1).await?;
+        let wrapped = seal(
+            &key,
+            version,
+            &r.context,
+            &r.associated_data,
+            data_key.expose_secret(),
+            encoding,
+        )?;
+        let plaintext = if r.wrapped_only {
+            Bytes::new()
+        } else {
+            // Deliberate: the caller asked for the plaintext data key.
+            Bytes::copy_from_slice(data_key.expose_secret())
+        };
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            plaintext,
+            ciphertext: wrapped.into(),
+            key_version: version.get(),
+        }))
+    }
+}
+
+/// The response stream of a streaming RPC: one message per request chunk.
+pub type ChunkStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// Chunks answered ahead of the client reading them; beyond this the server stops
+/// reading requests, so HTTP/2 flow control pushes back on the client.
+const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Processes a request stream chunk by chunk, in order, answering each chunk with
+/// one response. A chunk-level error ends the stream with that status.
+fn serve_chunks<Req, Resp, F, Fut>(
+    service: TransitService,
+    mut requests: Streaming<Req>,
+    handle: F,
+) -> ChunkStream<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(TransitService, Req) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Resp>> + Send,
+{
+    let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT);
+    tokio::spawn(async move {
+        loop {
+            let chunk = match requests.message().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let reply = handle(service.clone(), chunk).await.map_err(Status::from);
+            let failed = reply.is_err();
+            if tx.send(reply).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn check_plaintext(plaintext: &[u8], limit: usize) -> Result<()> {
+    if plaintext.len() > limit {
+        return Err(Error::TooLarge {
+            what: "plaintext",
+            actual: plaintext.len(),
+            limit,
+            unit: "bytes",
+            setting: "limits.max_plaintext_bytes",
+        });
+    }
+    Ok(())
+}
+
+/// Batches at least this large are split across cores.
+const PARALLEL_MIN_ITEMS: usize = 64;
+
+/// Applies `f` to every item, in order. Large batches run on the rayon pool (all
+/// cores, order preserved by the indexed collect) so that the async workers stay
+/// free for network I/O; small ones run inline, where a thread hand-off would cost
+/// more than the crypto.
+async fn map_items<T, R, F>(items: Vec<T>, f: F) -> Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> R + Send + Sync + 'static,
+{
+    if items.len() < PARALLEL_MIN_ITEMS {
+        return Ok(items.into_iter().map(f).collect());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let results: Vec<R> = items.into_par_iter().map(f).collect();
+        let _ = tx.send(results);
+    });
+    // The sender is dropped without sending only if `f` panicked.
+    rx.await
+        .map_err(|_| Error::Internal("batch worker panicked".into()))
+}
+
+/// Parses a key name from a request field.
+pub(crate) fn key_name(name: &str) -> Result<KeyName> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("key name is required".into()));
+    }
+    Ok(KeyName::new(name)?)
+}
+
+fn encoding(value: i32) -> Result<Encoding> {
+    match CiphertextEncoding::try_from(value) {
+        Ok(CiphertextEncoding::Unspecified | CiphertextEncoding::Binary) => Ok(Encoding::Binary),
+        Ok(CiphertextEncoding::Text) => Ok(Encoding::Text),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "unknown ciphertext encoding {value}"
+        ))),
+    }
+}
+
+fn seal(
+    key: &LoadedKey,
+    version: KeyVersion,
+    context: &[u8],
+    associated_data: &[u8],
+    plaintext: &[u8],
+    encoding: Encoding,
+) -> Result<Vec<u8>> {
+    let aead = key.working_key(version, context)?;
+    Ok(ciphertext::seal(
+        &aead,
+        version,
+        associated_data,
+        plaintext,
+        encoding,
+    )?)
+}
+
+fn open(
+    key: &LoadedKey,
+    ct: &Ciphertext<'_>,
+    context: &[u8],
+    associated_data: &[u8],
+) -> Result<Vec<u8>> {
+    // A ciphertext naming a version this key does not have is indistinguishable
+    // from a forged one: the same opaque error as a bad tag.
+    let opaque = |e: cipherd_core::Error| match e {
+        cipherd_core::Error::VersionNotFound(_) => Error::DecryptionFailed,
+        e => e.into(),
+    };
+    key.key()
+        .check_decryption_version(ct.version())
+        .map_err(opaque)?;
+    let aead = key.working_key(ct.version(), context)?;
+    ciphertext::open(&aead, ct, associated_data).map_err(opaque)
+}
+
+/// The key as it must be to judge a ciphertext of `version` (see
+/// `KeyManager::reload_for_version`). Still unknown afterwards means a bad
+/// ciphertext.
+async fn fresh_enough(
+    unsealed: &Unsealed,
+    name: &KeyName,
+    key: Arc<LoadedKey>,
+    version: KeyVersion,
+) -> Result<Arc<LoadedKey>> {
+    unsealed.keys.reload_for_version(name, key, version).await
+}
+
+fn ciphertext_result(
+    reference: String,
+    outcome: Result<Vec<u8>>,
+    version: KeyVersion,
+) -> pb::CiphertextResult {
+    match outcome {
+        Ok(ct) => pb::CiphertextResult {
+            reference,
+            result: Some(ciphertext_result::Result::Ciphertext(ct.into())),
+            key_version: version.get(),
+        },
+        Err(e) => pb::CiphertextResult {
+            reference,
+            result: Some(ciphertext_result::Result::Error(e.to_rpc_status())),
+            key_version: 0,
+        },
+    }
+}

@@ -1,0 +1,215 @@
+//! cipherd storage: the [`Store`] trait over opaque records, the embedded SQLite
+//! backend ([`SqliteStore`]) and a [`conformance`] suite every backend must pass.
+//!
+//! # What this crate does
+//!
+//! - Stores opaque byte strings under UTF-8 paths (see [`path`] for the rules),
+//!   each with a store-wide, strictly increasing revision (like etcd's): writes are
+//!   put-if-absent ([`Store::create`]), compare-and-set on the revision last read
+//!   ([`Store::compare_and_set`]) and revision-checked delete ([`Store::delete`]).
+//!   A revision is never reused, not even after a delete and re-create of the same
+//!   path, so a compare-and-set based on a stale read can never succeed (no ABA).
+//! - Lists paths by prefix in byte order, with cursor paging.
+//! - Publishes a change feed ([`Store::subscribe`]) so caches can be invalidated.
+//! - Runs its schema migrations when a backend is opened, and refuses to open a
+//!   database written by a newer schema.
+//!
+//! # What it does not do
+//!
+//! - No cryptography. Records arrive already encrypted under the barrier (with the
+//!   path as associated data) by the caller; this crate never sees plaintext or keys
+//!   and treats values as opaque bytes. It never puts values into errors or logs.
+//! - No caching, no policy, no interpretation of paths beyond validation.
+//! - No consensus or replication of its own: high availability is the job of the
+//!   PostgreSQL backend (a later addition), where replicas share one database.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod conformance;
+pub mod path;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Capacity of every backend's change-feed channel: how many changes a subscriber
+/// may fall behind before it receives [`tokio::sync::broadcast::error::RecvError::Lagged`].
+pub const CHANGE_FEED_CAPACITY: usize = 1024;
+
+/// One stored record: opaque bytes plus the store-wide revision of its last write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The stored bytes, exactly as written (barrier ciphertext, opaque here).
+    pub value: Vec<u8>,
+    /// Store-wide revision of the write that produced this value; pass it to
+    /// [`Store::compare_and_set`] or [`Store::delete`]. Always at least 1.
+    pub revision: u64,
+}
+
+/// A change notification from the change feed ([`Store::subscribe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The path that was written or deleted.
+    pub path: String,
+    /// The record's new revision, or `None` if the record was deleted.
+    pub revision: Option<u64>,
+}
+
+/// A key-value store of opaque, barrier-encrypted records.
+///
+/// # Contract (checked by [`conformance::run`])
+///
+/// - **Revisions** are store-wide and strictly increasing: every successful
+///   [`create`](Store::create) and [`compare_and_set`](Store::compare_and_set)
+///   returns a revision greater than any the store has returned before, including
+///   for records since deleted. Revisions start at 1; 0 is never a valid revision.
+///   A delete does not return a revision.
+/// - **Paths** must pass [`path::validate`]; otherwise every method returns
+///   [`Error::InvalidPath`] without touching the backend.
+/// - **Atomicity**: each write either happens completely, and is then durable and
+///   announced on the change feed, or does not happen at all. Concurrent writers
+///   of one path are serialized: of several compare-and-sets on the same revision,
+///   exactly one succeeds.
+/// - **Cancellation**: dropping a write's future does not abandon a write that has
+///   started; it completes (or fails) and is announced as usual. A caller that was
+///   cancelled must re-read to learn the outcome.
+/// - **Errors** never contain values and never contain credentials.
+///
+/// The trait is object-safe (`Arc<dyn Store>`), through `async_trait`.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads the record at `path`, or `None` if there is none.
+    async fn get(&self, path: &str) -> Result<Option<Record>>;
+
+    /// Put-if-absent: stores `value` at `path` only if no record is there.
+    ///
+    /// Returns the new record's revision, or [`Error::AlreadyExists`] if the path
+    /// already holds a record (which is left unchanged).
+    async fn create(&self, path: &str, value: &[u8]) -> Result<u64>;
+
+    /// Compare-and-set: replaces the record at `path` with `value` only if its
+    /// revision is still `expected_revision` (the revision last read).
+    ///
+    /// Returns the new revision. Returns [`Error::Conflict`] if the record has been
+    /// written since, **or is absent** (deleted since the read, or never created):
+    /// in every case the caller's read is stale and the remedy is the same, re-read.
+    async fn compare_and_set(
+        &self,
+        path: &str,
+        expected_revision: u64,
+        value: &[u8],
+    ) -> Result<u64>;
+
+    /// Deletes the record at `path` only if its revision is still `expected_revision`.
+    ///
+    /// Returns [`Error::NotFound`] if there is no record at `path` and
+    /// [`Error::Conflict`] if there is one with another revision (left unchanged).
+    async fn delete(&self, path: &str, expected_revision: u64) -> Result<()>;
+
+    /// Lists the paths that start with `prefix`, in byte order, strictly after
+    /// `start_after` if given, at most `limit` of them.
+    ///
+    /// `prefix` is a plain string prefix, not a directory: `"keys/a"` matches
+    /// `"keys/a"`, `"keys/a/1"` and `"keys/ab"`; end it with `/` for directory
+    /// semantics. Every character is literal (`%` and `_` are not wildcards). The
+    /// empty prefix lists everything. A non-empty prefix must pass
+    /// [`path::validate_prefix`].
+    ///
+    /// To page, pass the last path of one page as `start_after` of the next; a
+    /// page shorter than `limit` is the last. `start_after` need not be a stored
+    /// path. `limit == 0` returns an empty list.
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>>;
+
+    /// Subscribes to changes made through this store (and, for shared backends,
+    /// by other replicas), starting from the next change after this call.
+    ///
+    /// Changes arrive in the order they were committed. A shared backend may
+    /// deliver a change more than once, so consumers must be idempotent (as cache
+    /// invalidation is). A subscriber that falls more than
+    /// [`CHANGE_FEED_CAPACITY`] changes behind receives
+    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged):
+    /// it has missed changes and must reload everything it caches before
+    /// continuing. The channel closes when the store is dropped.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change>;
+
+    /// Cheap liveness check of the backend, for health and readiness probes.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a [`Store`].
+///
+/// Messages may contain paths (which are names, not secrets) but never record
+/// values and never credentials.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// [`Store::create`] found a record already at this path; nothing was written.
+    #[error("a record already exists at {path:?}")]
+    AlreadyExists {
+        /// The path that is taken.
+        path: String,
+    },
+
+    /// A compare-and-set or delete was based on a stale read: the record has been
+    /// written since, or is gone. Nothing was written; re-read and retry.
+    #[error("the record at {path:?} changed or was deleted since it was read")]
+    Conflict {
+        /// The contested path.
+        path: String,
+    },
+
+    /// [`Store::delete`] found no record at this path.
+    #[error("no record at {path:?}")]
+    NotFound {
+        /// The missing path.
+        path: String,
+    },
+
+    /// A path or prefix breaks the rules in [`path`]; the message says which rule.
+    /// A caller bug, never retryable.
+    #[error("invalid store path: {0}")]
+    InvalidPath(String),
+
+    /// The backend is temporarily unable to serve (no connection within the
+    /// timeout, database locked beyond the busy timeout, store closed). The
+    /// operation did not happen, or for a write whose future was dropped, may have;
+    /// retrying later may succeed.
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(String),
+
+    /// Any other backend failure, including a database found corrupt or written by
+    /// a newer schema (the store fails closed rather than serve doubtful data).
+    /// The message is for operators' logs; it is redacted of credentials.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_is_object_safe() {
+        fn takes_dyn(_: Option<&dyn Store>) {}
+        takes_dyn(None);
+    }
+
+    #[test]
+    fn error_messages_name_the_path() {
+        let err = Error::Conflict {
+            path: "keys/a".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "the record at \"keys/a\" changed or was deleted since it was read"
+        );
+    }
+}

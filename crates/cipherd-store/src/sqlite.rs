@@ -1,0 +1,734 @@
+//! The SQLite backend, cipherd's embedded default: one database file, WAL
+//! journal, `synchronous=FULL` (a write is on disk before it is acknowledged).
+//!
+//! Schema: `records(path, value, revision)` and a one-row `revision_counter`
+//! bumped in the same transaction as every write (see
+//! `migrations/sqlite/0001_records.sql`). Migrations are compiled into the binary
+//! and run by sqlx's `Migrator` on every open.
+//!
+//! Concurrency: reads run on a small connection pool, in parallel under WAL.
+//! Writes are serialized twice over: in this process by an async mutex, which also
+//! keeps the change feed in commit order, and in the database by `BEGIN IMMEDIATE`,
+//! which takes the write lock at the start of the transaction so two writers can
+//! never deadlock upgrading read locks (the classic `SQLITE_BUSY` trap of deferred
+//! transactions). Each write runs in its own task, so a caller that is cancelled
+//! cannot leave a committed write unannounced.
+//!
+//! This backend does not share a database between processes: open one file from
+//! one `cipherd` at a time. For several replicas use the PostgreSQL backend.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{SqlSafeStr, SqliteConnection, SqliteTransaction};
+use tokio::sync::{Mutex, broadcast};
+
+use crate::{CHANGE_FEED_CAPACITY, Change, Error, Record, Result, Store, path};
+
+/// How long a connection waits on a database lock held by another connection
+/// before failing with [`Error::Unavailable`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an operation waits for a free pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pool size for a file store: enough for parallel WAL readers beside the one
+/// writer, small because SQLite serializes writes anyway.
+const FILE_POOL_SIZE: u32 = 4;
+
+/// The SQLite [`Store`]: one database file (or a private in-memory database).
+///
+/// Cloning is not offered: share it as `Arc<SqliteStore>` or `Arc<dyn Store>`.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    changes: broadcast::Sender<Change>,
+    /// Serializes writes in this process; see the module docs.
+    write_lock: Arc<Mutex<()>>,
+    location: Location,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path`, applies pending
+    /// migrations and checks the revision counter.
+    ///
+    /// On unix a new file is created with mode 0600; an existing file with group
+    /// or other permissions is opened, with a warning in the log. The parent
+    /// directory must exist.
+    ///
+    /// Fails with [`Error::Backend`] if the file cannot be opened, was written by
+    /// a newer cipherd (it has migrations this build does not know), has a
+    /// modified migration history, or is inconsistent (a record whose revision is
+    /// above the revision counter): cipherd then refuses to start rather than risk
+    /// reusing a revision.
+    pub async fn open(path: &Path) -> Result<Self> {
+        create_private_file(path).await?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(FILE_POOL_SIZE)
+            .min_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                map_sqlx(
+                    &format!("cannot open SQLite database {}", path.display()),
+                    e,
+                )
+            })?;
+        let store = Self::init(pool, Location::File(path.to_owned())).await?;
+        tracing::info!(path = %path.display(), "opened SQLite store");
+        Ok(store)
+    }
+
+    /// Opens a fresh private in-memory database, for tests. Its data lives as long
+    /// as the store (it uses a single connection that is never recycled).
+    pub async fn in_memory() -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .in_memory(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        // Every SQLite connection to ":memory:" is a separate database, so the pool
+        // must hold exactly one connection and never close it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| map_sqlx("cannot open in-memory SQLite database", e))?;
+        Self::init(pool, Location::Memory).await
+    }
+
+    /// Waits for in-flight operations, then closes every connection (letting
+    /// SQLite checkpoint the WAL into the main file). Later operations fail with
+    /// [`Error::Unavailable`]. Dropping the store without closing is also safe:
+    /// every acknowledged write is already durable.
+    pub async fn close(&self) {
+        // Taking the write lock lets a write that has started finish first.
+        let _guard = self.write_lock.lock().await;
+        self.pool.close().await;
+        tracing::info!(location = %self.location, "closed SQLite store");
+    }
+
+    /// Runs migrations and the consistency check shared by both constructors.
+    async fn init(pool: SqlitePool, location: Location) -> Result<Self> {
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| Error::Backend(format!("SQLite schema migration failed: {e}")))?;
+        check_revision_counter(&pool).await?;
+        let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        Ok(Self {
+            pool,
+            changes,
+            write_lock: Arc::new(Mutex::new(())),
+            location,
+        })
+    }
+
+    /// Runs one write to completion in its own task: lock, transaction, commit,
+    /// then announce on the change feed while still holding the lock.
+    async fn write(&self, op: WriteOp) -> Result<Option<u64>> {
+        let pool = self.pool.clone();
+        let write_lock = Arc::clone(&self.write_lock);
+        let changes = self.changes.clone();
+        let task = tokio::spawn(async move {
+            let _guard = write_lock.lock().await;
+            let revision = apply(&pool, &op).await?;
+            // `send` fails only when nobody is subscribed, which is fine.
+            let _ = changes.send(Change {
+                path: op.path().to_owned(),
+                revision,
+            });
+            Ok(revision)
+        });
+        task.await
+            .map_err(|_| Error::Backend("SQLite write task panicked or was aborted".into()))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, path: &str) -> Result<Option<Record>> {
+        path::validate(path)?;
+        let row: Option<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT value, revision FROM records WHERE path = ?1")
+                .bind(path)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| map_sqlx("read", e))?;
+        row.map(|(value, revision)| {
+            Ok(Record {
+                value,
+                revision: stored_revision(revision)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create(&self, path: &str, value: &[u8]) -> Result<u64> {
+        path::validate(path)?;
+        let op = WriteOp::Create {
+            path: path.to_owned(),
+            value: value.to_vec(),
+        };
+        self.write(op).await?.ok_or_else(missing_revision)
+    }
+
+    async fn compare_and_set(
+        &self,
+        path: &str,
+        expected_revision: u64,
+        value: &[u8],
+    ) -> Result<u64> {
+        path::validate(path)?;
+        let op = WriteOp::CompareAndSet {
+            path: path.to_owned(),
+            expected_revision,
+            value: value.to_vec(),
+        };
+        self.write(op).await?.ok_or_else(missing_revision)
+    }
+
+    async fn delete(&self, path: &str, expected_revision: u64) -> Result<()> {
+        path::validate(path)?;
+        let op = WriteOp::Delete {
+            path: path.to_owned(),
+            expected_revision,
+        };
+        self.write(op).await.map(|_| ())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        path::validate_prefix(prefix)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let upper = path::prefix_upper_bound(prefix);
+        // Start strictly after the cursor only if it is at or past the prefix;
+        // a cursor before the prefix is the same as no cursor.
+        let after = start_after.filter(|cursor| *cursor >= prefix);
+        // Four static statements rather than `?n IS NULL OR ...`, so SQLite plans
+        // each as a plain range scan of the primary-key index.
+        let query = match (after, &upper) {
+            (None, None) => sqlx::query_scalar(
+                "SELECT path FROM records WHERE path >= ?1 ORDER BY path LIMIT ?3",
+            ),
+            (None, Some(_)) => sqlx::query_scalar(
+                "SELECT path FROM records WHERE path >= ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+            ),
+            (Some(_), None) => sqlx::query_scalar(
+                "SELECT path FROM records WHERE path > ?1 ORDER BY path LIMIT ?3",
+            ),
+            (Some(_), Some(_)) => sqlx::query_scalar(
+                "SELECT path FROM records WHERE path > ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+            ),
+        };
+        query
+            .bind(after.unwrap_or(prefix))
+            .bind(upper.as_deref())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| map_sqlx("list", e))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_sqlx("ping", e))
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &format_args!("{}", self.location))
+            .field("subscribers", &self.changes.receiver_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the database lives (for `Debug` and logs).
+enum Location {
+    Memory,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory => f.write_str("in memory"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// One write, owned so that it can move into its own task.
+enum WriteOp {
+    Create {
+        path: String,
+        value: Vec<u8>,
+    },
+    CompareAndSet {
+        path: String,
+        expected_revision: u64,
+        value: Vec<u8>,
+    },
+    Delete {
+        path: String,
+        expected_revision: u64,
+    },
+}
+
+impl WriteOp {
+    fn path(&self) -> &str {
+        match self {
+            Self::Create { path, .. }
+            | Self::CompareAndSet { path, .. }
+            | Self::Delete { path, .. } => path,
+        }
+    }
+}
+
+/// The schema history, compiled in. Append new migrations; never edit or remove
+/// one that has shipped (sqlx checks each applied migration's checksum).
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("records and revision counter"),
+        MigrationType::Simple,
+        include_str!("../migrations/sqlite/0001_records.sql").into_sql_str(),
+        false,
+    )])
+}
+
+/// Creates the database file with mode 0600 if it does not exist yet, so SQLite
+/// (which gives its `-wal` and `-shm` files the main file's mode) never makes a
+/// world-readable database.
+async fn create_private_file(path: &Path) -> Result<()> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    match options.open(path).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            warn_if_shared(path).await;
+            Ok(())
+        }
+        Err(e) => Err(Error::Backend(format!(
+            "cannot create SQLite database {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Logs a warning if an existing database file is readable by group or others.
+async fn warn_if_shared(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = tokio::fs::metadata(path).await {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format_args!("{mode:o}"),
+                    "SQLite store file is accessible to group or others; chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// Fails closed if any record's revision is above the counter: the next write
+/// would then reuse a revision, which would defeat compare-and-set.
+async fn check_revision_counter(pool: &SqlitePool) -> Result<()> {
+    let (counter, highest): (Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT current FROM revision_counter WHERE id = 1), \
+                (SELECT MAX(revision) FROM records)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|e| map_sqlx("check revision counter", e))?;
+    match (counter, highest) {
+        (None, _) => Err(corrupt("the revision counter row is missing")),
+        (Some(counter), Some(highest)) if highest > counter => Err(corrupt(&format!(
+            "a record has revision {highest}, above the revision counter {counter}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Runs one write in a `BEGIN IMMEDIATE` transaction; commits on success, rolls
+/// back otherwise. Returns the new revision (`None` for a delete).
+async fn apply(pool: &SqlitePool, op: &WriteOp) -> Result<Option<u64>> {
+    let mut tx: SqliteTransaction<'static> = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(|e| map_sqlx("begin write", e))?;
+    match apply_in(&mut tx, op).await {
+        Ok(revision) => {
+            tx.commit().await.map_err(|e| map_sqlx("commit", e))?;
+            Ok(revision)
+        }
+        Err(err) => {
+            // Roll back now rather than on drop, so the database write lock is
+            // released before the next writer takes the in-process lock.
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "SQLite rollback failed");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The body of [`apply`]: decides from the current revision, then writes.
+async fn apply_in(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Option<u64>> {
+    let current: Option<i64> = sqlx::query_scalar("SELECT revision FROM records WHERE path = ?1")
+        .bind(op.path())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| map_sqlx("read before write", e))?;
+    let current = current.map(stored_revision).transpose()?;
+    match op {
+        WriteOp::Create { path, value } => {
+            if current.is_some() {
+                return Err(Error::AlreadyExists { path: path.clone() });
+            }
+            let revision = next_revision(conn).await?;
+            sqlx::query("INSERT INTO records (path, value, revision) VALUES (?1, ?2, ?3)")
+                .bind(path.as_str())
+                .bind(value.as_slice())
+                .bind(revision)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| map_sqlx("insert", e))?;
+            stored_revision(revision).map(Some)
+        }
+        WriteOp::CompareAndSet {
+            path,
+            expected_revision,
+            value,
+        } => {
+            if current != Some(*expected_revision) {
+                return Err(Error::Conflict { path: path.clone() });
+            }
+            let revision = next_revision(conn).await?;
+            sqlx::query("UPDATE records SET value = ?2, revision = ?3 WHERE path = ?1")
+                .bind(path.as_str())
+                .bind(value.as_slice())
+                .bind(revision)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| map_sqlx("update", e))?;
+            stored_revision(revision).map(Some)
+        }
+        WriteOp::Delete {
+            path,
+            expected_revision,
+        } => {
+            match current {
+                None => return Err(Error::NotFound { path: path.clone() }),
+                Some(current) if current != *expected_revision => {
+                    return Err(Error::Conflict { path: path.clone() });
+                }
+                Some(_) => {}
+            }
+            sqlx::query("DELETE FROM records WHERE path = ?1")
+                .bind(path.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| map_sqlx("delete", e))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Takes the next store-wide revision, inside the caller's write transaction.
+async fn next_revision(conn: &mut SqliteConnection) -> Result<i64> {
+    let next: Option<i64> = sqlx::query_scalar(
+        "UPDATE revision_counter SET current = current + 1 WHERE id = 1 RETURNING current",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| map_sqlx("advance revision counter", e))?;
+    // Never recreate a missing counter: starting again from 0 would reuse revisions.
+    next.ok_or_else(|| corrupt("the revision counter row is missing"))
+}
+
+/// Converts a revision read from the database, failing closed on impossible values.
+fn stored_revision(revision: i64) -> Result<u64> {
+    u64::try_from(revision)
+        .ok()
+        .filter(|r| *r > 0)
+        .ok_or_else(|| corrupt(&format!("a stored revision is {revision}")))
+}
+
+/// The error for a create or compare-and-set that committed without a revision,
+/// which [`apply_in`] never does.
+fn missing_revision() -> Error {
+    Error::Backend("SQLite write returned no revision".into())
+}
+
+/// The error for a database that breaks an invariant of the schema.
+fn corrupt(what: &str) -> Error {
+    Error::Backend(format!(
+        "SQLite store is inconsistent ({what}); refusing to continue"
+    ))
+}
+
+/// Maps an sqlx error, prefixed with what was being done. SQLite messages never
+/// contain bound values, and this backend has no credentials to leak.
+fn map_sqlx(context: &str, err: sqlx::Error) -> Error {
+    /// Primary result codes SQLITE_BUSY and SQLITE_LOCKED.
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    match &err {
+        sqlx::Error::PoolTimedOut => {
+            Error::Unavailable(format!("{context}: timed out waiting for a connection"))
+        }
+        sqlx::Error::PoolClosed => Error::Unavailable(format!("{context}: the store is closed")),
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .and_then(|code| code.parse::<i64>().ok())
+                .is_some_and(|code| matches!(code & 0xff, BUSY | LOCKED)) =>
+        {
+            Error::Unavailable(format!("{context}: {err}"))
+        }
+        _ => Error::Backend(format!("{context}: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn file_store(dir: &tempfile::TempDir) -> (SqliteStore, PathBuf) {
+        let path = dir.path().join("cipherd.db");
+        let store = SqliteStore::open(&path).await.expect("open file store");
+        (store, path)
+    }
+
+    #[tokio::test]
+    async fn file_store_uses_wal_and_full_sync_on_every_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = file_store(&dir).await;
+        // Hold several connections at once so the check covers more than one.
+        let mut conns = Vec::new();
+        for _ in 0..FILE_POOL_SIZE {
+            conns.push(store.pool.acquire().await.expect("acquire"));
+        }
+        for conn in &mut conns {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("journal_mode");
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("synchronous");
+            assert_eq!(sync, 2, "synchronous must be FULL");
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("foreign_keys");
+            assert_eq!(fk, 1);
+            let timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("busy_timeout");
+            assert_eq!(timeout, 5000);
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_data_and_revisions_keep_increasing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, path) = file_store(&dir).await;
+        let r1 = store.create("keys/a", b"one").await.expect("create a");
+        let r2 = store.create("keys/b", b"two").await.expect("create b");
+        store.delete("keys/b", r2).await.expect("delete b");
+        store.close().await;
+        drop(store);
+
+        let store = SqliteStore::open(&path).await.expect("reopen");
+        let a = store.get("keys/a").await.expect("get a");
+        assert_eq!(
+            a,
+            Some(Record {
+                value: b"one".to_vec(),
+                revision: r1
+            })
+        );
+        assert_eq!(store.get("keys/b").await.expect("get b"), None);
+        // The highest revision ever issued was r2, whose record is gone: the
+        // counter must still be past it.
+        let r3 = store.create("keys/b", b"again").await.expect("recreate b");
+        assert!(r3 > r2, "revision {r3} reused or went backwards after {r2}");
+        let r4 = store
+            .compare_and_set("keys/a", r1, b"uno")
+            .await
+            .expect("cas a");
+        assert!(r4 > r3);
+        assert!(matches!(
+            store.compare_and_set("keys/b", r2, b"stale").await,
+            Err(Error::Conflict { .. })
+        ));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn new_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, path) = file_store(&dir).await;
+        store.create("a", b"x").await.expect("create");
+        let mut checked = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            if let Ok(meta) = std::fs::metadata(&file) {
+                assert_eq!(
+                    meta.permissions().mode() & 0o777,
+                    0o600,
+                    "{}",
+                    file.display()
+                );
+                checked.push(suffix);
+            }
+        }
+        assert!(checked.contains(&""), "database file missing");
+        assert!(
+            checked.contains(&"-wal"),
+            "WAL file missing: not in WAL mode?"
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_a_database_from_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, path) = file_store(&dir).await;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) \
+             VALUES (999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("fake a newer migration");
+        store.close().await;
+        drop(store);
+        let err = SqliteStore::open(&path)
+            .await
+            .expect_err("open must refuse");
+        assert!(matches!(err, Error::Backend(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_revision_counter_behind_the_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, path) = file_store(&dir).await;
+        store.create("a", b"x").await.expect("create");
+        sqlx::query("UPDATE revision_counter SET current = 0")
+            .execute(&store.pool)
+            .await
+            .expect("rewind counter");
+        store.close().await;
+        drop(store);
+        let err = SqliteStore::open(&path)
+            .await
+            .expect_err("open must refuse");
+        assert!(err.to_string().contains("revision counter"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_counter_row_fails_writes_closed() {
+        let store = SqliteStore::in_memory().await.expect("open");
+        sqlx::query("DELETE FROM revision_counter")
+            .execute(&store.pool)
+            .await
+            .expect("delete counter");
+        let err = store.create("a", b"x").await.expect_err("must fail");
+        assert!(matches!(err, Error::Backend(_)), "{err:?}");
+        assert_eq!(store.get("a").await.expect("get"), None, "nothing written");
+    }
+
+    #[tokio::test]
+    async fn closed_store_is_unavailable() {
+        let store = SqliteStore::in_memory().await.expect("open");
+        store.close().await;
+        assert!(matches!(store.ping().await, Err(Error::Unavailable(_))));
+        assert!(matches!(
+            store.create("a", b"x").await,
+            Err(Error::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_write_still_commits_and_is_announced() {
+        let store = SqliteStore::in_memory().await.expect("open");
+        let mut feed = store.subscribe();
+        // Hold the write lock so the write is certainly in flight when dropped.
+        let guard = store.write_lock.lock().await;
+        let write = store.create("a", b"x");
+        let dropped = tokio::time::timeout(Duration::from_millis(50), write).await;
+        assert!(dropped.is_err(), "write should have been pending");
+        drop(guard);
+        let change = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("change within 10 s")
+            .expect("feed open");
+        assert_eq!(change.path, "a");
+        let record = store.get("a").await.expect("get").expect("record");
+        assert_eq!(change.revision, Some(record.revision));
+    }
+
+    #[tokio::test]
+    async fn migrations_are_numbered_from_one_without_gaps() {
+        let migrator = migrator();
+        for (index, migration) in migrator.iter().enumerate() {
+            assert_eq!(migration.version, i64::try_from(index).expect("small") + 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_shows_location_only() {
+        let store = SqliteStore::in_memory().await.expect("open");
+        let _feed = store.subscribe();
+        assert_eq!(
+            format!("{store:?}"),
+            "SqliteStore { location: in memory, subscribers: 1, .. }"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! Test helpers for cipherd: a real server on an ephemeral port with a temporary
+//! data dir, a connected client, and readiness by polling, never sleeping.
+//!
+//! Used by the server's and the end-to-end tests; not published.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use cipherd_client::Client;
+pub use cipherd_server::Params;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// A cipherd running in this process via `cipherd_server::run` on 127.0.0.1:0.
+pub struct TestServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The data dir (kept alive as long as the server value, unless handed over).
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), cipherd_server::RunError>>>,
+}
+
+impl TestServer {
+    /// A dev-mode server (initialized and unsealed) on a fresh data dir.
+    pub async fn dev() -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let params = Params::for_data_dir(temp.path(), true);
+        let mut server = Self::start(params).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server with `params` (the data dir is the caller's to manage).
+    pub async fn start(params: Params) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let data_dir = params.data_dir.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cipherd_server::run(listener, params, async {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            data_dir,
+            _temp: None,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// `http://ADDR` for clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.endpoint()).await.expect("connect")
+    }
+
+    /// Stops the server, waits for it to drain, and returns the temp dir (if this
+    /// server owned one) so a new server can reopen the same data.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+        self._temp.take()
+    }
+
+    /// Polls `System.Status` until the server answers (at most ~10 s).
+    async fn wait_ready(&self) {
+        for _ in 0..1000 {
+            if let Ok(client) = Client::connect(self.endpoint()).await
+                && client.status().await.is_ok()
+            {
+                return;
+            }
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("server exited during start-up");
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("server at {} did not become ready", self.addr);
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

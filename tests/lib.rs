@@ -1,0 +1,252 @@
+//! Black-box end-to-end tests for cipherd, and the small helpers they share.
+//!
+//! The tests live in `tests/tests/*.rs` (this package's root is `tests/`), grouped by
+//! theme:
+//!
+//! | file | proves |
+//! | --- | --- |
+//! | `transit.rs` | round trips for every key type and encoding, derived keys, rotation, rewrap, version policy, trim, export, and that each key type is the algorithm it claims |
+//! | `batch.rs` | 1,000-item batches with bad items mixed in: one result per item, in order, references echoed, only bad items failing |
+//! | `errors.rs` | the error contract: reasons, one opaque decryption error, size limits, garbage never crashing the server |
+//! | `lifecycle.rs` | seal/unseal/init, health while sealed, restart keeping keys, concurrent rotations |
+//! | `limits.rs` | usage limits of 96-bit-nonce key types: rotate or refuse at the limit, counters that survive restarts |
+//! | `process.rs` | the real `cipherd` binary as a child process: start, serve, SIGTERM, restart on the same data dir |
+//!
+//! Every test talks to a real server over a real socket on `127.0.0.1:0`, through
+//! the public gRPC API only: in-process servers come from `cipherd-test-support`
+//! (`cipherd_server::run`), the process tests spawn the binary. Readiness is always
+//! polled, never slept for.
+//!
+//! # The binary under test
+//!
+//! `process.rs` runs `cipherd-e2e-daemon`, the server's own `main.rs` built as a
+//! binary target of this package (see `tests/Cargo.toml`): cargo builds a package's
+//! binaries for its integration tests but never another package's, even under
+//! `--workspace`, so `target/<profile>/cipherd` may be missing or stale when these
+//! tests run. Set `CIPHERD_BIN=/path/to/cipherd` to test another build instead, e.g.
+//! a release artifact: `CIPHERD_BIN=target/release/cipherd cargo test -p cipherd-e2e`.
+//!
+//! Run everything with `cargo test -p cipherd-e2e`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::fmt::Debug;
+
+use bytes::Bytes;
+pub use cipherd_client::{Client, EncryptOptions, Error, pb};
+pub use cipherd_test_support::{Params, TestServer};
+pub use tonic::Code;
+use tonic_types::RpcStatusExt as _;
+
+/// Every key type with a short label for assertion messages.
+pub const ALL_KEY_TYPES: [(pb::KeyType, &str); 4] = [
+    (pb::KeyType::Xaes256Gcm, "xaes-256-gcm"),
+    (pb::KeyType::Aes256Gcm96, "aes256-gcm96"),
+    (pb::KeyType::Chacha20Poly1305, "chacha20-poly1305"),
+    (pb::KeyType::Xchacha20Poly1305, "xchacha20-poly1305"),
+];
+
+/// Nonce length of a key type's ciphertexts, in bytes (`docs/ciphertext-format.md`).
+pub fn nonce_len(key_type: pb::KeyType) -> usize {
+    match key_type {
+        pb::KeyType::Aes256Gcm96 | pb::KeyType::Chacha20Poly1305 => 12,
+        pb::KeyType::Unspecified | pb::KeyType::Xaes256Gcm | pb::KeyType::Xchacha20Poly1305 => 24,
+    }
+}
+
+/// The AEAD tag length of every key type.
+pub const TAG_LEN: usize = 16;
+
+/// Length of the binary ciphertext header: format byte and big-endian key version.
+pub const HEADER_LEN: usize = 5;
+
+/// Turns a raw generated-client reply into the client's error type, so raw calls
+/// and typed-helper calls are checked the same way.
+pub fn reply<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
+    result.map(tonic::Response::into_inner).map_err(Error::from)
+}
+
+/// Asserts that `result` failed with `code` and `reason`; returns the message.
+#[track_caller]
+pub fn expect_err<T: Debug>(result: Result<T, Error>, code: Code, reason: &str) -> String {
+    expect_err_ref(&result, code, reason)
+}
+
+/// [`expect_err`] on a borrowed result (e.g. one item of a batch).
+#[track_caller]
+pub fn expect_err_ref<T: Debug>(result: &Result<T, Error>, code: Code, reason: &str) -> String {
+    match result {
+        Ok(v) => panic!("expected {code:?}/{reason}, got success: {v:?}"),
+        Err(Error::Status {
+            code: got_code,
+            reason: got_reason,
+            message,
+        }) => {
+            assert_eq!(
+                (*got_code, got_reason.as_str()),
+                (code, reason),
+                "unexpected error (message: {message:?})"
+            );
+            message.clone()
+        }
+        Err(other) => panic!("expected {code:?}/{reason}, got {other:?}"),
+    }
+}
+
+/// The code, `ErrorInfo` reason and message of one batch item's error.
+pub fn item_error(status: &tonic_types::pb::Status) -> (Code, String, String) {
+    let reason = status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default();
+    (Code::from_i32(status.code), reason, status.message.clone())
+}
+
+/// One batch decrypt item's outcome: the plaintext, or code, reason and message.
+/// (`PlaintextResult` has no `Debug`, so plaintexts cannot leak into logs; this is
+/// the comparable form tests use.)
+pub fn plaintext_item(result: &pb::PlaintextResult) -> Result<Bytes, (Code, String, String)> {
+    match &result.result {
+        Some(pb::plaintext_result::Result::Plaintext(p)) => Ok(p.clone()),
+        Some(pb::plaintext_result::Result::Error(status)) => Err(item_error(status)),
+        None => Err((Code::Unknown, "EMPTY_RESULT".into(), String::new())),
+    }
+}
+
+/// Creates a key with the given type and flags; returns its metadata.
+pub async fn create_key_with(client: &Client, request: pb::CreateKeyRequest) -> pb::Key {
+    let name = request.name.clone();
+    reply(client.admin().create_key(request).await)
+        .unwrap_or_else(|e| panic!("CreateKey {name:?}: {e}"))
+        .key
+        .expect("CreateKey returns the key")
+}
+
+/// Creates a plain (not derived, not exportable) key of `key_type`.
+pub async fn create_key(client: &Client, name: &str, key_type: pb::KeyType) -> pb::Key {
+    create_key_with(
+        client,
+        pb::CreateKeyRequest {
+            name: name.to_owned(),
+            r#type: key_type as i32,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The key's metadata from `GetKey`.
+pub async fn get_key(client: &Client, name: &str) -> pb::Key {
+    reply(
+        client
+            .admin()
+            .get_key(pb::GetKeyRequest {
+                name: name.to_owned(),
+            })
+            .await,
+    )
+    .unwrap_or_else(|e| panic!("GetKey {name:?}: {e}"))
+    .key
+    .expect("GetKey returns the key")
+}
+
+/// Rotates the key; returns its metadata after the rotation.
+pub async fn rotate(client: &Client, name: &str) -> pb::Key {
+    reply(
+        client
+            .admin()
+            .rotate_key(pb::RotateKeyRequest {
+                name: name.to_owned(),
+            })
+            .await,
+    )
+    .unwrap_or_else(|e| panic!("RotateKey {name:?}: {e}"))
+    .key
+    .expect("RotateKey returns the key")
+}
+
+/// Encrypts `plaintext` under the latest version with no AAD or context, binary.
+pub async fn encrypt(client: &Client, key: &str, plaintext: &[u8]) -> pb::EncryptResponse {
+    client
+        .encrypt(
+            key,
+            Bytes::copy_from_slice(plaintext),
+            &EncryptOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Encrypt under {key:?}: {e}"))
+}
+
+/// Decrypts with no AAD or context.
+pub async fn decrypt(client: &Client, key: &str, ciphertext: &Bytes) -> Result<Bytes, Error> {
+    client
+        .decrypt(key, ciphertext.clone(), Bytes::new(), Bytes::new())
+        .await
+        .map(|r| r.plaintext)
+}
+
+/// The key version in a binary ciphertext's header (asserting the format byte).
+#[track_caller]
+pub fn binary_version(ciphertext: &[u8]) -> u32 {
+    assert!(
+        ciphertext.len() > HEADER_LEN,
+        "ciphertext too short: {ciphertext:?}"
+    );
+    assert_eq!(ciphertext[0], 0x01, "binary ciphertexts start with 0x01");
+    u32::from_be_bytes([ciphertext[1], ciphertext[2], ciphertext[3], ciphertext[4]])
+}
+
+/// The key version in a text ciphertext `cipherd:v<N>:<base64>`.
+#[track_caller]
+pub fn text_version(ciphertext: &[u8]) -> u32 {
+    let text = std::str::from_utf8(ciphertext).expect("text ciphertexts are UTF-8");
+    let rest = text
+        .strip_prefix("cipherd:v")
+        .unwrap_or_else(|| panic!("not a text ciphertext: {text:?}"));
+    let (digits, body) = rest
+        .split_once(':')
+        .unwrap_or_else(|| panic!("no second colon: {text:?}"));
+    assert!(!body.is_empty(), "empty body: {text:?}");
+    digits
+        .parse()
+        .unwrap_or_else(|e| panic!("bad version in {text:?}: {e}"))
+}
+
+/// `bytes` with bit 0 of byte `index` flipped.
+pub fn flip(bytes: &[u8], index: usize) -> Bytes {
+    let mut v = bytes.to_vec();
+    v[index] ^= 1;
+    Bytes::from(v)
+}
+
+/// A small deterministic generator (xorshift64*), so "random" inputs are the same on
+/// every run and a failure can be reproduced. Not for anything secret.
+#[derive(Debug, Clone)]
+pub struct TestRng(u64);
+
+impl TestRng {
+    /// A generator from a non-zero seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// The next 64 pseudo-random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A value in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    /// `len` pseudo-random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}

@@ -1,0 +1,415 @@
+//! The real `cipherd` binary as a child process: flags and config file, start-up
+//! on an ephemeral port (read from its own log line), serving, clean shutdown on
+//! SIGTERM, restarting on the same data dir, and logs that never carry secrets
+//! (invariant 1).
+//!
+//! The binary is `cipherd-e2e-daemon` (the server's `main.rs` built by this
+//! package, see `tests/Cargo.toml`) unless `CIPHERD_BIN` names another build.
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use cipherd_e2e::{
+    Client, Code, EncryptOptions, create_key_with, encrypt, expect_err, get_key, pb, reply,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+
+/// Recognizable plaintext that must never show up in a log.
+const MARKER: &str = "PHI-MARKER Jane Q. Patient 078-05-1120";
+
+/// The real binary (--dev) serves, exits 0 on SIGTERM, and a second process on the same dir decrypts with identical metadata; no secret hits the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_restarts_on_the_same_data_dir_and_keeps_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    let first = Daemon::start(dir.path(), &data, &["--dev"]).await;
+    let client = first.client().await;
+    let status = client.status().await.unwrap();
+    assert!(
+        status.initialized && !status.sealed && status.dev_mode,
+        "{status:?}"
+    );
+    create_key_with(
+        &client,
+        pb::CreateKeyRequest {
+            name: "patients".into(),
+            r#type: pb::KeyType::Aes256Gcm96 as i32,
+            exportable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let options = |text| EncryptOptions {
+        associated_data: Bytes::from_static(b"row=1"),
+        text,
+        ..Default::default()
+    };
+    let binary = client
+        .encrypt("patients", MARKER, &options(false))
+        .await
+        .unwrap()
+        .ciphertext;
+    let text = client
+        .encrypt("patients", MARKER, &options(true))
+        .await
+        .unwrap()
+        .ciphertext;
+    let before = get_key(&client, "patients").await;
+    drop(client);
+    let first_log = first.terminate().await;
+    assert!(
+        first_log.contains("cipherd stopped"),
+        "drained and stopped:\n{first_log}"
+    );
+
+    let share_file = data.join(cipherd_server::DEV_SHARE_FILE);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&share_file).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the dev share is readable by others: {mode:o}"
+        );
+    }
+
+    let second = Daemon::start(dir.path(), &data, &["--dev"]).await;
+    let client = second.client().await;
+    for ct in [&binary, &text] {
+        let dec = client
+            .decrypt("patients", ct.clone(), &b"row=1"[..], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(dec.plaintext, MARKER.as_bytes());
+        assert_eq!(dec.key_version, 1);
+    }
+    assert_eq!(
+        get_key(&client, "patients").await,
+        before,
+        "key metadata survives"
+    );
+    assert_eq!(encrypt(&client, "patients", b"more").await.key_version, 1);
+    let export = reply(
+        client
+            .admin()
+            .export_key(pb::ExportKeyRequest {
+                name: "patients".into(),
+                version: None,
+            })
+            .await,
+    )
+    .unwrap();
+    drop(client);
+    let second_log = second.terminate().await;
+
+    // Invariant 1: nothing secret in either process's log.
+    let share_text = std::fs::read_to_string(&share_file).unwrap();
+    let share = share_text
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .unwrap()
+        .trim();
+    let material = &export.versions[0].material;
+    let mut secrets = vec![
+        ("plaintext", MARKER.to_owned()),
+        ("unseal share", share.to_owned()),
+        (
+            "key material (base64)",
+            base64::engine::general_purpose::STANDARD.encode(material),
+        ),
+        ("key material (hex)", hex(material)),
+        ("key material (debug bytes)", format!("{:?}", &material[..])),
+    ];
+    secrets.push((
+        "plaintext (debug bytes)",
+        format!("{:?}", MARKER.as_bytes()),
+    ));
+    for log in [&first_log, &second_log] {
+        assert!(log.contains("cipherd listening"));
+        for (what, secret) in &secrets {
+            assert!(!log.contains(secret.as_str()), "{what} in the log:\n{log}");
+        }
+    }
+}
+
+/// The real binary without --dev needs Init and Unseal, comes back sealed after a restart until unsealed, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_without_dev_mode_needs_init_and_unseal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    let first = Daemon::start(dir.path(), &data, &[]).await;
+    let client = first.client().await;
+    let status = client.status().await.unwrap();
+    assert!(
+        !status.initialized && status.sealed && !status.dev_mode,
+        "{status:?}"
+    );
+    let shares = reply(
+        client
+            .system()
+            .init(pb::InitRequest {
+                shares: 3,
+                threshold: 2,
+            })
+            .await,
+    )
+    .unwrap()
+    .shares;
+    assert_eq!(shares.len(), 3);
+    unseal(&client, &[&shares[0], &shares[2]]).await;
+    create_key_with(
+        &client,
+        pb::CreateKeyRequest {
+            name: "k".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ct = encrypt(&client, "k", MARKER.as_bytes()).await.ciphertext;
+    drop(client);
+    let first_log = first.terminate().await;
+
+    let second = Daemon::start(dir.path(), &data, &[]).await;
+    let client = second.client().await;
+    let status = client.status().await.unwrap();
+    assert!(status.initialized && status.sealed, "{status:?}");
+    expect_err(
+        cipherd_e2e::decrypt(&client, "k", &ct).await,
+        Code::Unavailable,
+        "SEALED",
+    );
+    unseal(&client, &[&shares[1], &shares[0]]).await;
+    assert_eq!(
+        cipherd_e2e::decrypt(&client, "k", &ct).await.unwrap(),
+        MARKER.as_bytes()
+    );
+    drop(client);
+    let second_log = second.terminate().await;
+    for log in [first_log, second_log] {
+        for share in &shares {
+            assert!(!log.contains(share.as_str()), "an unseal share in the log");
+        }
+        assert!(!log.contains(MARKER), "plaintext in the log");
+    }
+}
+
+/// Invalid configuration stops the real binary at start-up with a non-zero exit and a message naming the option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_rejects_invalid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cases = [
+        ("listen", "not-an-address", None),
+        (
+            "keys.usage_limit",
+            "127.0.0.1:0",
+            Some(("CIPHERD_KEYS__USAGE_LIMIT", "5000000000")),
+        ),
+        (
+            "keys.usage_limit_action",
+            "127.0.0.1:0",
+            Some(("CIPHERD_KEYS__USAGE_LIMIT_ACTION", "explode")),
+        ),
+    ];
+    for (option, listen, env) in cases {
+        let mut command = command();
+        command.args(["--listen", listen, "--data-dir"]).arg(&data);
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let out = command.output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{option}: started anyway");
+        assert!(stderr.contains(option), "{option} not named in: {stderr}");
+    }
+}
+
+/// A running `cipherd` child process; killed if the test fails before
+/// [`Daemon::terminate`].
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    log_reader: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Starts the binary listening on 127.0.0.1:0 with JSON logs at debug level,
+    /// learns the port from its "cipherd listening" log line, and polls Status until
+    /// it answers.
+    async fn start(work: &Path, data: &Path, extra: &[&str]) -> Self {
+        let config = work.join("cipherd.toml");
+        std::fs::write(&config, "[log]\nformat = \"json\"\n").unwrap();
+        let mut child = command()
+            .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+
+        let log = Arc::new(Mutex::new(String::new()));
+        let (found, listening) = oneshot::channel();
+        let stderr = child.stderr.take().unwrap();
+        let mut log_reader = tokio::spawn({
+            let log = Arc::clone(&log);
+            async move {
+                let mut found = Some(found);
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(addr) = listening_addr(&line)
+                        && let Some(found) = found.take()
+                    {
+                        let _ = found.send(addr);
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        // The long timeout only turns a hang into a clear failure.
+        let addr = match tokio::time::timeout(Duration::from_secs(60), listening).await {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(_)) => {
+                let status = child.wait().await.unwrap();
+                let _ = (&mut log_reader).await;
+                panic!(
+                    "cipherd exited ({status}) before listening:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            Err(_) => panic!(
+                "cipherd never logged \"cipherd listening\":\n{}",
+                log.lock().unwrap()
+            ),
+        };
+        let daemon = Self {
+            child,
+            addr,
+            log,
+            log_reader,
+        };
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// Polls Status until the server answers (it binds before it logs, so this is
+    /// normally immediate).
+    async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if let Ok(client) = Client::connect(format!("http://{}", self.addr)).await
+                && client.status().await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "cipherd at {} never answered Status:\n{}",
+            self.addr,
+            self.log.lock().unwrap()
+        );
+    }
+
+    /// Sends SIGTERM, asserts a clean exit (status 0), and returns the whole log.
+    async fn terminate(mut self) -> String {
+        let pid = self.child.id().expect("still running");
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success(), "kill -TERM {pid}");
+        let status: ExitStatus = self.child.wait().await.unwrap();
+        (&mut self.log_reader).await.unwrap();
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(status.success(), "cipherd exited with {status}:\n{log}");
+        log
+    }
+}
+
+/// The binary under test: `CIPHERD_BIN`, or the one cargo built for this package.
+fn binary() -> PathBuf {
+    let path = std::env::var_os("CIPHERD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cipherd-e2e-daemon")));
+    assert!(
+        path.is_file(),
+        "cipherd binary {} not found: build it with `cargo test -p cipherd-e2e` (which \
+         builds `cipherd-e2e-daemon`) or point CIPHERD_BIN at a cipherd build",
+        path.display()
+    );
+    path
+}
+
+/// A command for the binary with no `CIPHERD_*` variables inherited from the test's
+/// environment, so only what a test sets applies.
+fn command() -> Command {
+    let mut command = Command::new(binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CIPHERD_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// The address in the server's JSON "cipherd listening" line (`"addr": "IP:PORT"`).
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != "cipherd listening" {
+        return None;
+    }
+    let addr = fields.get("addr")?.as_str()?;
+    addr.parse().ok()
+}
+
+async fn unseal(client: &Client, shares: &[&String]) {
+    let mut sealed = true;
+    for share in shares {
+        sealed = reply(
+            client
+                .system()
+                .unseal(pb::UnsealRequest {
+                    share: (*share).clone(),
+                    reset: false,
+                })
+                .await,
+        )
+        .unwrap()
+        .sealed;
+    }
+    assert!(!sealed, "unsealed after {} shares", shares.len());
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
