@@ -1,7 +1,7 @@
 //! The `cipherd` binary: parse flags, load configuration, start logging, bind the
 //! listener, and run until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
+use std::{io::IsTerminal as _, path::PathBuf};
 
 use anyhow::Context as _;
 use cipherd_server::config::{Params, RawConfig};
@@ -67,8 +67,10 @@ async fn main() -> anyhow::Result<()> {
 fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .with_context(|| format!("log.level = {level:?}"))?;
+    // Colour only for people at a terminal; files and log shippers get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         "json" => builder.json().init(),
