@@ -152,6 +152,10 @@ impl Client {
             .map_err(|e| Error::Protocol(format!("bad endpoint: {e}")))?
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout)
+            .tcp_nodelay(true)
+            // Large batches: avoid a flow-control round trip per 64 KiB.
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
             .connect()
             .await?;
         Ok(Self { channel, options })

@@ -40,6 +40,9 @@ pub const RELOAD_MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// reached with a tiny usage limit under heavy contention.
 const MAX_RESERVE_ROUNDS: usize = 64;
 
+/// Keys listed per storage call while warming the cache.
+const WARM_PAGE: usize = 1000;
+
 /// How many times a read-modify-write retries on conflicting concurrent updates.
 const MAX_CAS_ATTEMPTS: usize = 16;
 
@@ -284,6 +287,46 @@ impl KeyManager {
         }
         tracing::info!(key = %name, "key deleted");
         Ok(())
+    }
+
+    /// Loads every key into the cache, page by page, so that the first request for
+    /// each key does not pay a storage read. Returns how many keys were loaded.
+    /// Runs in the background after unseal; stops early if `keep_going` says so
+    /// (the service was sealed). Keys that fail to load are logged and skipped:
+    /// requests for them fail closed on their own.
+    pub async fn warm(&self, keep_going: impl Fn() -> bool) -> Result<usize> {
+        let mut after: Option<String> = None;
+        let mut loaded = 0;
+        loop {
+            let page = self
+                .store
+                .list(KEY_PREFIX, after.as_deref(), WARM_PAGE)
+                .await?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(loaded);
+            };
+            for path in &page {
+                if !keep_going() {
+                    return Ok(loaded);
+                }
+                let Some(name) = path
+                    .strip_prefix(KEY_PREFIX)
+                    .and_then(|n| KeyName::new(n).ok())
+                else {
+                    continue;
+                };
+                if self.cache.contains_key(&name) {
+                    loaded += 1;
+                    continue;
+                }
+                match self.reload(&name).await {
+                    Ok(_) => loaded += 1,
+                    Err(Error::KeyNotFound(_)) => {}
+                    Err(e) => tracing::error!(key = %name, error = %e, "key failed to load"),
+                }
+            }
+            after = Some(last);
+        }
     }
 
     /// Key names in byte order, after `start_after`, at most `limit`.
@@ -590,5 +633,55 @@ async fn invalidate_on_change(
             Err(RecvError::Lagged(_)) => cache.clear(),
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cipherd_core::barrier::RootKey;
+    use cipherd_store::SqliteStore;
+
+    use super::*;
+    use crate::config::Params;
+
+    async fn manager(store: Arc<dyn Store>, root: &RootKey) -> KeyManager {
+        let barrier = Arc::new(Barrier::new(root, 1).unwrap());
+        KeyManager::new(store, barrier, Params::for_data_dir("unused", false).usage)
+    }
+
+    #[tokio::test]
+    async fn warm_loads_every_stored_key_and_stops_when_told() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let writer = manager(Arc::clone(&store), &root).await;
+        for i in 0..(WARM_PAGE + 5) {
+            let name = KeyName::new(&format!("k{i:05}")).unwrap();
+            writer
+                .create(&name, CreateOptions::default())
+                .await
+                .unwrap();
+        }
+
+        let fresh = manager(Arc::clone(&store), &root).await;
+        assert_eq!(fresh.cache.len(), 0);
+        assert_eq!(fresh.warm(|| true).await.unwrap(), WARM_PAGE + 5);
+        assert_eq!(fresh.cache.len(), WARM_PAGE + 5);
+
+        let stopped = manager(store, &root).await;
+        assert_eq!(stopped.warm(|| false).await.unwrap(), 0);
+        assert_eq!(stopped.cache.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_key_under_another_root_fails_closed() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let writer = manager(Arc::clone(&store), &RootKey::generate().unwrap()).await;
+        let name = KeyName::new("patients").unwrap();
+        writer
+            .create(&name, CreateOptions::default())
+            .await
+            .unwrap();
+        let other = manager(store, &RootKey::generate().unwrap()).await;
+        assert!(matches!(other.get(&name).await, Err(Error::Corrupt(_))));
     }
 }

@@ -202,10 +202,11 @@ impl Core {
             }
         };
         if let Some(shares) = ready {
-            let unsealed = self.open(&record, &shares).await?;
-            *self.write_state() = State::Unsealed(Arc::new(unsealed));
+            let unsealed = Arc::new(self.open(&record, &shares).await?);
+            *self.write_state() = State::Unsealed(Arc::clone(&unsealed));
             self.sealed_tx.send_replace(false);
             tracing::info!("unsealed");
+            tokio::spawn(warm_cache(Arc::downgrade(&unsealed)));
         }
         self.status().await
     }
@@ -261,6 +262,27 @@ impl Core {
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Loads every key after unseal. Holds only a weak reference between keys, so
+/// sealing is never delayed and material is dropped as soon as the service seals.
+async fn warm_cache(unsealed: std::sync::Weak<Unsealed>) {
+    let started = std::time::Instant::now();
+    let Some(strong) = unsealed.upgrade() else {
+        return;
+    };
+    // The manager is kept alive by `strong` only for the duration of this call;
+    // `keep_going` notices a seal because the state then holds another value.
+    let keys = &strong.keys;
+    let outcome = keys.warm(|| unsealed.strong_count() > 1).await;
+    match outcome {
+        Ok(n) => tracing::info!(
+            keys = n,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "key cache warm"
+        ),
+        Err(e) => tracing::warn!(error = %e, "key cache warm-up stopped"),
     }
 }
 

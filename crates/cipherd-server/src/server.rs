@@ -87,6 +87,12 @@ pub async fn run(
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(%addr, dev = params.dev, "cipherd listening");
     tonic::transport::Server::builder()
+        // Batches are megabytes: the HTTP/2 default 64 KiB windows would cost a
+        // round trip per 64 KiB. Bounded, so a slow reader cannot pin much memory.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(system)
@@ -97,6 +103,13 @@ pub async fn run(
     tracing::info!("cipherd stopped");
     Ok(())
 }
+
+/// HTTP/2 flow-control windows and frame size (see `run`). The client uses the same.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// Connection-level window: a few streams' worth.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame (the protocol maximum is 16 MiB - 1).
+pub const MAX_FRAME: u32 = 1 << 20;
 
 /// The health service names that follow the seal state. `""` is the whole server.
 const SEAL_GATED_SERVICES: [&str; 3] = ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"];
