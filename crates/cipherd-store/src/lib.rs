@@ -22,6 +22,39 @@
 //! - No caching, no policy, no interpretation of paths beyond validation.
 //! - No consensus or replication of its own: high availability is the job of the
 //!   PostgreSQL backend (a later addition), where replicas share one database.
+//!
+//! # Group commit
+//!
+//! [`SqliteStore`] runs `synchronous=FULL`, so every commit waits for an fsync.
+//! One transaction per write would cap writes at one per fsync however many
+//! callers wait. Instead, one writer task takes every write queued while it was
+//! busy (up to 256 writes or 4 MiB of values), runs them in one `BEGIN IMMEDIATE`
+//! transaction, each in its own `SAVEPOINT`, and commits once. A write whose
+//! precondition fails rolls back only its savepoint and gets its own error; no
+//! write is acknowledged or announced before the `COMMIT` returns; if the
+//! `COMMIT` fails, every write of the group fails. A lone write is committed at
+//! once: the writer never waits to fill a group. Revisions, ordering, the change
+//! feed and cancellation behave exactly as the [`Store`] contract says.
+//!
+//! Measured on the development VM (2 vCPUs shared with other builds, load
+//! average 4–6; ext4 on a virtio disk whose fsync'd commit took 0.5–2 ms
+//! depending on neighbours, hence ranges), creating records of 256 bytes with 64
+//! concurrent tasks; the last runs alternated the old and new binaries:
+//!
+//! | | before (one commit per write) | after (group commit) |
+//! | --- | --- | --- |
+//! | 10,000 records | 4.5–19 s (13 runs, median 13 s; 520–2,240 creates/s) | 0.39–0.51 s (6 runs; 19,700–26,000 creates/s), 157 commits |
+//! | 100,000 records | 163 s (615 creates/s) | 6.3–9.1 s (2 runs), about 1,560 commits |
+//! | one write at a time, latency | 0.5–1.1 ms | 0.4–1.4 ms (unchanged: a group of one) |
+//!
+//! ```text
+//! cargo test --release -p cipherd-store --test group_commit_bench -- --ignored --nocapture --test-threads 1
+//! CIPHERD_BENCH_RECORDS=100000 cargo test --release -p cipherd-store --test group_commit_bench -- --ignored --nocapture --exact create_10k_records_with_64_tasks
+//! ```
+//!
+//! Groups stay at 64 writes here because only 64 callers are ever waiting; after
+//! grouping, the per-write statements (one round trip to SQLite's connection
+//! thread per write), not the fsync, bound throughput.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,6 +64,8 @@ pub mod path;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
+#[doc(hidden)]
+pub use sqlite::SqliteWriteStats;
 
 /// Capacity of every backend's change-feed channel: how many changes a subscriber
 /// may fall behind before it receives [`tokio::sync::broadcast::error::RecvError::Lagged`].

@@ -2,34 +2,43 @@
 //! journal, `synchronous=FULL` (a write is on disk before it is acknowledged).
 //!
 //! Schema: `records(path, value, revision)` and a one-row `revision_counter`
-//! bumped in the same transaction as every write (see
+//! advanced in the same transaction as the writes that take revisions (see
 //! `migrations/sqlite/0001_records.sql`). Migrations are compiled into the binary
 //! and run by sqlx's `Migrator` on every open.
 //!
 //! Concurrency: reads run on a small connection pool, in parallel under WAL.
-//! Writes are serialized twice over: in this process by an async mutex, which also
-//! keeps the change feed in commit order, and in the database by `BEGIN IMMEDIATE`,
-//! which takes the write lock at the start of the transaction so two writers can
-//! never deadlock upgrading read locks (the classic `SQLITE_BUSY` trap of deferred
-//! transactions). Each write runs in its own task, so a caller that is cancelled
-//! cannot leave a committed write unannounced.
+//! Writes go through one writer task ([`writer`]) that commits them in groups:
+//! every write queued while the previous group was committing goes into one
+//! `BEGIN IMMEDIATE` transaction, each in its own `SAVEPOINT`, and one `COMMIT`,
+//! so concurrent writers share one fsync instead of queueing for one each. Each
+//! write still behaves as if it ran alone (see the [`writer`] module for how),
+//! the change feed stays in commit order, and a lone write is committed at once.
+//! `BEGIN IMMEDIATE` takes the write lock at the start of the transaction, so the
+//! writer can never deadlock with another connection upgrading a read lock (the
+//! classic `SQLITE_BUSY` trap of deferred transactions). Because the writer task
+//! owns every write from the moment it is queued, a caller that is cancelled
+//! cannot leave a write half-applied or committed but unannounced.
 //!
 //! This backend does not share a database between processes: open one file from
 //! one `cipherd` at a time. For several replicas use the PostgreSQL backend.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{SqlSafeStr, SqliteConnection, SqliteTransaction};
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::broadcast;
 
 use crate::{CHANGE_FEED_CAPACITY, Change, Error, Record, Result, Store, path};
+
+mod writer;
+
+pub use writer::SqliteWriteStats;
+use writer::{WriteOp, Writer};
 
 /// How long a connection waits on a database lock held by another connection
 /// before failing with [`Error::Unavailable`].
@@ -44,12 +53,23 @@ const FILE_POOL_SIZE: u32 = 4;
 
 /// The SQLite [`Store`]: one database file (or a private in-memory database).
 ///
+/// Concurrent writes are group-committed: a writer task runs every write queued
+/// while it was busy in one transaction with one fsync, each write in its own
+/// savepoint so that it succeeds or fails on its own, exactly as the [`Store`]
+/// contract says (see the crate docs, "Group commit"). A lone write is committed
+/// at once, without waiting for company.
+///
+/// The constructors start that writer task on the current tokio runtime; use the
+/// store within that runtime (if the runtime shuts down, writes fail with
+/// [`Error::Backend`]). When the store is dropped, the writer finishes the writes
+/// already queued, then stops and closes the change feed.
+///
 /// Cloning is not offered: share it as `Arc<SqliteStore>` or `Arc<dyn Store>`.
 pub struct SqliteStore {
     pool: SqlitePool,
     changes: broadcast::Sender<Change>,
-    /// Serializes writes in this process; see the module docs.
-    write_lock: Arc<Mutex<()>>,
+    /// The group-commit writer task, through which every write goes.
+    writer: Writer,
     location: Location,
 }
 
@@ -113,15 +133,21 @@ impl SqliteStore {
         Self::init(pool, Location::Memory).await
     }
 
-    /// Waits for in-flight operations, then closes every connection (letting
-    /// SQLite checkpoint the WAL into the main file). Later operations fail with
-    /// [`Error::Unavailable`]. Dropping the store without closing is also safe:
-    /// every acknowledged write is already durable.
+    /// Waits for the writes queued before this call and for reads in flight,
+    /// then closes every connection (letting SQLite checkpoint the WAL into the
+    /// main file). Later operations fail with [`Error::Unavailable`]. Dropping the
+    /// store without closing is also safe: every acknowledged write is already
+    /// durable, and writes still queued are committed before the writer stops.
     pub async fn close(&self) {
-        // Taking the write lock lets a write that has started finish first.
-        let _guard = self.write_lock.lock().await;
-        self.pool.close().await;
+        self.writer.close(&self.pool).await;
         tracing::info!(location = %self.location, "closed SQLite store");
+    }
+
+    /// Counters of the group-commit writer (writes queued, commits, group sizes),
+    /// for tests and measurements. Not a stable API.
+    #[doc(hidden)]
+    pub fn write_stats(&self) -> SqliteWriteStats {
+        self.writer.stats()
     }
 
     /// Runs migrations and the consistency check shared by both constructors.
@@ -132,32 +158,22 @@ impl SqliteStore {
             .map_err(|e| Error::Backend(format!("SQLite schema migration failed: {e}")))?;
         check_revision_counter(&pool).await?;
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        // An in-memory database lives in its one connection, which must never be
+        // discarded, whatever state a failure leaves it in.
+        let recycle_broken = matches!(location, Location::File(_));
+        let writer = Writer::spawn(pool.clone(), changes.clone(), recycle_broken);
         Ok(Self {
             pool,
             changes,
-            write_lock: Arc::new(Mutex::new(())),
+            writer,
             location,
         })
     }
 
-    /// Runs one write to completion in its own task: lock, transaction, commit,
-    /// then announce on the change feed while still holding the lock.
+    /// Queues one write to the writer task and waits for its outcome: the new
+    /// revision, or `None` for a delete.
     async fn write(&self, op: WriteOp) -> Result<Option<u64>> {
-        let pool = self.pool.clone();
-        let write_lock = Arc::clone(&self.write_lock);
-        let changes = self.changes.clone();
-        let task = tokio::spawn(async move {
-            let _guard = write_lock.lock().await;
-            let revision = apply(&pool, &op).await?;
-            // `send` fails only when nobody is subscribed, which is fine.
-            let _ = changes.send(Change {
-                path: op.path().to_owned(),
-                revision,
-            });
-            Ok(revision)
-        });
-        task.await
-            .map_err(|_| Error::Backend("SQLite write task panicked or was aborted".into()))?
+        self.writer.write(op).await
     }
 }
 
@@ -290,33 +306,6 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// One write, owned so that it can move into its own task.
-enum WriteOp {
-    Create {
-        path: String,
-        value: Vec<u8>,
-    },
-    CompareAndSet {
-        path: String,
-        expected_revision: u64,
-        value: Vec<u8>,
-    },
-    Delete {
-        path: String,
-        expected_revision: u64,
-    },
-}
-
-impl WriteOp {
-    fn path(&self) -> &str {
-        match self {
-            Self::Create { path, .. }
-            | Self::CompareAndSet { path, .. }
-            | Self::Delete { path, .. } => path,
-        }
-    }
-}
-
 /// The schema history, compiled in. Append new migrations; never edit or remove
 /// one that has shipped (sqlx checks each applied migration's checksum).
 fn migrator() -> Migrator {
@@ -389,103 +378,6 @@ async fn check_revision_counter(pool: &SqlitePool) -> Result<()> {
     }
 }
 
-/// Runs one write in a `BEGIN IMMEDIATE` transaction; commits on success, rolls
-/// back otherwise. Returns the new revision (`None` for a delete).
-async fn apply(pool: &SqlitePool, op: &WriteOp) -> Result<Option<u64>> {
-    let mut tx: SqliteTransaction<'static> = pool
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(|e| map_sqlx("begin write", e))?;
-    match apply_in(&mut tx, op).await {
-        Ok(revision) => {
-            tx.commit().await.map_err(|e| map_sqlx("commit", e))?;
-            Ok(revision)
-        }
-        Err(err) => {
-            // Roll back now rather than on drop, so the database write lock is
-            // released before the next writer takes the in-process lock.
-            if let Err(e) = tx.rollback().await {
-                tracing::warn!(error = %e, "SQLite rollback failed");
-            }
-            Err(err)
-        }
-    }
-}
-
-/// The body of [`apply`]: decides from the current revision, then writes.
-async fn apply_in(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Option<u64>> {
-    let current: Option<i64> = sqlx::query_scalar("SELECT revision FROM records WHERE path = ?1")
-        .bind(op.path())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| map_sqlx("read before write", e))?;
-    let current = current.map(stored_revision).transpose()?;
-    match op {
-        WriteOp::Create { path, value } => {
-            if current.is_some() {
-                return Err(Error::AlreadyExists { path: path.clone() });
-            }
-            let revision = next_revision(conn).await?;
-            sqlx::query("INSERT INTO records (path, value, revision) VALUES (?1, ?2, ?3)")
-                .bind(path.as_str())
-                .bind(value.as_slice())
-                .bind(revision)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| map_sqlx("insert", e))?;
-            stored_revision(revision).map(Some)
-        }
-        WriteOp::CompareAndSet {
-            path,
-            expected_revision,
-            value,
-        } => {
-            if current != Some(*expected_revision) {
-                return Err(Error::Conflict { path: path.clone() });
-            }
-            let revision = next_revision(conn).await?;
-            sqlx::query("UPDATE records SET value = ?2, revision = ?3 WHERE path = ?1")
-                .bind(path.as_str())
-                .bind(value.as_slice())
-                .bind(revision)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| map_sqlx("update", e))?;
-            stored_revision(revision).map(Some)
-        }
-        WriteOp::Delete {
-            path,
-            expected_revision,
-        } => {
-            match current {
-                None => return Err(Error::NotFound { path: path.clone() }),
-                Some(current) if current != *expected_revision => {
-                    return Err(Error::Conflict { path: path.clone() });
-                }
-                Some(_) => {}
-            }
-            sqlx::query("DELETE FROM records WHERE path = ?1")
-                .bind(path.as_str())
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| map_sqlx("delete", e))?;
-            Ok(None)
-        }
-    }
-}
-
-/// Takes the next store-wide revision, inside the caller's write transaction.
-async fn next_revision(conn: &mut SqliteConnection) -> Result<i64> {
-    let next: Option<i64> = sqlx::query_scalar(
-        "UPDATE revision_counter SET current = current + 1 WHERE id = 1 RETURNING current",
-    )
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(|e| map_sqlx("advance revision counter", e))?;
-    // Never recreate a missing counter: starting again from 0 would reuse revisions.
-    next.ok_or_else(|| corrupt("the revision counter row is missing"))
-}
-
 /// Converts a revision read from the database, failing closed on impossible values.
 fn stored_revision(revision: i64) -> Result<u64> {
     u64::try_from(revision)
@@ -495,7 +387,7 @@ fn stored_revision(revision: i64) -> Result<u64> {
 }
 
 /// The error for a create or compare-and-set that committed without a revision,
-/// which [`apply_in`] never does.
+/// which the writer never reports.
 fn missing_revision() -> Error {
     Error::Backend("SQLite write returned no revision".into())
 }
@@ -699,12 +591,14 @@ mod tests {
     async fn a_cancelled_write_still_commits_and_is_announced() {
         let store = SqliteStore::in_memory().await.expect("open");
         let mut feed = store.subscribe();
-        // Hold the write lock so the write is certainly in flight when dropped.
-        let guard = store.write_lock.lock().await;
+        // Hold the in-memory store's only connection, so the writer task cannot
+        // run the write: it is certainly queued but not done when dropped.
+        let held = store.pool.acquire().await.expect("hold the connection");
         let write = store.create("a", b"x");
         let dropped = tokio::time::timeout(Duration::from_millis(50), write).await;
         assert!(dropped.is_err(), "write should have been pending");
-        drop(guard);
+        assert_eq!(store.write_stats().submitted, 1, "the write was queued");
+        drop(held);
         let change = tokio::time::timeout(Duration::from_secs(10), feed.recv())
             .await
             .expect("change within 10 s")
