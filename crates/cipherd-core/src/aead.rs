@@ -5,14 +5,27 @@
 //! appends `nonce || ciphertext || tag` to a caller-owned `Vec`, so a batch can be
 //! written into one buffer with no per-item allocation.
 //!
-//! Backends:
+//! Backends (all AEAD work runs on aws-lc-rs):
 //!
 //! | key type | implementation |
 //! | --- | --- |
 //! | `aes256-gcm96` | aws-lc-rs AES-256-GCM |
 //! | `chacha20-poly1305` | aws-lc-rs ChaCha20-Poly1305 |
 //! | `xaes-256-gcm` | C2SP XAES-256-GCM: subkey from the private `xaes` module, then aws-lc-rs AES-256-GCM |
-//! | `xchacha20-poly1305` | RustCrypto `chacha20poly1305` (aws-lc-rs has no XChaCha) |
+//! | `xchacha20-poly1305` | HChaCha20 subkey (RustCrypto `chacha20`, private `xchacha` module), then aws-lc-rs ChaCha20-Poly1305 |
+//!
+//! # Batches
+//!
+//! The two 192-bit-nonce types derive a subkey from a prefix of the nonce (the
+//! first 12 bytes for XAES, 16 for XChaCha), which costs more than sealing a short
+//! message. A [`Sealer`] (from [`AeadKey::sealer`]) draws one random prefix and
+//! suffix base per subkey and numbers its messages, so a batch derives one subkey
+//! per [`MESSAGES_PER_SUBKEY`] messages; an [`Opener`] (from [`AeadKey::opener`])
+//! keeps the subkey of the last prefix it saw. The ciphertexts are the standard
+//! ones, and open with [`AeadKey::open_append`] or any other implementation. For
+//! 96-bit-nonce types both simply call the key's own methods.
+//! `docs/ciphertext-format.md` ("Batches") gives the nonce construction and its
+//! collision bound.
 //!
 //! What this module does not do: it does not frame ciphertexts with a version or
 //! key id (that is `ciphertext`), does not count encryptions against the 96-bit
@@ -25,17 +38,24 @@
 use std::{cell::RefCell, fmt};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-use chacha20poly1305::{
-    XChaCha20Poly1305, XNonce,
-    aead::{AeadInOut, KeyInit},
-};
 use zeroize::Zeroize;
 
 use crate::{
     Error, KeyType, Result,
     secret::KeyMaterial,
-    xaes::{XAES_NONCE_LEN, Xaes256Gcm},
+    xaes::{XAES_PREFIX_LEN, Xaes256Gcm},
+    xchacha::{self, XCHACHA_PREFIX_LEN, XChaCha20Poly1305},
 };
+
+/// How many messages a [`Sealer`] seals under one derived subkey before it draws a
+/// fresh nonce prefix (and so a fresh subkey): 2^20.
+///
+/// Within one subkey the nonces are distinct by construction (see [`Sealer`]), so
+/// the bound is not about collisions. It keeps each AES-GCM or ChaCha20-Poly1305
+/// subkey's use many orders of magnitude below the per-key limits of those
+/// algorithms (2^32 messages for AES-GCM, NIST SP 800-38D), whatever the message
+/// sizes, while the one derivation per 2^20 messages costs nothing measurable.
+pub const MESSAGES_PER_SUBKEY: u64 = 1 << 20;
 
 /// A key prepared for one AEAD algorithm: key schedule done once, `Send + Sync`,
 /// shareable via `Arc`.
@@ -56,9 +76,9 @@ impl AeadKey {
         let backend = match key_type {
             KeyType::Aes256Gcm96 => Backend::AwsLc(aws_lc_key(&AES_256_GCM, material)?),
             KeyType::ChaCha20Poly1305 => Backend::AwsLc(aws_lc_key(&CHACHA20_POLY1305, material)?),
-            KeyType::Xaes256Gcm => Backend::Xaes(Xaes256Gcm::new(material)),
+            KeyType::Xaes256Gcm => Backend::Extended(Extended::Xaes(Xaes256Gcm::new(material))),
             KeyType::XChaCha20Poly1305 => {
-                Backend::XChaCha(XChaCha20Poly1305::new(material.expose_secret().into()))
+                Backend::Extended(Extended::XChaCha(XChaCha20Poly1305::new(material)))
             }
         };
         Ok(Self { key_type, backend })
@@ -81,8 +101,10 @@ impl AeadKey {
     /// `random_nonce` in the source); a failure there is [`Error::Provider`] and
     /// leaves `out` as it was. `out` grows by exactly
     /// `plaintext.len() + self.overhead()` bytes and reallocates at most once.
+    ///
+    /// For many messages under a 192-bit-nonce key type, a [`Sealer`] is faster.
     pub fn seal_append(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let mut nonce_buf = [0u8; MAX_NONCE_LEN];
+        let mut nonce_buf = [0u8; EXTENDED_NONCE_LEN];
         let nonce = &mut nonce_buf[..self.key_type.nonce_len()];
         random_nonce(nonce)?;
         self.seal_with_nonce(nonce, aad, plaintext, out)
@@ -95,33 +117,37 @@ impl AeadKey {
     /// [`Error::DecryptionFailed`] and leaves `out` as it was; bytes written into
     /// its spare capacity along the way are zeroized.
     pub fn open_append(&self, aad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let nonce_len = self.key_type.nonce_len();
-        if sealed.len() < nonce_len + TAG_LEN {
-            return Err(Error::DecryptionFailed);
-        }
-        let (nonce, ct_and_tag) = sealed.split_at(nonce_len);
+        open_into(
+            self.key_type.nonce_len(),
+            sealed,
+            out,
+            |nonce, in_out| match &self.backend {
+                Backend::AwsLc(key) => open_aws_lc(key, aws_lc_nonce(nonce)?, aad, in_out),
+                Backend::Extended(ext) => {
+                    let nonce = extended_nonce(nonce)?;
+                    open_aws_lc(&ext.subkey(nonce)?, ext.inner_nonce(nonce), aad, in_out)
+                }
+            },
+        )
+    }
 
-        let start = out.len();
-        out.extend_from_slice(ct_and_tag);
-        let in_out = &mut out[start..];
-        let opened = match &self.backend {
-            Backend::AwsLc(key) => {
-                aws_lc_nonce(nonce).and_then(|n| open_aws_lc(key, n, aad, in_out))
-            }
-            Backend::Xaes(xaes) => xaes_nonce(nonce)
-                .and_then(|n| xaes.message_key(n))
-                .and_then(|(key, n)| open_aws_lc(&key, n, aad, in_out)),
-            Backend::XChaCha(cipher) => open_xchacha(cipher, nonce, aad, in_out),
-        };
-        match opened {
-            Ok(()) => {
-                out.truncate(out.len() - TAG_LEN);
-                Ok(())
-            }
-            Err(_) => {
-                discard_tail(out, start);
-                Err(Error::DecryptionFailed)
-            }
+    /// A [`Sealer`] for a batch of messages under this key.
+    ///
+    /// For `xaes-256-gcm` and `xchacha20-poly1305` this draws the first nonce
+    /// prefix and derives its subkey, so it can fail with [`Error::Provider`] (the
+    /// CSPRNG failed). Create one per thread or task: a `Sealer` is `Send` but
+    /// seals through `&mut self`.
+    pub fn sealer(&self) -> Result<Sealer<'_>> {
+        Sealer::new(self, MESSAGES_PER_SUBKEY)
+    }
+
+    /// An [`Opener`] for a batch of ciphertexts under this key.
+    pub fn opener(&self) -> Opener<'_> {
+        Opener {
+            key: self,
+            cached: None,
+            #[cfg(test)]
+            derivations: 0,
         }
     }
 
@@ -142,31 +168,13 @@ impl AeadKey {
                 nonce.len()
             )));
         }
-
-        let start = out.len();
-        out.reserve(plaintext.len() + self.overhead());
-        out.extend_from_slice(nonce);
-        out.extend_from_slice(plaintext);
-        let in_out = &mut out[start + nonce.len()..];
-        let sealed = match &self.backend {
-            Backend::AwsLc(key) => {
-                aws_lc_nonce(nonce).and_then(|n| seal_aws_lc(key, n, aad, in_out))
+        seal_into(nonce, plaintext, out, |in_out| match &self.backend {
+            Backend::AwsLc(key) => seal_aws_lc(key, aws_lc_nonce(nonce)?, aad, in_out),
+            Backend::Extended(ext) => {
+                let nonce = extended_nonce(nonce)?;
+                seal_aws_lc(&ext.subkey(nonce)?, ext.inner_nonce(nonce), aad, in_out)
             }
-            Backend::Xaes(xaes) => xaes_nonce(nonce)
-                .and_then(|n| xaes.message_key(n))
-                .and_then(|(key, n)| seal_aws_lc(&key, n, aad, in_out)),
-            Backend::XChaCha(cipher) => seal_xchacha(cipher, nonce, aad, in_out),
-        };
-        match sealed {
-            Ok(tag) => {
-                out.extend_from_slice(&tag);
-                Ok(())
-            }
-            Err(e) => {
-                discard_tail(out, start);
-                Err(e)
-            }
-        }
+        })
     }
 }
 
@@ -174,6 +182,140 @@ impl fmt::Debug for AeadKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AeadKey")
             .field("key_type", &self.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seals many messages under one [`AeadKey`], sharing derived subkeys between them.
+///
+/// For `xaes-256-gcm` and `xchacha20-poly1305` a sealer draws, from the CSPRNG, a
+/// random 192-bit nonce `P || R` whose prefix `P` (12 bytes for XAES, 16 for
+/// XChaCha) selects the derived subkey. Its `i`-th message under that subkey
+/// (`i = 0, 1, …`) gets the nonce `P || R'` where `R'` is `R` with `i` (big-endian
+/// `u64`) XORed into its last 8 bytes. The nonces of one subkey are therefore
+/// distinct by construction; after [`MESSAGES_PER_SUBKEY`] messages the sealer
+/// draws a fresh `P || R`. Two nonces from different draws (of this sealer or any
+/// other) are equal with probability 2^-192, exactly as for independent random
+/// nonces, so over `Q` messages in all the chance of any repeat is at most
+/// `Q² / 2^193`. The ciphertexts are standard XAES-256-GCM and XChaCha20-Poly1305
+/// with the full nonce in front.
+///
+/// For the 96-bit-nonce types a sealer is [`AeadKey::seal_append`] (a fresh random
+/// nonce per message); those types have no subkey to share. A sealer counts
+/// nothing against a version's usage limit: callers reserve encryptions for
+/// those types exactly as for single seals.
+///
+/// Not `Clone`, on purpose: two copies would hand out the same nonces. A sealer is
+/// `Send`, so it can be created once per worker (for example with rayon's
+/// `map_init`) and moved into it.
+pub struct Sealer<'a> {
+    key: &'a AeadKey,
+    /// The current subkey and its nonce state, for 192-bit-nonce types only.
+    batch: Option<SubkeyBatch>,
+    /// Messages per subkey: [`MESSAGES_PER_SUBKEY`], smaller only in tests.
+    limit: u64,
+}
+
+impl<'a> Sealer<'a> {
+    fn new(key: &'a AeadKey, limit: u64) -> Result<Self> {
+        let batch = match &key.backend {
+            Backend::AwsLc(_) => None,
+            Backend::Extended(ext) => Some(SubkeyBatch::draw(ext)?),
+        };
+        Ok(Self { key, batch, limit })
+    }
+
+    /// The algorithm of the key this sealer seals under.
+    pub fn key_type(&self) -> KeyType {
+        self.key.key_type
+    }
+
+    /// Encrypts one message and appends `nonce || ciphertext || tag` to `out`,
+    /// exactly like [`AeadKey::seal_append`] but with the nonce chosen as described
+    /// on [`Sealer`].
+    ///
+    /// Fails with [`Error::Provider`] only if the CSPRNG fails while drawing a new
+    /// prefix; `out` is then left as it was.
+    pub fn seal_append(&mut self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let key = self.key;
+        let (Some(batch), Backend::Extended(ext)) = (&mut self.batch, &key.backend) else {
+            return key.seal_append(aad, plaintext, out);
+        };
+        if batch.sealed >= self.limit {
+            *batch = SubkeyBatch::draw(ext)?;
+        }
+        let nonce = batch.next_nonce();
+        seal_into(&nonce, plaintext, out, |in_out| {
+            seal_aws_lc(&batch.subkey, ext.inner_nonce(&nonce), aad, in_out)
+        })
+    }
+}
+
+impl fmt::Debug for Sealer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("key_type", &self.key.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens many ciphertexts under one [`AeadKey`], reusing derived subkeys.
+///
+/// For `xaes-256-gcm` and `xchacha20-poly1305` an opener keeps the subkey of the
+/// last nonce prefix it saw, so the ciphertexts of one [`Sealer`] batch open with
+/// one derivation per subkey. Any ciphertext opens, whatever sealed it; one with
+/// another prefix just costs a derivation (and replaces the kept subkey). For the
+/// 96-bit-nonce types an opener is [`AeadKey::open_append`].
+pub struct Opener<'a> {
+    key: &'a AeadKey,
+    /// The last prefix seen and its subkey, for 192-bit-nonce types only.
+    cached: Option<CachedSubkey>,
+    /// Subkeys derived so far, so tests can see the cache work.
+    #[cfg(test)]
+    derivations: usize,
+}
+
+impl Opener<'_> {
+    /// The algorithm of the key this opener opens with.
+    pub fn key_type(&self) -> KeyType {
+        self.key.key_type
+    }
+
+    /// Decrypts `sealed = nonce || ciphertext || tag`, appending the plaintext to
+    /// `out`, exactly like [`AeadKey::open_append`] (same opaque error, same
+    /// guarantee that a failure leaves `out` as it was).
+    pub fn open_append(&mut self, aad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let key = self.key;
+        let Backend::Extended(ext) = &key.backend else {
+            return key.open_append(aad, sealed, out);
+        };
+        open_into(EXTENDED_NONCE_LEN, sealed, out, |nonce, in_out| {
+            let nonce = extended_nonce(nonce)?;
+            let prefix_len = ext.prefix_len();
+            let cached = match self.cached.take() {
+                Some(c) if c.nonce[..prefix_len] == nonce[..prefix_len] => c,
+                _ => {
+                    #[cfg(test)]
+                    {
+                        self.derivations += 1;
+                    }
+                    CachedSubkey {
+                        nonce: *nonce,
+                        subkey: ext.subkey(nonce)?,
+                    }
+                }
+            };
+            let opened = open_aws_lc(&cached.subkey, ext.inner_nonce(nonce), aad, in_out);
+            self.cached = Some(cached);
+            opened
+        })
+    }
+}
+
+impl fmt::Debug for Opener<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener")
+            .field("key_type", &self.key.key_type)
             .finish_non_exhaustive()
     }
 }
@@ -203,8 +345,8 @@ pub mod danger {
 /// Authentication tag length of every supported algorithm.
 const TAG_LEN: usize = 16;
 
-/// The longest nonce of any key type (192 bits).
-const MAX_NONCE_LEN: usize = XAES_NONCE_LEN;
+/// Nonce length of the 192-bit-nonce types, the longest of any key type.
+const EXTENDED_NONCE_LEN: usize = 24;
 
 /// Bytes of CSPRNG output each thread draws at once for nonces.
 const NONCE_POOL_LEN: usize = 4096;
@@ -268,11 +410,144 @@ impl NoncePool {
 enum Backend {
     /// AES-256-GCM or ChaCha20-Poly1305 on aws-lc-rs, 96-bit nonces.
     AwsLc(LessSafeKey),
-    /// XAES-256-GCM: per-message subkey, then AES-256-GCM on aws-lc-rs.
+    /// A 192-bit-nonce type: a subkey per nonce prefix, then aws-lc-rs.
+    Extended(Extended),
+}
+
+/// The 192-bit-nonce types. Both split the nonce `N` into a prefix, from which
+/// they derive a subkey, and a rest that becomes the 96-bit nonce of an ordinary
+/// aws-lc-rs AEAD under that subkey.
+#[allow(clippy::large_enum_variant)] // see `Backend`
+enum Extended {
+    /// XAES-256-GCM: subkey from `N[..12]`, AES-256-GCM nonce `N[12..]`.
     Xaes(Xaes256Gcm),
-    /// XChaCha20-Poly1305 on RustCrypto; its key is zeroized on drop
-    /// (`chacha20poly1305/zeroize`).
+    /// XChaCha20-Poly1305: subkey `HChaCha20(K, N[..16])`, ChaCha20-Poly1305
+    /// nonce `0^4 || N[16..]`.
     XChaCha(XChaCha20Poly1305),
+}
+
+impl Extended {
+    /// Leading nonce bytes that select the subkey.
+    fn prefix_len(&self) -> usize {
+        match self {
+            Self::Xaes(_) => XAES_PREFIX_LEN,
+            Self::XChaCha(_) => XCHACHA_PREFIX_LEN,
+        }
+    }
+
+    /// The subkey for `nonce`'s prefix, prepared for aws-lc-rs.
+    fn subkey(&self, nonce: &[u8; EXTENDED_NONCE_LEN]) -> Result<LessSafeKey> {
+        match self {
+            Self::Xaes(xaes) => xaes.subkey(&std::array::from_fn(|i| nonce[i])),
+            Self::XChaCha(xchacha) => xchacha.subkey(&std::array::from_fn(|i| nonce[i])),
+        }
+    }
+
+    /// The 96-bit nonce of the inner AEAD for `nonce`.
+    fn inner_nonce(&self, nonce: &[u8; EXTENDED_NONCE_LEN]) -> Nonce {
+        match self {
+            Self::Xaes(_) => {
+                Nonce::assume_unique_for_key(std::array::from_fn(|i| nonce[XAES_PREFIX_LEN + i]))
+            }
+            Self::XChaCha(_) => {
+                xchacha::inner_nonce(&std::array::from_fn(|i| nonce[XCHACHA_PREFIX_LEN + i]))
+            }
+        }
+    }
+}
+
+/// A [`Sealer`]'s current subkey: the random `P || R` it was drawn with, how many
+/// messages it has sealed, and the subkey of `P`.
+struct SubkeyBatch {
+    /// `P || R`; message `i` uses this with `i` XORed into the last 8 bytes.
+    nonce: [u8; EXTENDED_NONCE_LEN],
+    /// Messages sealed under `subkey` so far, which is also the next `i`.
+    sealed: u64,
+    subkey: LessSafeKey,
+}
+
+impl SubkeyBatch {
+    /// Draws a fresh random `P || R` and derives the subkey of `P`.
+    fn draw(ext: &Extended) -> Result<Self> {
+        let mut nonce = [0u8; EXTENDED_NONCE_LEN];
+        random_nonce(&mut nonce)?;
+        Ok(Self {
+            subkey: ext.subkey(&nonce)?,
+            nonce,
+            sealed: 0,
+        })
+    }
+
+    /// The nonce of the next message, `P || (R XOR i)`, counting it as used.
+    fn next_nonce(&mut self) -> [u8; EXTENDED_NONCE_LEN] {
+        let mut nonce = self.nonce;
+        let (_, low) = nonce.split_at_mut(EXTENDED_NONCE_LEN - 8);
+        for (byte, i) in low.iter_mut().zip(self.sealed.to_be_bytes()) {
+            *byte ^= i;
+        }
+        self.sealed += 1;
+        nonce
+    }
+}
+
+/// An [`Opener`]'s kept subkey and a nonce whose prefix it belongs to.
+struct CachedSubkey {
+    nonce: [u8; EXTENDED_NONCE_LEN],
+    subkey: LessSafeKey,
+}
+
+/// Appends `nonce || ciphertext || tag` to `out`: copies `nonce` and `plaintext`
+/// in, lets `encrypt` turn the plaintext into ciphertext in place and return the
+/// tag, and appends the tag. On failure `out` is restored and the bytes written
+/// past its old end are wiped. Reallocates at most once.
+fn seal_into(
+    nonce: &[u8],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+    encrypt: impl FnOnce(&mut [u8]) -> Result<[u8; TAG_LEN]>,
+) -> Result<()> {
+    let start = out.len();
+    out.reserve(nonce.len() + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(plaintext);
+    match encrypt(&mut out[start + nonce.len()..]) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(e) => {
+            discard_tail(out, start);
+            Err(e)
+        }
+    }
+}
+
+/// Splits `sealed` into its `nonce_len`-byte nonce and `ciphertext || tag`, copies
+/// the latter onto `out` and lets `decrypt` open it in place; on success the tag is
+/// cut off. Every failure is [`Error::DecryptionFailed`] and leaves `out` as it
+/// was, with the bytes written past its old end wiped.
+fn open_into(
+    nonce_len: usize,
+    sealed: &[u8],
+    out: &mut Vec<u8>,
+    decrypt: impl FnOnce(&[u8], &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    if sealed.len() < nonce_len + TAG_LEN {
+        return Err(Error::DecryptionFailed);
+    }
+    let (nonce, ct_and_tag) = sealed.split_at(nonce_len);
+    let start = out.len();
+    out.extend_from_slice(ct_and_tag);
+    match decrypt(nonce, &mut out[start..]) {
+        Ok(()) => {
+            out.truncate(out.len() - TAG_LEN);
+            Ok(())
+        }
+        Err(_) => {
+            discard_tail(out, start);
+            Err(Error::DecryptionFailed)
+        }
+    }
 }
 
 fn aws_lc_key(
@@ -291,7 +566,8 @@ fn aws_lc_nonce(nonce: &[u8]) -> Result<Nonce> {
         .map_err(|_| Error::InvalidArgument("nonce must be 12 bytes".into()))
 }
 
-fn xaes_nonce(nonce: &[u8]) -> Result<&[u8; XAES_NONCE_LEN]> {
+/// A 192-bit nonce; as for [`aws_lc_nonce`], callers have checked the length.
+fn extended_nonce(nonce: &[u8]) -> Result<&[u8; EXTENDED_NONCE_LEN]> {
     nonce
         .try_into()
         .map_err(|_| Error::InvalidArgument("nonce must be 24 bytes".into()))
@@ -312,44 +588,11 @@ fn seal_aws_lc(
     tag.as_ref().try_into().map_err(|_| Error::Provider)
 }
 
-/// Decrypts `in_out = ciphertext || tag` in place.
+/// Decrypts `in_out = ciphertext || tag` in place (the tag is left in place; the
+/// caller truncates it).
 fn open_aws_lc(key: &LessSafeKey, nonce: Nonce, aad: &[u8], in_out: &mut [u8]) -> Result<()> {
     key.open_in_place(nonce, Aad::from(aad), in_out)
         .map(|_| ())
-        .map_err(|_| Error::DecryptionFailed)
-}
-
-fn seal_xchacha(
-    cipher: &XChaCha20Poly1305,
-    nonce: &[u8],
-    aad: &[u8],
-    in_out: &mut [u8],
-) -> Result<[u8; TAG_LEN]> {
-    let nonce = <&XNonce>::try_from(nonce)
-        .map_err(|_| Error::InvalidArgument("nonce must be 24 bytes".into()))?;
-    let tag = cipher
-        .encrypt_inout_detached(nonce, aad, in_out.into())
-        .map_err(|_| Error::Provider)?;
-    Ok(tag.into())
-}
-
-/// Decrypts `in_out = ciphertext || tag` in place (the tag is left in place; the
-/// caller truncates it).
-fn open_xchacha(
-    cipher: &XChaCha20Poly1305,
-    nonce: &[u8],
-    aad: &[u8],
-    in_out: &mut [u8],
-) -> Result<()> {
-    let nonce = <&XNonce>::try_from(nonce).map_err(|_| Error::DecryptionFailed)?;
-    let ct_len = in_out
-        .len()
-        .checked_sub(TAG_LEN)
-        .ok_or(Error::DecryptionFailed)?;
-    let (ct, tag) = in_out.split_at_mut(ct_len);
-    let tag = <&chacha20poly1305::Tag>::try_from(&*tag).map_err(|_| Error::DecryptionFailed)?;
-    cipher
-        .decrypt_inout_detached(nonce, aad, ct.into(), tag)
         .map_err(|_| Error::DecryptionFailed)
 }
 
@@ -360,6 +603,18 @@ fn discard_tail(out: &mut Vec<u8>, len: usize) {
     out[len..].zeroize();
     out.truncate(len);
 }
+
+// Compile-time proof that a `Sealer` cannot be cloned (two copies would hand out
+// the same nonces): if `Sealer: Clone`, both impls below apply, the call's type
+// parameter becomes ambiguous and this stops compiling.
+const _: fn() = || {
+    trait AmbiguousIfClone<A> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfClone<()> for T {}
+    impl<T: Clone> AmbiguousIfClone<u8> for T {}
+    <Sealer<'static> as AmbiguousIfClone<_>>::check();
+};
 
 #[cfg(test)]
 mod tests {
@@ -615,6 +870,286 @@ mod tests {
             assert!(s.contains(&format!("{key_type:?}")), "{s}");
             assert!(!s.to_lowercase().contains("ab"), "{s}");
             assert!(!s.contains("171"), "{s}");
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Sealer and Opener
+    // -----------------------------------------------------------------------
+
+    const EXTENDED: [KeyType; 2] = [KeyType::Xaes256Gcm, KeyType::XChaCha20Poly1305];
+
+    fn prefix_len(key_type: KeyType) -> usize {
+        match key_type {
+            KeyType::Xaes256Gcm => XAES_PREFIX_LEN,
+            KeyType::XChaCha20Poly1305 => XCHACHA_PREFIX_LEN,
+            other => panic!("{other} has no subkey prefix"),
+        }
+    }
+
+    /// Seals `n` numbered messages with a sealer of the given subkey limit.
+    fn seal_batch(k: &AeadKey, limit: u64, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut sealer = Sealer::new(k, limit).unwrap();
+        (0..n)
+            .map(|i| {
+                let plaintext = format!("message {i}").into_bytes();
+                let mut out = Vec::new();
+                sealer.seal_append(b"batch", &plaintext, &mut out).unwrap();
+                (plaintext, out)
+            })
+            .collect()
+    }
+
+    /// Opens every item with a reference implementation other than cipherd.
+    fn open_with_reference(key_type: KeyType, byte: u8, aad: &[u8], sealed: &[u8]) -> Vec<u8> {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let (nonce, msg) = sealed.split_at(24);
+        let payload = Payload { msg, aad };
+        match key_type {
+            KeyType::Xaes256Gcm => xaes_256_gcm::Xaes256Gcm::new(&[byte; 32].into())
+                .decrypt(nonce.try_into().unwrap(), payload),
+            KeyType::XChaCha20Poly1305 => {
+                chacha20poly1305::XChaCha20Poly1305::new(&[byte; 32].into())
+                    .decrypt(nonce.try_into().unwrap(), payload)
+            }
+            other => panic!("no reference for {other}"),
+        }
+        .unwrap()
+    }
+
+    #[test]
+    fn the_production_limit_is_two_to_the_twenty() {
+        assert_eq!(MESSAGES_PER_SUBKEY, 1_048_576);
+        let k = key(KeyType::Xaes256Gcm, 1);
+        assert_eq!(k.sealer().unwrap().limit, MESSAGES_PER_SUBKEY);
+    }
+
+    /// The worked example of docs/ciphertext-format.md, "Nonce construction".
+    #[test]
+    fn nonce_arithmetic_matches_the_documented_example() {
+        let k = key(KeyType::Xaes256Gcm, 1);
+        let Backend::Extended(ext) = &k.backend else {
+            panic!("xaes is extended")
+        };
+        let p_r: [u8; 24] = std::array::from_fn(|i| i as u8);
+        let mut batch = SubkeyBatch {
+            nonce: p_r,
+            sealed: 0,
+            subkey: ext.subkey(&p_r).unwrap(),
+        };
+        assert_eq!(batch.next_nonce(), p_r);
+        batch.sealed = 5;
+        assert_eq!(
+            hex::encode(batch.next_nonce()),
+            "000102030405060708090a0b0c0d0e0f1011121314151612"
+        );
+        assert_eq!(batch.sealed, 6);
+        // The last message of a draw flips the low 20 bits.
+        batch.sealed = MESSAGES_PER_SUBKEY - 1;
+        assert_eq!(
+            hex::encode(&batch.next_nonce()[12..]),
+            "0c0d0e0f10111213141ae9e8"
+        );
+    }
+
+    #[test]
+    fn sealers_and_openers_are_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Sealer<'static>>();
+        assert_send::<Opener<'static>>();
+    }
+
+    /// With a limit of 4, eleven messages span three subkeys. Within a subkey the
+    /// nonces are `P || (R XOR i)` for i = 0, 1, 2, 3; across subkeys the prefix is
+    /// fresh; no nonce ever repeats.
+    #[test]
+    fn sealer_nonces_follow_the_construction_across_the_limit() {
+        for key_type in EXTENDED {
+            let k = key(key_type, 10);
+            let plen = prefix_len(key_type);
+            let nonces: Vec<[u8; 24]> = seal_batch(&k, 4, 11)
+                .iter()
+                .map(|(_, sealed)| sealed[..24].try_into().unwrap())
+                .collect();
+
+            let distinct: std::collections::HashSet<_> = nonces.iter().collect();
+            assert_eq!(distinct.len(), nonces.len(), "{key_type}: a nonce repeated");
+
+            for (group_no, group) in nonces.chunks(4).enumerate() {
+                let first = group[0];
+                for (i, nonce) in group.iter().enumerate() {
+                    assert_eq!(nonce[..plen], first[..plen], "{key_type}: prefix changed");
+                    // Bytes between the prefix and the counter (XAES: 12..16) are R's.
+                    assert_eq!(nonce[plen..16], first[plen..16], "{key_type}");
+                    let xor = u64::from_be_bytes(nonce[16..].try_into().unwrap())
+                        ^ u64::from_be_bytes(first[16..].try_into().unwrap());
+                    assert_eq!(xor, i as u64, "{key_type}: group {group_no} item {i}");
+                }
+                if group_no > 0 {
+                    let previous = nonces[(group_no - 1) * 4];
+                    assert_ne!(
+                        previous[..plen],
+                        first[..plen],
+                        "{key_type}: no fresh prefix after the limit"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sealer_output_opens_with_the_key_and_a_reference_implementation() {
+        for key_type in EXTENDED {
+            let k = key(key_type, 11);
+            for (plaintext, sealed) in seal_batch(&k, 3, 8) {
+                assert_eq!(sealed.len(), plaintext.len() + k.overhead());
+                assert_eq!(open(&k, b"batch", &sealed).unwrap(), plaintext);
+                assert_eq!(
+                    open_with_reference(key_type, 11, b"batch", &sealed),
+                    plaintext,
+                    "{key_type}"
+                );
+            }
+        }
+        // The 96-bit types delegate: fresh random nonces, ordinary ciphertexts.
+        for key_type in [KeyType::Aes256Gcm96, KeyType::ChaCha20Poly1305] {
+            let k = key(key_type, 12);
+            let batch = seal_batch(&k, 2, 5);
+            for (plaintext, sealed) in &batch {
+                assert_eq!(&open(&k, b"batch", sealed).unwrap(), plaintext);
+            }
+            assert_ne!(batch[0].1[..12], batch[1].1[..12], "{key_type}");
+        }
+    }
+
+    #[test]
+    fn sealer_appends_and_leaves_out_alone_on_the_prefix() {
+        for key_type in KeyType::ALL {
+            let k = key(key_type, 13);
+            let mut sealer = k.sealer().unwrap();
+            assert_eq!(sealer.key_type(), key_type);
+            let mut out = PREFIX.to_vec();
+            sealer.seal_append(b"", b"one", &mut out).unwrap();
+            let first_end = out.len();
+            sealer.seal_append(b"", b"two", &mut out).unwrap();
+            assert_eq!(&out[..PREFIX.len()], PREFIX);
+            assert_eq!(
+                open(&k, b"", &out[PREFIX.len()..first_end]).unwrap(),
+                b"one"
+            );
+            assert_eq!(open(&k, b"", &out[first_end..]).unwrap(), b"two");
+        }
+    }
+
+    /// An opener derives once per run of equal prefixes, whatever sealed the
+    /// ciphertexts: two sealers interleaved, single-message seals, and batches
+    /// that cross the subkey limit.
+    #[test]
+    fn opener_derives_once_per_prefix_run() {
+        for key_type in EXTENDED {
+            let k = key(key_type, 14);
+            let mut opener = k.opener();
+            assert_eq!(opener.key_type(), key_type);
+
+            // One sealer, three subkeys: three derivations for nine ciphertexts.
+            for (plaintext, sealed) in seal_batch(&k, 3, 9) {
+                let mut out = Vec::new();
+                opener.open_append(b"batch", &sealed, &mut out).unwrap();
+                assert_eq!(out, plaintext);
+            }
+            assert_eq!(opener.derivations, 3, "{key_type}");
+
+            // Mixed input: a, a, b, a, single, single, b, b.
+            let a = seal_batch(&k, MESSAGES_PER_SUBKEY, 3);
+            let b = seal_batch(&k, MESSAGES_PER_SUBKEY, 3);
+            let singles: Vec<_> = (0..2)
+                .map(|i| {
+                    let plaintext = format!("single {i}").into_bytes();
+                    (plaintext.clone(), seal(&k, b"batch", &plaintext))
+                })
+                .collect();
+            let mixed = [
+                &a[0],
+                &a[1],
+                &b[0],
+                &a[2],
+                &singles[0],
+                &singles[1],
+                &b[1],
+                &b[2],
+            ];
+            let mut opener = k.opener();
+            let mut out = PREFIX.to_vec();
+            let mut expected = PREFIX.to_vec();
+            for (plaintext, sealed) in mixed {
+                opener.open_append(b"batch", sealed, &mut out).unwrap();
+                expected.extend_from_slice(plaintext);
+            }
+            assert_eq!(out, expected, "{key_type}");
+            // Runs of prefixes: [a a] [b] [a] [s0] [s1] [b b].
+            assert_eq!(opener.derivations, 6, "{key_type}");
+        }
+    }
+
+    #[test]
+    fn opener_rejects_tampering_and_keeps_working() {
+        for key_type in KeyType::ALL {
+            let k = key(key_type, 15);
+            let batch = seal_batch(&k, 4, 2);
+            let (plaintext, sealed) = &batch[1];
+            let mut opener = k.opener();
+            for i in 0..sealed.len() {
+                for bit in [0x01, 0x80] {
+                    let mut tampered = sealed.clone();
+                    tampered[i] ^= bit;
+                    let mut out = PREFIX.to_vec();
+                    assert_eq!(
+                        opener.open_append(b"batch", &tampered, &mut out),
+                        Err(Error::DecryptionFailed),
+                        "{key_type}: flipping bit {bit:#x} of byte {i} went unnoticed"
+                    );
+                    assert_eq!(out, PREFIX, "{key_type}: a failed open changed `out`");
+                }
+            }
+            for len in 0..sealed.len() {
+                assert_eq!(
+                    opener.open_append(b"batch", &sealed[..len], &mut Vec::new()),
+                    Err(Error::DecryptionFailed),
+                    "{key_type}: truncated to {len}"
+                );
+            }
+            for aad in [&b""[..], b"batcH", b"batch\0"] {
+                assert_eq!(
+                    opener.open_append(aad, sealed, &mut Vec::new()),
+                    Err(Error::DecryptionFailed),
+                    "{key_type}"
+                );
+            }
+            let mut out = Vec::new();
+            opener.open_append(b"batch", sealed, &mut out).unwrap();
+            assert_eq!(&out, plaintext, "{key_type}: opener broken by failures");
+            // Under another key, the cached subkey of this key is no help.
+            assert_eq!(
+                key(key_type, 16)
+                    .opener()
+                    .open_append(b"batch", sealed, &mut Vec::new()),
+                Err(Error::DecryptionFailed)
+            );
+        }
+    }
+
+    #[test]
+    fn sealer_and_opener_debug_print_key_type_only() {
+        for key_type in KeyType::ALL {
+            let k = key(key_type, 0xAB);
+            for s in [
+                format!("{:?}", k.sealer().unwrap()),
+                format!("{:?}", k.opener()),
+            ] {
+                assert!(s.contains(&format!("{key_type:?}")), "{s}");
+                assert!(!s.to_lowercase().contains("ab"), "{s}");
+                assert!(!s.contains("171"), "{s}");
+            }
         }
     }
 }

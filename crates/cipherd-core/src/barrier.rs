@@ -156,7 +156,12 @@ impl Barrier {
             .len()
             .checked_sub(self.key.overhead())
             .ok_or_else(failed)?;
-        let mut out = Zeroizing::new(Vec::with_capacity(plaintext_len));
+        // The AEAD copies `ciphertext || tag` into `out`, decrypts in place and
+        // then cuts the tag off: reserve room for the tag too, or the copy
+        // reallocates.
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            plaintext_len + self.key.key_type().tag_len(),
+        ));
         with_joined(&[BARRIER_AAD_PREFIX, header, path.as_bytes()], |aad| {
             self.key.open_append(aad, body, &mut out)
         })

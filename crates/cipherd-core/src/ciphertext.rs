@@ -22,20 +22,25 @@
 //! `docs/ciphertext-format.md` specifies the format and holds test vectors that
 //! `tests/format_vectors.rs` checks.
 //!
+//! Each operation comes in two forms: [`seal`] and [`open`] take an [`AeadKey`],
+//! and [`seal_with`] and [`open_with`] take a [`Sealer`] or [`Opener`] from it,
+//! which share derived subkeys across the items of a batch (see
+//! [`crate::aead`]). Both produce and accept the same bytes; the `*_append`
+//! variants write into a caller's buffer.
+//!
 //! This module does not choose keys or versions, check version policy or count
 //! usage; it frames and unframes. Every parse or open failure is
 //! [`Error::DecryptionFailed`], whatever the cause.
 //!
 //! [`KeyType::nonce_len`]: crate::KeyType::nonce_len
 
-use std::borrow::Cow;
+use std::{borrow::Cow, cell::Cell};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64_simd::STANDARD as BASE64;
 
-use crate::aead::AeadKey;
+use crate::aead::{AeadKey, Opener, Sealer};
 use crate::keyring::KeyVersion;
-use crate::{Error, Result};
+use crate::{Error, KeyType, Result};
 
 /// The first byte of a binary v1 ciphertext.
 pub const FORMAT_V1: u8 = 0x01;
@@ -55,6 +60,14 @@ const MAX_VERSION_DIGITS: usize = 10;
 
 /// Associated data up to this length is assembled on the stack.
 const STACK_AAD_LEN: usize = 256;
+
+/// Largest scratch buffer a thread keeps between text-form seals.
+const SCRATCH_KEEP_LEN: usize = 64 * 1024;
+
+thread_local! {
+    /// Each thread's scratch buffer for text-form seals; see [`with_scratch`].
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// How [`seal`] encodes its output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -120,7 +133,7 @@ impl<'a> Ciphertext<'a> {
 /// ciphertext in `encoding`.
 ///
 /// `associated_data` is authenticated, not stored: the same bytes must be given to
-/// [`open`].
+/// [`open`]. For a batch under one key, [`seal_with`] is faster.
 pub fn seal(
     key: &AeadKey,
     version: KeyVersion,
@@ -144,30 +157,58 @@ pub fn seal_append(
     encoding: Encoding,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let header = header(version);
-    let body_len = plaintext
-        .len()
-        .checked_add(key.overhead())
-        .ok_or_else(|| Error::InvalidArgument("plaintext too large".into()))?;
-    with_joined(&[&header, associated_data], |aad| match encoding {
-        Encoding::Binary => {
-            // One reservation for header and body; `AeadKey::seal_append` then
-            // writes in place without reallocating.
-            let start = out.len();
-            out.reserve(HEADER_LEN + body_len);
-            out.extend_from_slice(&header);
-            key.seal_append(aad, plaintext, out)
-                .inspect_err(|_| out.truncate(start))
-        }
-        Encoding::Text => {
-            // Base64 cannot be produced in place, so the body goes through one
-            // scratch buffer (it holds ciphertext only, nothing secret).
-            let mut body = Vec::with_capacity(body_len);
-            key.seal_append(aad, plaintext, &mut body)?;
-            append_text(version, &body, out);
-            Ok(())
-        }
-    })
+    let body_len = body_len(key.key_type(), plaintext)?;
+    seal_framed(
+        version,
+        associated_data,
+        body_len,
+        encoding,
+        out,
+        |aad, body| key.seal_append(aad, plaintext, body),
+    )
+}
+
+/// Like [`seal`], through a [`Sealer`] (from [`AeadKey::sealer`]) that shares
+/// the derived subkey between the messages of a batch.
+///
+/// The output is the same format, opened by [`open`] or [`open_with`] alike.
+pub fn seal_with(
+    sealer: &mut Sealer<'_>,
+    version: KeyVersion,
+    associated_data: &[u8],
+    plaintext: &[u8],
+    encoding: Encoding,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    seal_append_with(
+        sealer,
+        version,
+        associated_data,
+        plaintext,
+        encoding,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// Like [`seal_with`], but appends to `out`. On error `out` is left as it was.
+pub fn seal_append_with(
+    sealer: &mut Sealer<'_>,
+    version: KeyVersion,
+    associated_data: &[u8],
+    plaintext: &[u8],
+    encoding: Encoding,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let body_len = body_len(sealer.key_type(), plaintext)?;
+    seal_framed(
+        version,
+        associated_data,
+        body_len,
+        encoding,
+        out,
+        |aad, body| sealer.seal_append(aad, plaintext, body),
+    )
 }
 
 /// Opens `ct` with `key`, which must be the key (or derived key) of `ct.version()`,
@@ -189,13 +230,124 @@ pub fn open_append(
     associated_data: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let Some(plaintext_len) = ct.body.len().checked_sub(key.overhead()) else {
+    open_framed(
+        key.key_type(),
+        ct,
+        associated_data,
+        out,
+        |aad, body, out| key.open_append(aad, body, out),
+    )
+}
+
+/// Like [`open`], through an [`Opener`] (from [`AeadKey::opener`]) that reuses
+/// the subkey when consecutive ciphertexts share a nonce prefix, as those of one
+/// [`Sealer`] batch do.
+pub fn open_with(
+    opener: &mut Opener<'_>,
+    ct: &Ciphertext<'_>,
+    associated_data: &[u8],
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    open_append_with(opener, ct, associated_data, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`open_with`], but appends the plaintext to `out`. On error `out` is left
+/// as it was.
+pub fn open_append_with(
+    opener: &mut Opener<'_>,
+    ct: &Ciphertext<'_>,
+    associated_data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    open_framed(
+        opener.key_type(),
+        ct,
+        associated_data,
+        out,
+        |aad, body, out| opener.open_append(aad, body, out),
+    )
+}
+
+/// The body length (`nonce || ciphertext || tag`) of `plaintext` under `key_type`.
+fn body_len(key_type: KeyType, plaintext: &[u8]) -> Result<usize> {
+    plaintext
+        .len()
+        .checked_add(key_type.nonce_len() + key_type.tag_len())
+        .ok_or_else(|| Error::InvalidArgument("plaintext too large".into()))
+}
+
+/// The framing half of every seal: builds the AAD, has `seal_body` append the
+/// `body_len`-byte body to a buffer, and writes header and body to `out` in
+/// `encoding`. On error `out` is left as it was.
+fn seal_framed(
+    version: KeyVersion,
+    associated_data: &[u8],
+    body_len: usize,
+    encoding: Encoding,
+    out: &mut Vec<u8>,
+    seal_body: impl FnOnce(&[u8], &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let header = header(version);
+    with_joined(&[&header, associated_data], |aad| match encoding {
+        Encoding::Binary => {
+            // One reservation for header and body; the body is then sealed in
+            // place without reallocating.
+            let start = out.len();
+            out.reserve(HEADER_LEN + body_len);
+            out.extend_from_slice(&header);
+            seal_body(aad, out).inspect_err(|_| out.truncate(start))
+        }
+        // Base64 cannot be produced in place, so the body goes through a scratch
+        // buffer (it holds ciphertext only, nothing secret).
+        Encoding::Text => with_scratch(|body| {
+            seal_body(aad, body)?;
+            append_text(version, body, out);
+            Ok(())
+        }),
+    })
+}
+
+/// Runs `f` with an empty scratch buffer: this thread's reused one when it is
+/// there, a new one otherwise (during thread teardown, or in a nested call).
+///
+/// Saves the text form an allocation and a free per message (for bodies over
+/// about 1 KiB that is a trip into the general allocator). Buffers that grew past
+/// [`SCRATCH_KEEP_LEN`] are dropped rather than kept, so one large message does not
+/// pin memory in every thread.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    scratch.clear();
+    let result = f(&mut scratch);
+    if scratch.capacity() <= SCRATCH_KEEP_LEN {
+        // Fails only during thread teardown, when the buffer is simply dropped.
+        let _ = SCRATCH.try_with(|cell| cell.set(scratch));
+    }
+    result
+}
+
+/// The framing half of every open: builds the AAD from `ct`'s version and has
+/// `open_body` append the plaintext of `ct`'s body to `out`. Every failure is
+/// [`Error::DecryptionFailed`].
+fn open_framed(
+    key_type: KeyType,
+    ct: &Ciphertext<'_>,
+    associated_data: &[u8],
+    out: &mut Vec<u8>,
+    open_body: impl FnOnce(&[u8], &[u8], &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    // The AEAD writes `ciphertext || tag` into `out` before cutting the tag off,
+    // so that is what to reserve: reserving only the plaintext length would make
+    // the write reallocate.
+    let Some(in_place_len) = ct.body.len().checked_sub(key_type.nonce_len()) else {
         return Err(Error::DecryptionFailed);
     };
-    out.reserve(plaintext_len);
+    if in_place_len < key_type.tag_len() {
+        return Err(Error::DecryptionFailed);
+    }
+    out.reserve(in_place_len);
     with_joined(&[&header(ct.version), associated_data], |aad| {
-        key.open_append(aad, &ct.body, out)
-            .map_err(|_| Error::DecryptionFailed)
+        open_body(aad, &ct.body, out).map_err(|_| Error::DecryptionFailed)
     })
 }
 
@@ -246,9 +398,10 @@ fn parse_text(input: &[u8]) -> Option<Ciphertext<'static>> {
     let version = digits.iter().try_fold(0u32, |acc, &d| {
         acc.checked_mul(10)?.checked_add(u32::from(d - b'0'))
     })?;
-    // The STANDARD engine requires canonical padding and rejects non-zero trailing
-    // bits, so every body has exactly one accepted encoding.
-    let body = BASE64.decode(encoded).ok()?;
+    // The STANDARD (padded, non-forgiving) decoder requires canonical padding and
+    // rejects non-zero trailing bits, so every body has exactly one accepted
+    // encoding; a test checks it against the `base64` crate's strict decoder.
+    let body = BASE64.decode_to_vec(encoded).ok()?;
     Some(Ciphertext {
         version: KeyVersion::new(version).ok()?,
         body: Cow::Owned(body),
@@ -258,21 +411,13 @@ fn parse_text(input: &[u8]) -> Option<Ciphertext<'static>> {
 fn append_text(version: KeyVersion, body: &[u8], out: &mut Vec<u8>) {
     let mut digits = [0u8; MAX_VERSION_DIGITS];
     let digits = decimal(version.get(), &mut digits);
-    // Invariant: bodies are bounded by what fits in memory, far below the quarter
-    // of `usize` at which base64's length computation would overflow.
-    let encoded_len = base64::encoded_len(body.len(), true).expect("body length fits base64");
-    out.reserve_exact(TEXT_PREFIX.len() + 1 + digits.len() + 1 + encoded_len);
+    out.reserve_exact(TEXT_PREFIX.len() + 1 + digits.len() + 1 + BASE64.encoded_length(body.len()));
     out.extend_from_slice(TEXT_PREFIX.as_bytes());
     out.push(b'v');
     out.extend_from_slice(digits);
     out.push(b':');
-    let start = out.len();
-    out.resize(start + encoded_len, 0);
-    // Invariant: the slice is exactly `encoded_len(body.len(), padded)` long.
-    let written = BASE64
-        .encode_slice(body, &mut out[start..])
-        .expect("output sized by base64::encoded_len");
-    debug_assert_eq!(written, encoded_len);
+    // Writes into the reserved spare capacity directly, without zero-filling it.
+    BASE64.encode_append(body, out);
 }
 
 /// Writes `n` in decimal into the end of `buf` and returns the digits.
@@ -292,7 +437,6 @@ fn decimal(mut n: u32, buf: &mut [u8; MAX_VERSION_DIGITS]) -> &[u8] {
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
-    use crate::KeyType;
     use crate::secret::KeyMaterial;
 
     fn v(n: u32) -> KeyVersion {
@@ -437,7 +581,8 @@ mod tests {
     fn non_canonical_base64_is_rejected() {
         // One body byte encodes as "xx==" where the low 4 bits of the second
         // character must be zero; "AB==" sets them.
-        assert!(BASE64.decode("AB==").is_err());
+        assert!(BASE64.decode_to_vec("AB==").is_err());
+        assert!(BASE64.decode_to_vec("AA==").is_ok());
         let body = [0u8; MIN_BODY_LEN + 3]; // 31 bytes: 31 % 3 == 1
         let mut text = Ciphertext {
             version: v(1),
@@ -481,5 +626,227 @@ mod tests {
             let parsed = Ciphertext::parse(&ct).unwrap();
             assert_eq!(open(&k, &parsed, &ad).unwrap(), b"y");
         }
+    }
+
+    #[test]
+    fn sealer_and_opener_forms_interoperate_with_the_key_forms() {
+        for kt in KeyType::ALL {
+            let k = key(kt, 10);
+            let mut sealer = k.sealer().unwrap();
+            let mut opener = k.opener();
+            for encoding in [Encoding::Binary, Encoding::Text] {
+                for pt in [&b""[..], b"x", &[0x5A; 1000]] {
+                    let batch = seal_with(&mut sealer, v(4), b"row 9", pt, encoding).unwrap();
+                    let single = seal(&k, v(4), b"row 9", pt, encoding).unwrap();
+                    assert_eq!(batch.len(), single.len(), "{kt} {encoding:?}");
+                    for ct in [&batch, &single] {
+                        let parsed = Ciphertext::parse(ct).unwrap();
+                        assert_eq!(parsed.version(), v(4));
+                        assert_eq!(parsed.encode(encoding), *ct);
+                        assert_eq!(open(&k, &parsed, b"row 9").unwrap(), pt, "{kt}");
+                        assert_eq!(open_with(&mut opener, &parsed, b"row 9").unwrap(), pt);
+                        assert_eq!(
+                            open_with(&mut opener, &parsed, b"row 8"),
+                            Err(Error::DecryptionFailed)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sealer_form_binds_the_version_and_fails_opaquely() {
+        for kt in KeyType::ALL {
+            let k = key(kt, 11);
+            let mut sealer = k.sealer().unwrap();
+            let mut opener = k.opener();
+            let bin = seal_with(&mut sealer, v(1), b"ad", b"secret", Encoding::Binary).unwrap();
+            let mut relabelled = bin.clone();
+            relabelled[4] = 2;
+            let parsed = Ciphertext::parse(&relabelled).unwrap();
+            assert_eq!(
+                open_with(&mut opener, &parsed, b"ad"),
+                Err(Error::DecryptionFailed)
+            );
+            for i in 0..bin.len() {
+                let mut bad = bin.clone();
+                bad[i] ^= 0x01;
+                let result =
+                    Ciphertext::parse(&bad).and_then(|c| open_with(&mut opener, &c, b"ad"));
+                assert_eq!(result, Err(Error::DecryptionFailed), "{kt}: byte {i}");
+            }
+            let parsed = Ciphertext::parse(&bin).unwrap();
+            assert_eq!(open_with(&mut opener, &parsed, b"ad").unwrap(), b"secret");
+            let other = key(kt, 12);
+            assert_eq!(
+                open_with(&mut other.opener(), &parsed, b"ad"),
+                Err(Error::DecryptionFailed)
+            );
+        }
+    }
+
+    #[test]
+    fn sealer_append_variants_share_a_buffer() {
+        let k = key(KeyType::Xaes256Gcm, 13);
+        let mut sealer = k.sealer().unwrap();
+        let mut batch = b"prefix".to_vec();
+        seal_append_with(&mut sealer, v(1), b"", b"one", Encoding::Binary, &mut batch).unwrap();
+        let first_end = batch.len();
+        seal_append_with(&mut sealer, v(1), b"", b"two", Encoding::Text, &mut batch).unwrap();
+        let one = Ciphertext::parse(&batch[6..first_end]).unwrap();
+        let two = Ciphertext::parse(&batch[first_end..]).unwrap();
+        let mut opener = k.opener();
+        let mut out = b"p:".to_vec();
+        open_append_with(&mut opener, &one, b"", &mut out).unwrap();
+        open_append_with(&mut opener, &two, b"", &mut out).unwrap();
+        assert_eq!(out, b"p:onetwo");
+        assert!(open_append_with(&mut opener, &two, b"wrong", &mut out).is_err());
+        assert_eq!(out, b"p:onetwo");
+    }
+
+    /// `open` reserves `ciphertext || tag` up front, so the in-place AEAD never
+    /// grows the buffer a second time.
+    #[test]
+    fn open_allocates_once() {
+        for kt in KeyType::ALL {
+            let k = key(kt, 14);
+            let ct = seal(&k, v(1), b"", &[1; 1000], Encoding::Binary).unwrap();
+            let parsed = Ciphertext::parse(&ct).unwrap();
+            let mut out = Vec::new();
+            open_append(&k, &parsed, b"", &mut out).unwrap();
+            assert_eq!(out.len(), 1000);
+            // Exactly 1016 today; a buffer that grew twice would be about 2000.
+            assert!(out.capacity() < 1100, "{kt}: capacity {}", out.capacity());
+        }
+    }
+
+    mod base64_differential {
+        //! The text form runs on `base64-simd`; the strict `base64` crate (the
+        //! reference the format was specified against) must agree with it on
+        //! every input, valid or not, so that "exactly one accepted encoding"
+        //! does not depend on the SIMD code.
+        use base64::Engine as _;
+        use base64::engine::general_purpose::STANDARD as REFERENCE;
+        use proptest::prelude::*;
+
+        use super::BASE64;
+
+        /// Characters near the edges of the alphabet and common mistakes.
+        const NEAR_MISSES: &[u8] = b"AZaz09+/=-_ \n\r\t.:\0\x7f\x80\xff";
+
+        fn agree(input: &[u8]) -> Result<(), TestCaseError> {
+            let ours = BASE64.decode_to_vec(input).ok();
+            let reference = REFERENCE.decode(input).ok();
+            prop_assert_eq!(
+                ours,
+                reference,
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn encodings_are_identical(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let mut ours = b"x".to_vec();
+                BASE64.encode_append(&bytes, &mut ours);
+                let reference = REFERENCE.encode(&bytes);
+                prop_assert_eq!(&ours[1..], reference.as_bytes());
+                agree(&ours[1..])?;
+            }
+
+            #[test]
+            fn decoders_agree_on_one_changed_character(
+                bytes in proptest::collection::vec(any::<u8>(), 1..120),
+                at in any::<prop::sample::Index>(),
+                replacement in prop::sample::select(NEAR_MISSES),
+                remove in any::<bool>(),
+            ) {
+                let mut text = REFERENCE.encode(&bytes).into_bytes();
+                let i = at.index(text.len());
+                if remove {
+                    text.remove(i);
+                } else {
+                    text[i] = replacement;
+                }
+                agree(&text)?;
+            }
+
+            #[test]
+            fn decoders_agree_on_near_miss_strings(
+                text in proptest::collection::vec(
+                    prop_oneof![
+                        3 => prop::sample::select(
+                            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                                .as_slice()
+                        ),
+                        1 => prop::sample::select(NEAR_MISSES),
+                    ],
+                    0..40,
+                ),
+            ) {
+                agree(&text)?;
+            }
+        }
+
+        /// The last character before padding must have its unused low bits clear.
+        #[test]
+        fn trailing_bits_exhaustively() {
+            for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/" {
+                for text in [
+                    [b'Q', *c, b'=', b'='].to_vec(),
+                    [b'Q', b'U', *c, b'='].to_vec(),
+                    [b'Q', b'U', b'J', *c].to_vec(),
+                ] {
+                    agree(&text).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn text_scratch_is_reused_and_bounded() {
+        let k = key(KeyType::Xaes256Gcm, 15);
+        // Run on a fresh thread so other tests' use of the scratch does not matter.
+        std::thread::spawn(move || {
+            let kept = || {
+                SCRATCH.with(|cell| {
+                    let v = cell.take();
+                    let cap = v.capacity();
+                    cell.set(v);
+                    cap
+                })
+            };
+            assert_eq!(kept(), 0);
+            let ct = seal(&k, v(1), b"", &[1; 100], Encoding::Text).unwrap();
+            assert_eq!(
+                open(&k, &Ciphertext::parse(&ct).unwrap(), b"").unwrap(),
+                [1; 100]
+            );
+            assert!(kept() >= 100 + 40, "scratch kept for the next seal");
+            // A body over the bound is not kept, and the output is unaffected.
+            let big = vec![2; SCRATCH_KEEP_LEN + 1];
+            let ct = seal(&k, v(1), b"", &big, Encoding::Text).unwrap();
+            assert_eq!(kept(), 0, "oversized scratch dropped");
+            assert_eq!(
+                open(&k, &Ciphertext::parse(&ct).unwrap(), b"").unwrap(),
+                big
+            );
+            // Nested use (as a reentrant call would) gets a fresh buffer.
+            with_scratch(|outer| {
+                outer.extend_from_slice(b"outer");
+                with_scratch(|inner| {
+                    assert!(inner.is_empty());
+                    inner.extend_from_slice(b"inner");
+                });
+                assert_eq!(outer, b"outer");
+            });
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -13,8 +13,10 @@ pub const RANDOM_96_BIT_NONCE_LIMIT: u64 = 3_865_470_566;
 /// An AEAD algorithm a named key uses. Every version of a key has the same type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum KeyType {
-    /// C2SP XAES-256-GCM: 192-bit random nonces, a per-message derived AES key.
-    /// Safe for about 2^80 messages per key version. The default.
+    /// C2SP XAES-256-GCM: 192-bit random nonces, an AES key derived per nonce
+    /// prefix (per message, or shared by up to 2^20 messages of a batch through
+    /// [`crate::aead::Sealer`]). Safe for about 2^80 messages per key version.
+    /// The default.
     #[default]
     #[serde(rename = "xaes-256-gcm")]
     Xaes256Gcm,
@@ -27,6 +29,8 @@ pub enum KeyType {
     #[serde(rename = "chacha20-poly1305")]
     ChaCha20Poly1305,
     /// XChaCha20-Poly1305: 192-bit random nonces, safe for about 2^80 messages.
+    /// Runs as HChaCha20 plus aws-lc-rs ChaCha20-Poly1305; batches share the
+    /// HChaCha20 subkey like XAES-256-GCM's.
     #[serde(rename = "xchacha20-poly1305")]
     XChaCha20Poly1305,
 }

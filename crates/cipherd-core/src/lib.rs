@@ -19,6 +19,7 @@ pub mod keyring;
 pub mod secret;
 pub mod shamir;
 mod xaes;
+mod xchacha;
 
 pub use error::{Error, Result};
 pub use key_type::KeyType;

@@ -1,14 +1,17 @@
 //! C2SP XAES-256-GCM subkey derivation (<https://c2sp.org/XAES-256-GCM>).
 //!
-//! XAES-256-GCM turns a 256-bit key and a 192-bit nonce into a per-message
-//! AES-256-GCM key and 96-bit nonce, using the NIST SP 800-108r1 counter-mode KDF
-//! with AES-256-CMAC as the PRF. Because every CMAC input is exactly one block, the
+//! XAES-256-GCM turns a 256-bit key and a 192-bit nonce `N` into an AES-256-GCM
+//! message: the subkey comes from the first half `N[..12]` through the NIST
+//! SP 800-108r1 counter-mode KDF with AES-256-CMAC as the PRF, and the second half
+//! `N[12..]` is the GCM nonce. Because every CMAC input is exactly one block, the
 //! whole derivation is three AES-256 block encryptions, and one of them (the CMAC
 //! subkey `K1`) depends on the key only, so [`Xaes256Gcm::new`] computes it once.
+//! Messages whose nonces share the first half share the subkey, which is what lets
+//! [`crate::aead::Sealer`] derive one subkey per batch rather than per message.
 //!
-//! This module only derives the message key. It does not encrypt: [`crate::aead`]
-//! runs AES-256-GCM on aws-lc-rs with the key returned by
-//! [`Xaes256Gcm::message_key`], and owns nonce generation and the wire layout.
+//! This module only derives subkeys. It does not encrypt: [`crate::aead`] runs
+//! AES-256-GCM on aws-lc-rs with the key returned by [`Xaes256Gcm::subkey`], and
+//! owns nonce generation and the wire layout.
 //!
 //! Secrets: the AES-256 key schedule is zeroized on drop (the `aes` crate's
 //! `zeroize` feature), `K1` and every derived subkey buffer are zeroized on drop,
@@ -18,21 +21,21 @@ use aes::{
     Aes256Enc, Block,
     cipher::{BlockCipherEncrypt, KeyInit, array::Array},
 };
-use aws_lc_rs::aead::{AES_256_GCM, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
 use zeroize::Zeroizing;
 
 use crate::{Error, Result, secret::KeyMaterial};
 
-/// XAES-256-GCM nonce length in bytes (192 bits).
-pub(crate) const XAES_NONCE_LEN: usize = 24;
+/// Leading nonce bytes that select the XAES-256-GCM subkey (the KDF context).
+pub(crate) const XAES_PREFIX_LEN: usize = 12;
 
 /// The NIST SP 800-108r1 `Label` for XAES-256-GCM: ASCII `X`.
 const LABEL: u8 = 0x58;
 
 /// An XAES-256-GCM key: the AES-256 key schedule of `K` and the CMAC subkey `K1`.
 ///
-/// Deriving a message key costs two AES-256 block encryptions plus an AES-256-GCM
-/// key setup; nothing else is recomputed per message.
+/// Deriving a subkey costs two AES-256 block encryptions plus an AES-256-GCM key
+/// setup; nothing else is recomputed per subkey.
 pub(crate) struct Xaes256Gcm {
     /// AES-256 (encryption only) with the input key `K`; zeroized on drop by the `aes` crate.
     aes: Aes256Enc,
@@ -50,25 +53,22 @@ impl Xaes256Gcm {
         Self { aes, k1 }
     }
 
-    /// The AES-256-GCM key and 96-bit nonce for one message under the 192-bit `nonce`.
+    /// The AES-256-GCM subkey for the nonce prefix `N[..12]` (the KDF context),
+    /// prepared for aws-lc-rs. The message's GCM nonce is `N[12..]` unchanged.
     ///
     /// The subkey bytes live only in a zeroizing buffer until aws-lc has copied
     /// them into its own (cleansed-on-free) key context.
-    pub(crate) fn message_key(&self, nonce: &[u8; XAES_NONCE_LEN]) -> Result<(LessSafeKey, Nonce)> {
-        let (kdf_context, gcm_nonce) = split_nonce(nonce);
-        let subkey = self.derive_subkey(kdf_context);
+    pub(crate) fn subkey(&self, prefix: &[u8; XAES_PREFIX_LEN]) -> Result<LessSafeKey> {
+        let subkey = self.derive_subkey(prefix);
         // aws-lc only rejects keys of the wrong length; ours is always 32 bytes, so
         // a failure here means the provider itself is broken.
         let key = UnboundKey::new(&AES_256_GCM, subkey.as_slice()).map_err(|_| Error::Provider)?;
-        Ok((
-            LessSafeKey::new(key),
-            Nonce::assume_unique_for_key(*gcm_nonce),
-        ))
+        Ok(LessSafeKey::new(key))
     }
 
     /// `Kx = AES-256_K(M1 ⊕ K1) || AES-256_K(M2 ⊕ K1)` (steps 3 to 5 of the spec),
     /// where `Mi = 0x00 || i || 'X' || 0x00 || N[..12]`.
-    fn derive_subkey(&self, kdf_context: &[u8; 12]) -> Zeroizing<[u8; 32]> {
+    fn derive_subkey(&self, kdf_context: &[u8; XAES_PREFIX_LEN]) -> Zeroizing<[u8; 32]> {
         let mut blocks = Zeroizing::new([[0u8; 16]; 2]);
         for (counter, block) in (1u8..).zip(blocks.iter_mut()) {
             block[..4].copy_from_slice(&[0x00, counter, LABEL, 0x00]);
@@ -85,19 +85,6 @@ impl Xaes256Gcm {
         subkey.copy_from_slice(blocks.as_flattened());
         subkey
     }
-}
-
-/// Splits the 192-bit XAES nonce into the KDF context `N[..12]` and the AES-GCM
-/// nonce `N[12..]`.
-fn split_nonce(nonce: &[u8; XAES_NONCE_LEN]) -> (&[u8; 12], &[u8; NONCE_LEN]) {
-    let (context, gcm_nonce) = nonce.split_at(12);
-    // Invariant: a 24-byte array splits into two 12-byte halves.
-    (
-        context.try_into().expect("first half of a 24-byte nonce"),
-        gcm_nonce
-            .try_into()
-            .expect("second half of a 24-byte nonce"),
-    )
 }
 
 /// Doubling in GF(2^128) as CMAC defines it (NIST SP 800-38B §6.1): shift the
@@ -123,7 +110,7 @@ const _: fn() = || {
 
 #[cfg(test)]
 mod tests {
-    use aws_lc_rs::aead::Aad;
+    use aws_lc_rs::aead::{Aad, Nonce};
 
     use super::*;
 
@@ -157,19 +144,16 @@ mod tests {
             assert_eq!(double(&l), unhex::<16>(k1_hex));
             assert_eq!(*xaes.k1, unhex::<16>(k1_hex));
 
-            let (context, gcm_nonce) = split_nonce(&nonce);
-            assert_eq!(context, b"ABCDEFGHIJKL");
-            assert_eq!(gcm_nonce, b"MNOPQRSTUVWX");
+            let context: &[u8; 12] = nonce[..12].try_into().unwrap();
             assert_eq!(*xaes.derive_subkey(context), unhex::<32>(kx_hex));
         }
     }
 
     #[test]
-    fn message_key_is_aes_256_gcm_under_the_subkey() {
+    fn subkey_is_aes_256_gcm_under_the_second_nonce_half() {
         let material = KeyMaterial::from_slice(&[0x01; 32]).unwrap();
-        let (key, nonce) = Xaes256Gcm::new(&material)
-            .message_key(b"ABCDEFGHIJKLMNOPQRSTUVWX")
-            .unwrap();
+        let key = Xaes256Gcm::new(&material).subkey(b"ABCDEFGHIJKL").unwrap();
+        let nonce = Nonce::assume_unique_for_key(*b"MNOPQRSTUVWX");
         let mut in_out = b"XAES-256-GCM".to_vec();
         let tag = key
             .seal_in_place_separate_tag(nonce, Aad::empty(), &mut in_out)

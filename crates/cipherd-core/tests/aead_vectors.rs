@@ -9,8 +9,11 @@
 //!   is ignored by default (about 3 s in release, minutes in debug). Run it with
 //!   `cargo test -p cipherd-core --release --test aead_vectors -- --ignored`.
 //! - Differential proptests against independent RustCrypto implementations
-//!   (`aes-gcm`, `chacha20poly1305`, `xaes-256-gcm`): equal output both ways, and
-//!   each side opens the other's ciphertext.
+//!   (`aes-gcm`, `chacha20poly1305` for ChaCha20- and XChaCha20-Poly1305,
+//!   `xaes-256-gcm`): equal output both ways, and each side opens the other's
+//!   ciphertext.
+//! - Batches: every ciphertext of an `aead::Sealer` opens with the RustCrypto
+//!   implementation, with `AeadKey::open_append` and with an `aead::Opener`.
 
 // `allow-unwrap-in-tests` (clippy.toml) covers `#[test]` fns only, not helpers.
 #![allow(clippy::unwrap_used)]
@@ -366,6 +369,17 @@ proptest! {
     }
 
     #[test]
+    fn xchacha20_poly1305_matches_rustcrypto(
+        key in any::<[u8; 32]>(),
+        nonce in any::<[u8; 24]>(),
+        aad in proptest::collection::vec(any::<u8>(), 0..128),
+        plaintext in proptest::collection::vec(any::<u8>(), 0..4096),
+    ) {
+        let theirs = chacha20poly1305::XChaCha20Poly1305::new((&key).into());
+        check_against(KeyType::XChaCha20Poly1305, &theirs, &key, &nonce, &aad, &plaintext)?;
+    }
+
+    #[test]
     fn xaes_256_gcm_matches_the_xaes_crate(
         key in any::<[u8; 32]>(),
         nonce in any::<[u8; 24]>(),
@@ -374,5 +388,67 @@ proptest! {
     ) {
         let theirs = xaes_256_gcm::Xaes256Gcm::new((&key).into());
         check_against(KeyType::Xaes256Gcm, &theirs, &key, &nonce, &aad, &plaintext)?;
+    }
+}
+
+/// Seals `messages` with one `Sealer` and checks each ciphertext three ways: the
+/// independent implementation `theirs`, `AeadKey::open_append`, and an `Opener`
+/// that sees them in order. Also checks that no nonce repeats.
+fn check_batch<R: Aead>(
+    key_type: KeyType,
+    theirs: &R,
+    key: &[u8; 32],
+    aad: &[u8],
+    messages: &[Vec<u8>],
+) -> Result<(), TestCaseError> {
+    let ours = AeadKey::new(key_type, &KeyMaterial::from_slice(key).unwrap()).unwrap();
+    let mut sealer = ours.sealer().unwrap();
+    let mut opener = ours.opener();
+    let mut nonces = std::collections::HashSet::new();
+    for plaintext in messages {
+        let mut sealed = Vec::new();
+        sealer.seal_append(aad, plaintext, &mut sealed).unwrap();
+        let (nonce, ct) = sealed.split_at(key_type.nonce_len());
+        prop_assert!(nonces.insert(nonce.to_vec()), "nonce repeated");
+
+        let their_nonce: &Nonce<R> = nonce.try_into().unwrap();
+        let their_open = theirs
+            .decrypt(their_nonce, Payload { msg: ct, aad })
+            .unwrap();
+        prop_assert_eq!(&their_open, plaintext);
+
+        let mut opened = Vec::new();
+        ours.open_append(aad, &sealed, &mut opened).unwrap();
+        prop_assert_eq!(&opened, plaintext);
+        opened.clear();
+        opener.open_append(aad, &sealed, &mut opened).unwrap();
+        prop_assert_eq!(&opened, plaintext);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn xaes_sealer_batches_open_with_the_xaes_crate(
+        key in any::<[u8; 32]>(),
+        aad in proptest::collection::vec(any::<u8>(), 0..64),
+        messages in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..600), 1..24),
+    ) {
+        let theirs = xaes_256_gcm::Xaes256Gcm::new((&key).into());
+        check_batch(KeyType::Xaes256Gcm, &theirs, &key, &aad, &messages)?;
+    }
+
+    #[test]
+    fn xchacha_sealer_batches_open_with_rustcrypto(
+        key in any::<[u8; 32]>(),
+        aad in proptest::collection::vec(any::<u8>(), 0..64),
+        messages in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..600), 1..24),
+    ) {
+        let theirs = chacha20poly1305::XChaCha20Poly1305::new((&key).into());
+        check_batch(KeyType::XChaCha20Poly1305, &theirs, &key, &aad, &messages)?;
     }
 }

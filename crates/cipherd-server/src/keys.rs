@@ -12,7 +12,6 @@
 //! stored total bounds the encryptions made under a version (invariant 3).
 
 use std::{
-    collections::BTreeMap,
     ops::Deref,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -62,8 +61,10 @@ pub struct LoadedKey {
     revision: u64,
     /// When this copy was read from storage (bounds reloads, see `reload_for_version`).
     loaded_at: Instant,
-    /// Prepared AEAD keys of non-derived keys, one per available version.
-    prepared: BTreeMap<KeyVersion, AeadKey>,
+    /// Prepared AEAD keys of non-derived keys, one per available version, sorted
+    /// by version. A `Vec` of exact size: an `AeadKey` is about 1 KiB, and a
+    /// `BTreeMap` node would reserve room for eleven of them per key.
+    prepared: Vec<(KeyVersion, AeadKey)>,
 }
 
 /// An AEAD key to use for one operation: prepared and cached, or derived for a
@@ -92,6 +93,15 @@ impl LoadedKey {
         &self.key
     }
 
+    /// The prepared AEAD key of `version` for non-derived keys (`None` for derived
+    /// keys, whose working key depends on the context, and for unknown versions).
+    pub fn prepared(&self, version: KeyVersion) -> Option<&AeadKey> {
+        self.prepared
+            .binary_search_by_key(&version, |(v, _)| *v)
+            .ok()
+            .map(|at| &self.prepared[at].1)
+    }
+
     /// The AEAD key for `version` and `context` (derived keys need a context).
     pub fn working_key(&self, version: KeyVersion, context: &[u8]) -> Result<WorkingKey<'_>> {
         if !self.key.derived() {
@@ -101,8 +111,7 @@ impl LoadedKey {
                 ));
             }
             return self
-                .prepared
-                .get(&version)
+                .prepared(version)
                 .map(WorkingKey::Cached)
                 .ok_or(Error::DecryptionFailed);
         }
@@ -114,13 +123,15 @@ impl LoadedKey {
     }
 
     fn prepare(key: NamedKey, revision: u64) -> Result<Self> {
-        let mut prepared = BTreeMap::new();
+        let mut prepared = Vec::new();
         if !key.derived() {
+            prepared.reserve_exact(key.versions().count());
+            // `versions()` yields in ascending order, so `prepared` is sorted.
             for (version, _) in key.versions() {
-                prepared.insert(
+                prepared.push((
                     version,
                     AeadKey::new(key.key_type(), key.material(version)?)?,
-                );
+                ));
             }
         }
         Ok(Self {

@@ -20,7 +20,7 @@
 mod admin;
 pub mod config;
 mod error;
-mod keys;
+pub mod keys;
 mod seal;
 mod server;
 mod system;
@@ -29,4 +29,4 @@ mod transit;
 pub use config::Params;
 pub use error::{Error, Result};
 pub use seal::DEV_SHARE_FILE;
-pub use server::{RunError, run};
+pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run};

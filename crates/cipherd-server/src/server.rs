@@ -7,7 +7,7 @@ use cipherd_proto::v1::{
 };
 use cipherd_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -92,19 +92,25 @@ pub async fn run(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(system)
         .add_service(admin)
         .add_service(transit)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself; a
+        // caller's listener needs it on the incoming stream, or small replies wait
+        // ~40 ms for the peer's delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     tracing::info!("cipherd stopped");
     Ok(())
 }
 
-/// HTTP/2 flow-control windows and frame size (see `run`). The client uses the same.
+/// HTTP/2 flow-control windows and frame size (see `run`). The client and the
+/// benchmark echo server use the same.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// Connection-level window: a few streams' worth.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
