@@ -311,12 +311,13 @@ impl KeyManager {
         loop {
             let page = self
                 .store
-                .list(KEY_PREFIX, after.as_deref(), WARM_PAGE)
+                .scan(KEY_PREFIX, after.as_deref(), WARM_PAGE)
                 .await?;
-            let Some(last) = page.last().cloned() else {
+            let Some((last, _)) = page.last() else {
                 return Ok(loaded);
             };
-            for path in &page {
+            after = Some(last.clone());
+            for (path, record) in &page {
                 if !keep_going() {
                     return Ok(loaded);
                 }
@@ -326,17 +327,14 @@ impl KeyManager {
                 else {
                     continue;
                 };
-                if self.cache.contains_key(&name) {
-                    loaded += 1;
-                    continue;
-                }
-                match self.reload(&name).await {
-                    Ok(_) => loaded += 1,
-                    Err(Error::KeyNotFound(_)) => {}
+                match self.open_record(path, &record.value, record.revision) {
+                    Ok(key) => {
+                        self.install(&name, &Arc::new(key));
+                        loaded += 1;
+                    }
                     Err(e) => tracing::error!(key = %name, error = %e, "key failed to load"),
                 }
             }
-            after = Some(last);
         }
     }
 

@@ -69,6 +69,10 @@ where
     check("list_by_prefix", list_by_prefix(make().await).await);
     check("list_paging", list_paging(make().await).await);
     check(
+        "scan_matches_list_and_get",
+        scan_matches_list_and_get(make().await).await,
+    );
+    check(
         "invalid_paths_are_rejected",
         invalid_paths(make().await).await,
     );
@@ -490,6 +494,59 @@ async fn list_paging<S: Store>(store: S) -> Outcome {
             listed == expected,
             "list(\"o/\", {start_after:?}, {limit}): expected {expected:?}, got {listed:?}"
         );
+    }
+    Ok(())
+}
+
+async fn scan_matches_list_and_get<S: Store>(store: S) -> Outcome {
+    for (i, p) in ORDERED.iter().chain(&OUTSIDE).enumerate() {
+        store
+            .create(p, format!("value {i}").as_bytes())
+            .await
+            .context(&format!("create {p:?}"))?;
+    }
+    // Updated and deleted records show their current state.
+    let first = store
+        .get(ORDERED[0])
+        .await
+        .context("get")?
+        .ok_or("missing")?;
+    store
+        .compare_and_set(ORDERED[0], first.revision, b"updated")
+        .await
+        .context("cas")?;
+    let second = store
+        .get(ORDERED[1])
+        .await
+        .context("get")?
+        .ok_or("missing")?;
+    store
+        .delete(ORDERED[1], second.revision)
+        .await
+        .context("delete")?;
+    let cases: [(Option<&str>, usize); 6] = [
+        (None, 100),
+        (None, 3),
+        (Some("o/a."), 4),
+        (Some("a"), 2),
+        (Some("p"), 100),
+        (None, 0),
+    ];
+    for (start_after, limit) in cases {
+        let listed = store.list("o/", start_after, limit).await.context("list")?;
+        let scanned = store.scan("o/", start_after, limit).await.context("scan")?;
+        let paths: Vec<&str> = scanned.iter().map(|(p, _)| p.as_str()).collect();
+        ensure!(
+            paths == listed,
+            "scan(\"o/\", {start_after:?}, {limit}) paths {paths:?} differ from list {listed:?}"
+        );
+        for (path, record) in &scanned {
+            let got = store.get(path).await.context("get")?;
+            ensure!(
+                got.as_ref() == Some(record),
+                "scan returned a record for {path:?} that get does not"
+            );
+        }
     }
     Ok(())
 }

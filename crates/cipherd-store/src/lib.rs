@@ -160,6 +160,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<String>>;
 
+    /// Like [`Store::list`], but with each record: `(path, record)` pairs in path
+    /// order. For loading many records at once (the key cache after unseal).
+    ///
+    /// The page is not a snapshot: a record changed between pages shows its newer
+    /// state. Backends should override the default (a `list` then one `get` per
+    /// path, skipping paths deleted in between) with a single query.
+    async fn scan(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>> {
+        let mut out = Vec::new();
+        for path in self.list(prefix, start_after, limit).await? {
+            if let Some(record) = self.get(&path).await? {
+                out.push((path, record));
+            }
+        }
+        Ok(out)
+    }
+
     /// Subscribes to changes made through this store (and, for shared backends,
     /// by other replicas), starting from the next change after this call.
     ///

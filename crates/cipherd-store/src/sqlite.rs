@@ -269,6 +269,50 @@ impl Store for SqliteStore {
             .map_err(|e| map_sqlx("list", e))
     }
 
+    async fn scan(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>> {
+        path::validate_prefix(prefix)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let upper = path::prefix_upper_bound(prefix);
+        let after = start_after.filter(|cursor| *cursor >= prefix);
+        // As in `list`: four static statements, each a plain index range scan.
+        let query = match (after, &upper) {
+            (None, None) => sqlx::query_as(
+                "SELECT path, value, revision FROM records WHERE path >= ?1 ORDER BY path LIMIT ?3",
+            ),
+            (None, Some(_)) => sqlx::query_as(
+                "SELECT path, value, revision FROM records WHERE path >= ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+            ),
+            (Some(_), None) => sqlx::query_as(
+                "SELECT path, value, revision FROM records WHERE path > ?1 ORDER BY path LIMIT ?3",
+            ),
+            (Some(_), Some(_)) => sqlx::query_as(
+                "SELECT path, value, revision FROM records WHERE path > ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+            ),
+        };
+        let rows: Vec<(String, Vec<u8>, i64)> = query
+            .bind(after.unwrap_or(prefix))
+            .bind(upper.as_deref())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| map_sqlx("scan", e))?;
+        rows.into_iter()
+            .map(|(path, value, revision)| {
+                let revision = u64::try_from(revision)
+                    .map_err(|_| Error::Backend(format!("negative revision at {path:?}")))?;
+                Ok((path, Record { value, revision }))
+            })
+            .collect()
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
