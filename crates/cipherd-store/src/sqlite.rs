@@ -235,18 +235,12 @@ impl Store for SqliteStore {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>> {
-        path::validate_prefix(prefix)?;
-        if limit == 0 {
+        let Some(range) = KeyRange::new(prefix, start_after, limit)? else {
             return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let upper = path::prefix_upper_bound(prefix);
-        // Start strictly after the cursor only if it is at or past the prefix;
-        // a cursor before the prefix is the same as no cursor.
-        let after = start_after.filter(|cursor| *cursor >= prefix);
+        };
         // Four static statements rather than `?n IS NULL OR ...`, so SQLite plans
         // each as a plain range scan of the primary-key index.
-        let query = match (after, &upper) {
+        let query = match (range.after, &range.upper) {
             (None, None) => sqlx::query_scalar(
                 "SELECT path FROM records WHERE path >= ?1 ORDER BY path LIMIT ?3",
             ),
@@ -261,9 +255,9 @@ impl Store for SqliteStore {
             ),
         };
         query
-            .bind(after.unwrap_or(prefix))
-            .bind(upper.as_deref())
-            .bind(limit)
+            .bind(range.after.unwrap_or(prefix))
+            .bind(range.upper.as_deref())
+            .bind(range.limit)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| map_sqlx("list", e))
@@ -275,15 +269,11 @@ impl Store for SqliteStore {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Record)>> {
-        path::validate_prefix(prefix)?;
-        if limit == 0 {
+        let Some(range) = KeyRange::new(prefix, start_after, limit)? else {
             return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let upper = path::prefix_upper_bound(prefix);
-        let after = start_after.filter(|cursor| *cursor >= prefix);
+        };
         // As in `list`: four static statements, each a plain index range scan.
-        let query = match (after, &upper) {
+        let query = match (range.after, &range.upper) {
             (None, None) => sqlx::query_as(
                 "SELECT path, value, revision FROM records WHERE path >= ?1 ORDER BY path LIMIT ?3",
             ),
@@ -298,9 +288,9 @@ impl Store for SqliteStore {
             ),
         };
         let rows: Vec<(String, Vec<u8>, i64)> = query
-            .bind(after.unwrap_or(prefix))
-            .bind(upper.as_deref())
-            .bind(limit)
+            .bind(range.after.unwrap_or(prefix))
+            .bind(range.upper.as_deref())
+            .bind(range.limit)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| map_sqlx("scan", e))?;
@@ -441,6 +431,31 @@ fn corrupt(what: &str) -> Error {
     Error::Backend(format!(
         "SQLite store is inconsistent ({what}); refusing to continue"
     ))
+}
+
+/// The bounds of a `list` or `scan` page over the primary-key index.
+struct KeyRange<'a> {
+    /// Start strictly after this cursor (only if it is at or past the prefix: a
+    /// cursor before the prefix is the same as no cursor).
+    after: Option<&'a str>,
+    /// The first path past every path with the prefix (`None`: no upper bound).
+    upper: Option<String>,
+    limit: i64,
+}
+
+impl<'a> KeyRange<'a> {
+    /// Validates `prefix`; `None` when `limit` is 0 (an empty page).
+    fn new(prefix: &str, start_after: Option<&'a str>, limit: usize) -> Result<Option<Self>> {
+        path::validate_prefix(prefix)?;
+        if limit == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            after: start_after.filter(|cursor| *cursor >= prefix),
+            upper: path::prefix_upper_bound(prefix),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        }))
+    }
 }
 
 /// Maps an sqlx error, prefixed with what was being done. SQLite messages never
