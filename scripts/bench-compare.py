@@ -87,10 +87,10 @@ TARGET_BY_ID = {t["id"]: t for t in TARGETS}
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", 5)),
-                    help="seconds measured per workload (default 5, env DURATION)")
-    ap.add_argument("--warmup", type=float, default=float(os.environ.get("WARMUP", 2)),
-                    help="seconds of warm-up per workload (default 2, env WARMUP)")
+    ap.add_argument("--duration", type=float, default=5.0,
+                    help="seconds measured per workload (default 5; make: DURATION)")
+    ap.add_argument("--warmup", type=float, default=2.0,
+                    help="seconds of warm-up per workload (default 2; make: WARMUP)")
     ap.add_argument("--workers", type=int, default=2, help="load generator threads")
     ap.add_argument("--only", default="", help="comma-separated workload ids to run")
     ap.add_argument("--targets", default=",".join(t["id"] for t in TARGETS),

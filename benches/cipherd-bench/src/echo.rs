@@ -21,15 +21,10 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
 
-/// cipherd's default `limits.max_message_bytes`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-// HTTP/2 settings: cipherd's own, so the baseline moves bytes exactly as cipherd does.
-use cipherd_server::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
-
-/// Chunks answered ahead of the client reading them; cipherd uses the same bound
-/// (`STREAM_CHUNKS_IN_FLIGHT` in its transit service).
-const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+// cipherd's own transport settings (HTTP/2 windows, frame size, default message
+// limit, stream chunks in flight), so the baseline moves bytes exactly as cipherd does.
+pub use cipherd_server::DEFAULT_MAX_MESSAGE_BYTES;
+use cipherd_server::{CONNECTION_WINDOW, MAX_FRAME, STREAM_CHUNKS_IN_FLIGHT, STREAM_WINDOW};
 
 /// The key version every echoed result claims.
 const VERSION: u32 = 1;

@@ -132,7 +132,7 @@ async fn every_mode_and_op_runs_against_echo() {
     ));
     for shape in SHAPES {
         let mut extra = shape.to_vec();
-        extra.extend_from_slice(&["--target", "echo", "--create-keys"]);
+        extra.extend_from_slice(&["--target", "echo"]);
         let r = run(&addr, &extra).await;
         assert_clean(&r, &format!("echo {shape:?}"));
         assert_eq!(r.target, "echo");

@@ -382,7 +382,32 @@ fn parse_binary(input: &[u8]) -> Option<Ciphertext<'_>> {
     })
 }
 
+/// The key version a ciphertext names, read from its header (binary) or text
+/// prefix without decoding the body or authenticating anything. For choosing which
+/// key versions to load before opening a batch; `None` where [`Ciphertext::parse`]
+/// would fail on the header. A `Some` proves nothing: only opening does.
+pub fn claimed_version(input: &[u8]) -> Option<KeyVersion> {
+    match input.first() {
+        Some(&FORMAT_V1) => parse_binary(input).map(|ct| ct.version),
+        Some(b'c') => text_header(input).map(|(version, _)| version),
+        _ => None,
+    }
+}
+
 fn parse_text(input: &[u8]) -> Option<Ciphertext<'static>> {
+    let (version, encoded) = text_header(input)?;
+    // The STANDARD (padded, non-forgiving) decoder requires canonical padding and
+    // rejects non-zero trailing bits, so every body has exactly one accepted
+    // encoding; a test checks it against the `base64` crate's strict decoder.
+    let body = BASE64.decode_to_vec(encoded).ok()?;
+    Some(Ciphertext {
+        version,
+        body: Cow::Owned(body),
+    })
+}
+
+/// Splits `cipherd:v<N>:<base64>` into the version and the still-encoded body.
+fn text_header(input: &[u8]) -> Option<(KeyVersion, &[u8])> {
     let rest = input.strip_prefix(TEXT_PREFIX.as_bytes())?;
     let rest = rest.strip_prefix(b"v")?;
     let colon = rest
@@ -398,14 +423,7 @@ fn parse_text(input: &[u8]) -> Option<Ciphertext<'static>> {
     let version = digits.iter().try_fold(0u32, |acc, &d| {
         acc.checked_mul(10)?.checked_add(u32::from(d - b'0'))
     })?;
-    // The STANDARD (padded, non-forgiving) decoder requires canonical padding and
-    // rejects non-zero trailing bits, so every body has exactly one accepted
-    // encoding; a test checks it against the `base64` crate's strict decoder.
-    let body = BASE64.decode_to_vec(encoded).ok()?;
-    Some(Ciphertext {
-        version: KeyVersion::new(version).ok()?,
-        body: Cow::Owned(body),
-    })
+    Some((KeyVersion::new(version).ok()?, encoded))
 }
 
 fn append_text(version: KeyVersion, body: &[u8], out: &mut Vec<u8>) {
@@ -445,6 +463,29 @@ mod tests {
 
     fn key(key_type: KeyType, byte: u8) -> AeadKey {
         AeadKey::new(key_type, &KeyMaterial::from_slice(&[byte; 32]).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn claimed_version_reads_the_header_of_both_forms() {
+        let k = key(KeyType::Xaes256Gcm, 3);
+        for encoding in [Encoding::Binary, Encoding::Text] {
+            let ct = seal(&k, v(7), b"", b"pt", encoding).unwrap();
+            assert_eq!(claimed_version(&ct), Some(v(7)), "{encoding:?}");
+            assert_eq!(Ciphertext::parse(&ct).unwrap().version(), v(7));
+        }
+        // The header alone decides; the body is not decoded.
+        assert_eq!(claimed_version(b"cipherd:v12:not base64!"), Some(v(12)));
+        let bad: [&[u8]; 6] = [
+            b"",
+            b"\x02\0\0\0\x01",
+            b"\x01\0\0\0\0",
+            b"cipherd:v0:AA==",
+            b"cipherd:v07:AA==",
+            b"x",
+        ];
+        for input in bad {
+            assert_eq!(claimed_version(input), None, "{input:?}");
+        }
     }
 
     #[test]

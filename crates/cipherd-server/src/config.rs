@@ -139,6 +139,9 @@ pub enum LimitAction {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// The default `limits.max_message_bytes`: 64 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Built-in defaults, the first layer of every configuration.
 pub const DEFAULTS: &[(&str, &str)] = &[
     ("listen", "127.0.0.1:8210"),
@@ -273,7 +276,7 @@ impl Params {
             limits: Limits {
                 max_plaintext_bytes: 1 << 20,
                 max_batch_items: 10_000,
-                max_message_bytes: 64 << 20,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             },
             usage: UsagePolicy {
                 limit: RANDOM_96_BIT_NONCE_LIMIT,

@@ -26,7 +26,9 @@ mod server;
 mod system;
 mod transit;
 
+pub use config::DEFAULT_MAX_MESSAGE_BYTES;
 pub use config::Params;
 pub use error::{Error, Result};
 pub use seal::DEV_SHARE_FILE;
-pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run};
+pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run, shutdown_signal};
+pub use transit::STREAM_CHUNKS_IN_FLIGHT;

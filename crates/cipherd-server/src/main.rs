@@ -60,7 +60,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    cipherd_server::run(listener, params, shutdown_signal()).await?;
+    cipherd_server::run(listener, params, async {
+        cipherd_server::shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+    })
+    .await?;
     Ok(())
 }
 
@@ -78,27 +82,4 @@ fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
         other => anyhow::bail!("log.format = {other:?}: expected \"text\" or \"json\""),
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        // If the handler cannot be installed we simply never shut down on Ctrl-C.
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested; draining");
 }

@@ -141,3 +141,26 @@ async fn report_health(
         }
     }
 }
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM: the `shutdown` future for [`run`] in
+/// binaries. A signal whose handler cannot be installed is simply never seen.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     error::{Error, Result},
     keys::LoadedKey,
-    seal::{Core, Unsealed},
+    seal::Core,
 };
 
 /// The Transit gRPC service.
@@ -80,10 +80,10 @@ impl TransitService {
         if let Some(newest) = r
             .items
             .iter()
-            .filter_map(|i| Ciphertext::parse(&i.ciphertext).ok().map(|c| c.version()))
+            .filter_map(|i| ciphertext::claimed_version(&i.ciphertext))
             .max()
         {
-            key = fresh_enough(&unsealed, &name, key, newest).await?;
+            key = unsealed.keys.reload_for_version(&name, key, newest).await?;
         }
         let results = map_items(DecryptJob { key }, r.items).await?;
         Ok(pb::BatchDecryptResponse { results })
@@ -106,10 +106,13 @@ impl TransitService {
         if let Some(newest) = r
             .items
             .iter()
-            .filter_map(|i| Ciphertext::parse(&i.ciphertext).ok().map(|c| c.version()))
+            .filter_map(|i| ciphertext::claimed_version(&i.ciphertext))
             .max()
         {
-            source = fresh_enough(&unsealed, &source_name, source, newest).await?;
+            source = unsealed
+                .keys
+                .reload_for_version(&source_name, source, newest)
+                .await?;
         }
         let (dest, version) = unsealed
             .keys
@@ -183,7 +186,10 @@ impl Transit for TransitService {
         let name = key_name(&r.key)?;
         let key = unsealed.keys.get(&name).await?;
         let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
-        let key = fresh_enough(&unsealed, &name, key, ct.version()).await?;
+        let key = unsealed
+            .keys
+            .reload_for_version(&name, key, ct.version())
+            .await?;
         let plaintext = open(&key, &ct, &r.context, &r.associated_data)?;
         Ok(Response::new(pb::DecryptResponse {
             plaintext: Bytes::from(plaintext),
@@ -206,7 +212,10 @@ impl Transit for TransitService {
         let encoding = encoding(r.encoding)?;
         let source = unsealed.keys.get(&source_name).await?;
         let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
-        let source = fresh_enough(&unsealed, &source_name, source, ct.version()).await?;
+        let source = unsealed
+            .keys
+            .reload_for_version(&source_name, source, ct.version())
+            .await?;
         let plaintext = SecretBytes::new(open(&source, &ct, &r.context, &r.associated_data)?);
         let (dest, version) = unsealed
             .keys
@@ -343,7 +352,7 @@ pub type ChunkStream<T> = ReceiverStream<Result<T, Status>>;
 
 /// Chunks answered ahead of the client reading them; beyond this the server stops
 /// reading requests, so HTTP/2 flow control pushes back on the client.
-const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+pub const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Processes a request stream chunk by chunk, in order, answering each chunk with
 /// one response. A chunk-level error ends the stream with that status.
@@ -692,18 +701,6 @@ fn opaque_version(e: cipherd_core::Error) -> Error {
         cipherd_core::Error::VersionNotFound(_) => Error::DecryptionFailed,
         e => e.into(),
     }
-}
-
-/// The key as it must be to judge a ciphertext of `version` (see
-/// `KeyManager::reload_for_version`). Still unknown afterwards means a bad
-/// ciphertext.
-async fn fresh_enough(
-    unsealed: &Unsealed,
-    name: &KeyName,
-    key: Arc<LoadedKey>,
-    version: KeyVersion,
-) -> Result<Arc<LoadedKey>> {
-    unsealed.keys.reload_for_version(name, key, version).await
 }
 
 fn ciphertext_result(

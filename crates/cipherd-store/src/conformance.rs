@@ -511,7 +511,7 @@ async fn scan_matches_list_and_get<S: Store>(store: S) -> Outcome {
         .await
         .context("get")?
         .ok_or("missing")?;
-    store
+    let updated = store
         .compare_and_set(ORDERED[0], first.revision, b"updated")
         .await
         .context("cas")?;
@@ -524,6 +524,17 @@ async fn scan_matches_list_and_get<S: Store>(store: S) -> Outcome {
         .delete(ORDERED[1], second.revision)
         .await
         .context("delete")?;
+    let all = store.scan("o/", None, 100).await.context("scan")?;
+    let expected_first = Record {
+        value: b"updated".to_vec(),
+        revision: updated,
+    };
+    ensure!(
+        all.first() == Some(&(ORDERED[0].to_owned(), expected_first)),
+        "scan must return the updated value and revision of {:?} first, got {:?}",
+        ORDERED[0],
+        all.first()
+    );
     let cases: [(Option<&str>, usize); 6] = [
         (None, 100),
         (None, 3),

@@ -163,9 +163,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Like [`Store::list`], but with each record: `(path, record)` pairs in path
     /// order. For loading many records at once (the key cache after unseal).
     ///
-    /// The page is not a snapshot: a record changed between pages shows its newer
-    /// state. Backends should override the default (a `list` then one `get` per
-    /// path, skipping paths deleted in between) with a single query.
+    /// Pages together are not a snapshot: a record changed between pages shows its
+    /// newer state. Backends should override the default (a `list` then one `get`
+    /// per path, skipping paths deleted in between) with a single query, which
+    /// also makes each page a snapshot. With the default, a page can come back
+    /// short, even empty, before the end if its records were deleted meanwhile.
     async fn scan(
         &self,
         prefix: &str,

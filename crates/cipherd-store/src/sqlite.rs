@@ -296,8 +296,7 @@ impl Store for SqliteStore {
             .map_err(|e| map_sqlx("scan", e))?;
         rows.into_iter()
             .map(|(path, value, revision)| {
-                let revision = u64::try_from(revision)
-                    .map_err(|_| Error::Backend(format!("negative revision at {path:?}")))?;
+                let revision = stored_revision(revision)?;
                 Ok((path, Record { value, revision }))
             })
             .collect()

@@ -32,28 +32,11 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({ "message": "cipherd-echo listening", "addr": addr.to_string() })
     );
-    echo::serve(listener, args.max_message_bytes, shutdown_signal()).await?;
+    echo::serve(
+        listener,
+        args.max_message_bytes,
+        cipherd_server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = async {
-        // Without a handler we simply never stop on Ctrl-C.
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
 }

@@ -25,10 +25,10 @@
 //!   follow queue order. The group reads the store-wide counter once, hands
 //!   revisions out in memory and writes the counter back once, inside the same
 //!   transaction.
-//! - A write that fails (its precondition: `AlreadyExists`, `Conflict`, `NotFound`;
-//!   or one of its statements) rolls back to its savepoint, which undoes its own
-//!   changes and nothing else, and takes no revision. It gets its own error; the
-//!   rest of the group goes on.
+//! - A write whose precondition fails (`AlreadyExists`, `Conflict`, `NotFound`)
+//!   changes nothing and takes no revision; a write whose statement fails is
+//!   rolled back to its savepoint, undoing its own changes and nothing else. Either
+//!   way it gets its own error and the rest of the group goes on.
 //! - Nobody hears of success before the `COMMIT` has returned. If the `COMMIT`
 //!   fails, or the transaction is lost mid-group (SQLite rolls a transaction back
 //!   by itself on some errors, such as a full disk), every write of the group
@@ -1004,7 +1004,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lone_write_commits_at_once() {
+    async fn sequential_writes_are_groups_of_one() {
         let store = memory_store().await;
         // Each write is awaited before the next: every one is a group of one,
         // committed without waiting for company.
