@@ -47,7 +47,7 @@ fn reference(i: usize) -> String {
 }
 
 async fn batch_encrypt(
-    transit: &mut pb::transit_client::TransitClient<Channel>,
+    transit: &mut pb::transit_service_client::TransitServiceClient<Channel>,
     key: &str,
     items: Vec<pb::EncryptItem>,
     encoding: pb::CiphertextEncoding,

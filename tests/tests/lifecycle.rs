@@ -23,7 +23,11 @@ async fn sealed_server_refuses_the_data_plane_and_reports_not_serving() {
     let mut health = health_client(&server).await;
     create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
     let ct = encrypt(&client, "k", b"before the seal").await.ciphertext;
-    for service in ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"] {
+    for service in [
+        "",
+        "cipherd.v1.TransitService",
+        "cipherd.v1.KeyAdminService",
+    ] {
         wait_for_health(&mut health, service, ServingStatus::Serving).await;
     }
 
@@ -41,7 +45,11 @@ async fn sealed_server_refuses_the_data_plane_and_reports_not_serving() {
         );
     }
 
-    for service in ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"] {
+    for service in [
+        "",
+        "cipherd.v1.TransitService",
+        "cipherd.v1.KeyAdminService",
+    ] {
         wait_for_health(&mut health, service, ServingStatus::NotServing).await;
         assert_eq!(
             check(&mut health, service).await,
@@ -50,7 +58,7 @@ async fn sealed_server_refuses_the_data_plane_and_reports_not_serving() {
         );
     }
     assert_eq!(
-        check(&mut health, "cipherd.v1.System").await,
+        check(&mut health, "cipherd.v1.SystemService").await,
         ServingStatus::Serving
     );
 
@@ -63,7 +71,11 @@ async fn sealed_server_refuses_the_data_plane_and_reports_not_serving() {
         .unwrap();
     let unsealed = unseal(&client, share).await.unwrap();
     assert!(!unsealed.sealed);
-    for service in ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"] {
+    for service in [
+        "",
+        "cipherd.v1.TransitService",
+        "cipherd.v1.KeyAdminService",
+    ] {
         wait_for_health(&mut health, service, ServingStatus::Serving).await;
     }
     assert_eq!(

@@ -23,7 +23,7 @@ async fn etl_round_trip_through_streams_keeps_order() {
     create_key(&client, "etl", pb::KeyType::Xaes256Gcm).await;
 
     let requests = tokio_stream::iter((0..CHUNKS).map(|c| {
-        pb::BatchEncryptRequest {
+        pb::EncryptStreamRequest {
             key: "etl".into(),
             items: (0..PER_CHUNK)
                 .map(|i| pb::EncryptItem {
@@ -59,10 +59,10 @@ async fn etl_round_trip_through_streams_keeps_order() {
     assert_eq!(ciphertexts.len(), CHUNKS * PER_CHUNK, "one reply per chunk");
 
     rotate(&client, "etl").await;
-    let rewrap_requests: Vec<pb::BatchRewrapRequest> = ciphertexts
+    let rewrap_requests: Vec<pb::RewrapStreamRequest> = ciphertexts
         .chunks(PER_CHUNK)
         .enumerate()
-        .map(|(c, chunk)| pb::BatchRewrapRequest {
+        .map(|(c, chunk)| pb::RewrapStreamRequest {
             key: "etl".into(),
             items: chunk
                 .iter()
@@ -98,10 +98,10 @@ async fn etl_round_trip_through_streams_keeps_order() {
     }
     assert_eq!(rewrapped.len(), CHUNKS * PER_CHUNK);
 
-    let decrypt_requests: Vec<pb::BatchDecryptRequest> = rewrapped
+    let decrypt_requests: Vec<pb::DecryptStreamRequest> = rewrapped
         .chunks(PER_CHUNK)
         .enumerate()
-        .map(|(c, chunk)| pb::BatchDecryptRequest {
+        .map(|(c, chunk)| pb::DecryptStreamRequest {
             key: "etl".into(),
             items: chunk
                 .iter()
@@ -143,7 +143,7 @@ async fn item_errors_stay_in_their_item_and_chunk_errors_end_the_stream() {
     let mut tampered = good.to_vec();
     *tampered.last_mut().expect("non-empty") ^= 1;
 
-    let chunk = |key: &str| pb::BatchDecryptRequest {
+    let chunk = |key: &str| pb::DecryptStreamRequest {
         key: key.into(),
         items: vec![
             pb::DecryptItem {
@@ -195,7 +195,7 @@ async fn sealed_server_ends_streams_with_sealed() {
     reply(client.system().seal(pb::SealRequest {}).await).expect("seal");
     let mut replies = client
         .transit()
-        .encrypt_stream(tokio_stream::iter(vec![pb::BatchEncryptRequest {
+        .encrypt_stream(tokio_stream::iter(vec![pb::EncryptStreamRequest {
             key: "etl".into(),
             items: vec![pb::EncryptItem::default()],
             ..Default::default()

@@ -1,4 +1,4 @@
-//! `cipherd-echo`: the `cipherd.v1.Transit` service with the crypto taken out.
+//! `cipherd-echo`: the `cipherd.v1.TransitService` service with the crypto taken out.
 //!
 //! Every RPC answers with its input moved across: plaintext becomes "ciphertext",
 //! ciphertext becomes "plaintext", batches keep their item count and order, and
@@ -15,7 +15,7 @@ use std::future::Future;
 use bytes::Bytes;
 use cipherd_proto::v1::{
     self as pb, ciphertext_result, plaintext_result,
-    transit_server::{Transit, TransitServer},
+    transit_service_server::{TransitService, TransitServiceServer},
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,8 +36,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TransitServer<EchoService>>().await;
-    let transit = TransitServer::new(EchoService)
+    health
+        .set_serving::<TransitServiceServer<EchoService>>()
+        .await;
+    let transit = TransitServiceServer::new(EchoService)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     tonic::transport::Server::builder()
@@ -65,7 +67,7 @@ pub struct EchoService;
 pub type EchoStream<T> = ReceiverStream<Result<T, Status>>;
 
 #[tonic::async_trait]
-impl Transit for EchoService {
+impl TransitService for EchoService {
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,
@@ -135,38 +137,36 @@ impl Transit for EchoService {
         }))
     }
 
-    type EncryptStreamStream = EchoStream<pb::BatchEncryptResponse>;
-    type DecryptStreamStream = EchoStream<pb::BatchDecryptResponse>;
-    type RewrapStreamStream = EchoStream<pb::BatchRewrapResponse>;
+    type EncryptStreamStream = EchoStream<pb::EncryptStreamResponse>;
+    type DecryptStreamStream = EchoStream<pb::DecryptStreamResponse>;
+    type RewrapStreamStream = EchoStream<pb::RewrapStreamResponse>;
 
     async fn encrypt_stream(
         &self,
-        request: Request<Streaming<pb::BatchEncryptRequest>>,
+        request: Request<Streaming<pb::EncryptStreamRequest>>,
     ) -> Result<Response<Self::EncryptStreamStream>, Status> {
-        Ok(Response::new(echo_chunks(
-            request.into_inner(),
-            echo_encrypt,
-        )))
+        // Converted to and from the batch messages, as cipherd does.
+        Ok(Response::new(echo_chunks(request.into_inner(), |r| {
+            echo_encrypt(r.into()).into()
+        })))
     }
 
     async fn decrypt_stream(
         &self,
-        request: Request<Streaming<pb::BatchDecryptRequest>>,
+        request: Request<Streaming<pb::DecryptStreamRequest>>,
     ) -> Result<Response<Self::DecryptStreamStream>, Status> {
-        Ok(Response::new(echo_chunks(
-            request.into_inner(),
-            echo_decrypt,
-        )))
+        Ok(Response::new(echo_chunks(request.into_inner(), |r| {
+            echo_decrypt(r.into()).into()
+        })))
     }
 
     async fn rewrap_stream(
         &self,
-        request: Request<Streaming<pb::BatchRewrapRequest>>,
+        request: Request<Streaming<pb::RewrapStreamRequest>>,
     ) -> Result<Response<Self::RewrapStreamStream>, Status> {
-        Ok(Response::new(echo_chunks(
-            request.into_inner(),
-            echo_rewrap,
-        )))
+        Ok(Response::new(echo_chunks(request.into_inner(), |r| {
+            echo_rewrap(r.into()).into()
+        })))
     }
 }
 

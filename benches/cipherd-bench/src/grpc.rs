@@ -1,7 +1,7 @@
 //! Driving cipherd (and `cipherd-echo`, which speaks the same API) through the
 //! generated tonic clients.
 //!
-//! Setup waits for `grpc.health.v1` to report `cipherd.v1.Transit` as SERVING,
+//! Setup waits for `grpc.health.v1` to report `cipherd.v1.TransitService` as SERVING,
 //! creates keys through `KeyAdmin` if asked, and for decrypt and rewrap asks the
 //! target to encrypt the payload pool once. Measuring then uses unary and batch
 //! RPCs in a closed loop ([`crate::runner`]) or the bidirectional `*Stream` RPCs with
@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use cipherd_client::pb::{
-    self, ciphertext_result, key_admin_client::KeyAdminClient, plaintext_result,
-    transit_client::TransitClient,
+    self, ciphertext_result, key_admin_service_client::KeyAdminServiceClient, plaintext_result,
+    transit_service_client::TransitServiceClient,
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
@@ -112,7 +112,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Option<Report>> {
     Ok(Some(stats.report(args, &timing)))
 }
 
-/// Polls the health service until `cipherd.v1.Transit` is SERVING (unsealed).
+/// Polls the health service until `cipherd.v1.TransitService` is SERVING (unsealed).
 pub async fn wait_ready(args: &Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + args.wait();
     loop {
@@ -141,7 +141,7 @@ async fn check_health(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: "cipherd.v1.Transit".into(),
+            service: "cipherd.v1.TransitService".into(),
         })
         .await
         .map_err(status_message)?;
@@ -168,7 +168,7 @@ pub async fn create_keys(
         eprintln!("cipherd-bench: creating {} keys", names.len());
     }
     map_concurrent(names.len(), SETUP_CONCURRENCY, |i| {
-        let mut admin = KeyAdminClient::new(channel.clone());
+        let mut admin = KeyAdminServiceClient::new(channel.clone());
         let names = Arc::clone(&names);
         async move {
             let request = pb::CreateKeyRequest {
@@ -352,7 +352,7 @@ impl Plan {
 
 /// One in-flight unary or batch request at a time on a shared connection.
 struct GrpcCaller {
-    client: TransitClient<Channel>,
+    client: TransitServiceClient<Channel>,
     plan: Arc<Plan>,
 }
 
@@ -431,8 +431,8 @@ async fn run_streams(
                         plan,
                         shape,
                         |s| async move { client.encrypt_stream(s).await },
-                        Plan::batch_encrypt,
-                        |r: &pb::BatchEncryptResponse, n| count_ciphertexts(&r.results, n),
+                        |p, seq| p.batch_encrypt(seq).into(),
+                        |r: &pb::EncryptStreamResponse, n| count_ciphertexts(&r.results, n),
                     )
                     .await
                 }
@@ -441,8 +441,8 @@ async fn run_streams(
                         plan,
                         shape,
                         |s| async move { client.decrypt_stream(s).await },
-                        Plan::batch_decrypt,
-                        |r: &pb::BatchDecryptResponse, n| count_plaintexts(&r.results, n),
+                        |p, seq| p.batch_decrypt(seq).into(),
+                        |r: &pb::DecryptStreamResponse, n| count_plaintexts(&r.results, n),
                     )
                     .await
                 }
@@ -451,8 +451,8 @@ async fn run_streams(
                         plan,
                         shape,
                         |s| async move { client.rewrap_stream(s).await },
-                        Plan::batch_rewrap,
-                        |r: &pb::BatchRewrapResponse, n| count_ciphertexts(&r.results, n),
+                        |p, seq| p.batch_rewrap(seq).into(),
+                        |r: &pb::RewrapStreamResponse, n| count_ciphertexts(&r.results, n),
                     )
                     .await
                 }
@@ -617,8 +617,8 @@ fn endpoint(args: &Args, with_deadline: bool) -> anyhow::Result<Endpoint> {
     Ok(e)
 }
 
-fn transit(channel: Channel) -> TransitClient<Channel> {
-    TransitClient::new(channel)
+fn transit(channel: Channel) -> TransitServiceClient<Channel> {
+    TransitServiceClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
 }

@@ -17,7 +17,8 @@ use std::{future::Future, time::Duration};
 use bytes::Bytes;
 pub use cipherd_proto::v1 as pb;
 use pb::{
-    key_admin_client::KeyAdminClient, system_client::SystemClient, transit_client::TransitClient,
+    key_admin_service_client::KeyAdminServiceClient, system_service_client::SystemServiceClient,
+    transit_service_client::TransitServiceClient,
 };
 use tonic::{Code, transport::Channel};
 use tonic_types::{RpcStatusExt as _, StatusExt as _};
@@ -161,21 +162,21 @@ impl Client {
         Ok(Self { channel, options })
     }
 
-    /// The generated Transit client on this connection.
-    pub fn transit(&self) -> TransitClient<Channel> {
-        TransitClient::new(self.channel.clone())
+    /// The generated `TransitService` client on this connection.
+    pub fn transit(&self) -> TransitServiceClient<Channel> {
+        TransitServiceClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    /// The generated KeyAdmin client on this connection.
-    pub fn admin(&self) -> KeyAdminClient<Channel> {
-        KeyAdminClient::new(self.channel.clone())
+    /// The generated `KeyAdminService` client on this connection.
+    pub fn admin(&self) -> KeyAdminServiceClient<Channel> {
+        KeyAdminServiceClient::new(self.channel.clone())
     }
 
-    /// The generated System client on this connection.
-    pub fn system(&self) -> SystemClient<Channel> {
-        SystemClient::new(self.channel.clone())
+    /// The generated `SystemService` client on this connection.
+    pub fn system(&self) -> SystemServiceClient<Channel> {
+        SystemServiceClient::new(self.channel.clone())
     }
 
     /// Service status (initialized, sealed, unseal progress, version).

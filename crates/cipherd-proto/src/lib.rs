@@ -1,9 +1,11 @@
 //! Generated protobuf and gRPC code for the `cipherd.v1` API (`proto/cipherd/v1`).
 //!
 //! The code in `src/gen/` is generated and committed; `tests/bootstrap.rs`
-//! regenerates it and fails on any difference. This crate holds no logic beyond
-//! the redacting `Debug` impls in [`redact`](self) for messages that carry
-//! plaintext, key material or unseal shares.
+//! regenerates it and fails on any difference. Beside it this crate holds only
+//! what every user of the messages needs the same way: the redacting `Debug` impls
+//! (`redact.rs`) for messages that carry plaintext, key material or unseal shares,
+//! and `From` conversions (`convert.rs`) between the stream RPCs' chunk messages and
+//! the batch messages with the same fields. No service logic.
 #![forbid(unsafe_code)]
 
 /// Messages and services of package `cipherd.v1`.
@@ -12,6 +14,7 @@ pub mod v1 {
     include!("gen/cipherd.v1.rs");
 }
 
+mod convert;
 mod redact;
 
 /// The encoded `FileDescriptorSet` of the API and its imports, for server reflection.

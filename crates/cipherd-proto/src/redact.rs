@@ -1,6 +1,9 @@
 //! Hand-written `Debug` impls for messages that carry plaintext, key material or
 //! unseal shares: they print sizes, never contents (invariant 1). The bootstrap
-//! test checks that the code generator emits no `Debug` of its own for these.
+//! test checks that the code generator emits no `Debug` of its own for these, and
+//! that every message with such a field is listed. Messages that only nest these
+//! (the batch and stream messages) keep their generated `Debug`, which prints the
+//! nested messages through the impls below.
 
 use std::fmt;
 
@@ -179,6 +182,35 @@ mod tests {
                 UnsealRequest {
                     share: String::from_utf8_lossy(SECRET).into_owned(),
                     reset: false
+                }
+            ),
+            // Batch and stream messages nest the ones above.
+            format!(
+                "{:?}",
+                crate::v1::EncryptStreamRequest {
+                    items: vec![EncryptItem {
+                        plaintext: SECRET.to_vec().into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::v1::DecryptStreamResponse {
+                    results: vec![PlaintextResult {
+                        result: Some(plaintext_result::Result::Plaintext(SECRET.to_vec().into())),
+                        ..Default::default()
+                    }],
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::v1::BatchDecryptResponse {
+                    results: vec![PlaintextResult {
+                        result: Some(plaintext_result::Result::Plaintext(SECRET.to_vec().into())),
+                        ..Default::default()
+                    }],
                 }
             ),
         ];

@@ -59,6 +59,7 @@ fn generated_code_is_up_to_date() {
         "generated code is stale: {stale:?}; run `CIPHERD_BLESS=1 cargo test -p cipherd-proto --test bootstrap` and commit"
     );
     assert_no_generated_debug_for(&gen_dir.join("cipherd.v1.rs"));
+    assert_secret_fields_are_redacted(&fds);
 }
 
 /// Fully qualified names of messages whose Debug is hand-written and redacting.
@@ -73,6 +74,39 @@ const REDACTED_MESSAGES: [&str; 9] = [
     "cipherd.v1.InitResponse",
     "cipherd.v1.UnsealRequest",
 ];
+
+/// Names of `bytes` or `string` fields that carry plaintext, key material or unseal
+/// shares (a `uint32 shares` is a count, not a secret).
+const SECRET_FIELDS: [&str; 4] = ["plaintext", "material", "share", "shares"];
+
+/// Every message with a field named in [`SECRET_FIELDS`] (including inside a
+/// oneof) must be in [`REDACTED_MESSAGES`]. Messages that only nest such messages
+/// (`BatchEncryptRequest`, `EncryptStreamRequest`, ...) are covered through them.
+fn assert_secret_fields_are_redacted(fds: &prost_types::FileDescriptorSet) {
+    let mut missing = Vec::new();
+    for file in &fds.file {
+        let package = file.package();
+        for message in &file.message_type {
+            let full = format!("{package}.{}", message.name());
+            let secret = message
+                .field
+                .iter()
+                .any(|f| SECRET_FIELDS.contains(&f.name()) && is_text_or_bytes(f));
+            if secret && !REDACTED_MESSAGES.contains(&full.as_str()) {
+                missing.push(full);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "messages with secret fields need a redacting Debug in src/redact.rs and an entry in REDACTED_MESSAGES: {missing:?}"
+    );
+}
+
+fn is_text_or_bytes(field: &prost_types::FieldDescriptorProto) -> bool {
+    use prost_types::field_descriptor_proto::Type;
+    matches!(field.r#type(), Type::Bytes | Type::String)
+}
 
 fn assert_no_generated_debug_for(path: &Path) {
     let code = std::fs::read_to_string(path).expect("generated code");

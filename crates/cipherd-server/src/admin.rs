@@ -1,4 +1,4 @@
-//! The `cipherd.v1.KeyAdmin` service: the key-management plane.
+//! The `cipherd.v1.KeyAdminService` service: the key-management plane.
 //!
 //! Metadata only, except `ExportKey`, which returns material for keys created
 //! exportable and nothing else.
@@ -10,7 +10,7 @@ use cipherd_core::{
     KeyType,
     keyring::{ConfigUpdate, CreateOptions, KeyVersion},
 };
-use cipherd_proto::v1::{self as pb, key_admin_server::KeyAdmin};
+use cipherd_proto::v1::{self as pb, key_admin_service_server::KeyAdminService};
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
@@ -25,13 +25,13 @@ use crate::{
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// The KeyAdmin gRPC service.
+/// The implementation of the `KeyAdminService` gRPC service.
 #[derive(Debug, Clone)]
-pub struct KeyAdminService {
+pub struct KeyAdminHandler {
     core: Arc<Core>,
 }
 
-impl KeyAdminService {
+impl KeyAdminHandler {
     /// A service over `core`.
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
@@ -39,7 +39,7 @@ impl KeyAdminService {
 }
 
 #[tonic::async_trait]
-impl KeyAdmin for KeyAdminService {
+impl KeyAdminService for KeyAdminHandler {
     async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,

@@ -3,19 +3,20 @@
 use std::{future::Future, sync::Arc};
 
 use cipherd_proto::v1::{
-    key_admin_server::KeyAdminServer, system_server::SystemServer, transit_server::TransitServer,
+    key_admin_service_server::KeyAdminServiceServer, system_service_server::SystemServiceServer,
+    transit_service_server::TransitServiceServer,
 };
 use cipherd_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::{server::NamedService, transport::server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    admin::KeyAdminService,
+    admin::KeyAdminHandler,
     config::{Params, StorageParams},
     seal::{self, Core},
-    system::SystemService,
-    transit::TransitService,
+    system::SystemHandler,
+    transit::TransitHandler,
 };
 
 /// Why the server could not start or stopped with an error.
@@ -74,13 +75,13 @@ pub async fn run(
         .build_v1()?;
 
     let max = params.limits.max_message_bytes;
-    let transit = TransitServer::new(TransitService::new(Arc::clone(&core)))
+    let transit = TransitServiceServer::new(TransitHandler::new(Arc::clone(&core)))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let admin = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&core)))
+    let admin = KeyAdminServiceServer::new(KeyAdminHandler::new(Arc::clone(&core)))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let system = SystemServer::new(SystemService::new(Arc::clone(&core)));
+    let system = SystemServiceServer::new(SystemHandler::new(Arc::clone(&core)));
 
     let addr = listener
         .local_addr()
@@ -118,14 +119,22 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 
 /// The health service names that follow the seal state. `""` is the whole server.
-const SEAL_GATED_SERVICES: [&str; 3] = ["", "cipherd.v1.Transit", "cipherd.v1.KeyAdmin"];
+/// Taken from the generated servers so they cannot drift from the proto names.
+const SEAL_GATED_SERVICES: [&str; 3] = [
+    "",
+    <TransitServiceServer<TransitHandler> as NamedService>::NAME,
+    <KeyAdminServiceServer<KeyAdminHandler> as NamedService>::NAME,
+];
+
+/// The health service name of the always-served lifecycle service.
+const SYSTEM_SERVICE: &str = <SystemServiceServer<SystemHandler> as NamedService>::NAME;
 
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut sealed: tokio::sync::watch::Receiver<bool>,
 ) {
     reporter
-        .set_service_status("cipherd.v1.System", ServingStatus::Serving)
+        .set_service_status(SYSTEM_SERVICE, ServingStatus::Serving)
         .await;
     loop {
         let status = if *sealed.borrow_and_update() {

@@ -1,19 +1,19 @@
-//! The `cipherd.v1.System` service: status, init, unseal, seal.
+//! The `cipherd.v1.SystemService` service: status, init, unseal, seal.
 
 use std::sync::Arc;
 
-use cipherd_proto::v1::{self as pb, system_server::System};
+use cipherd_proto::v1::{self as pb, system_service_server::SystemService};
 use tonic::{Request, Response, Status};
 
 use crate::seal::{Core, SealStatus};
 
-/// The System gRPC service.
+/// The implementation of the `SystemService` gRPC service.
 #[derive(Debug, Clone)]
-pub struct SystemService {
+pub struct SystemHandler {
     core: Arc<Core>,
 }
 
-impl SystemService {
+impl SystemHandler {
     /// A service over `core`.
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
@@ -34,7 +34,7 @@ impl SystemService {
 }
 
 #[tonic::async_trait]
-impl System for SystemService {
+impl SystemService for SystemHandler {
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,

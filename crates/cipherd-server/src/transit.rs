@@ -1,4 +1,4 @@
-//! The `cipherd.v1.Transit` service: encrypt, decrypt, rewrap (single and batch)
+//! The `cipherd.v1.TransitService` service: encrypt, decrypt, rewrap (single and batch)
 //! and data keys.
 //!
 //! Each RPC validates its input at the edge (key name, sizes, encoding), fetches the
@@ -16,7 +16,8 @@ use cipherd_core::{
     secret::SecretBytes,
 };
 use cipherd_proto::v1::{
-    self as pb, CiphertextEncoding, ciphertext_result, plaintext_result, transit_server::Transit,
+    self as pb, CiphertextEncoding, ciphertext_result, plaintext_result,
+    transit_service_server::TransitService,
 };
 use rayon::iter::{IntoParallelIterator as _, ParallelIterator as _};
 use tokio::sync::mpsc;
@@ -29,13 +30,13 @@ use crate::{
     seal::Core,
 };
 
-/// The Transit gRPC service.
+/// The implementation of the `TransitService` gRPC service.
 #[derive(Debug, Clone)]
-pub struct TransitService {
+pub struct TransitHandler {
     core: Arc<Core>,
 }
 
-impl TransitService {
+impl TransitHandler {
     /// A service over `core`.
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
@@ -144,7 +145,7 @@ impl TransitService {
 }
 
 #[tonic::async_trait]
-impl Transit for TransitService {
+impl TransitService for TransitHandler {
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,
@@ -267,40 +268,41 @@ impl Transit for TransitService {
         ))
     }
 
-    type EncryptStreamStream = ChunkStream<pb::BatchEncryptResponse>;
-    type DecryptStreamStream = ChunkStream<pb::BatchDecryptResponse>;
-    type RewrapStreamStream = ChunkStream<pb::BatchRewrapResponse>;
+    type EncryptStreamStream = ChunkStream<pb::EncryptStreamResponse>;
+    type DecryptStreamStream = ChunkStream<pb::DecryptStreamResponse>;
+    type RewrapStreamStream = ChunkStream<pb::RewrapStreamResponse>;
 
     async fn encrypt_stream(
         &self,
-        request: Request<Streaming<pb::BatchEncryptRequest>>,
+        request: Request<Streaming<pb::EncryptStreamRequest>>,
     ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        // A chunk has the batch message's fields: one implementation for both.
         Ok(Response::new(serve_chunks(
             self.clone(),
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_encrypt_chunk(chunk).await },
+            |svc, chunk| async move { svc.batch_encrypt_chunk(chunk.into()).await.map(Into::into) },
         )))
     }
 
     async fn decrypt_stream(
         &self,
-        request: Request<Streaming<pb::BatchDecryptRequest>>,
+        request: Request<Streaming<pb::DecryptStreamRequest>>,
     ) -> Result<Response<Self::DecryptStreamStream>, Status> {
         Ok(Response::new(serve_chunks(
             self.clone(),
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_decrypt_chunk(chunk).await },
+            |svc, chunk| async move { svc.batch_decrypt_chunk(chunk.into()).await.map(Into::into) },
         )))
     }
 
     async fn rewrap_stream(
         &self,
-        request: Request<Streaming<pb::BatchRewrapRequest>>,
+        request: Request<Streaming<pb::RewrapStreamRequest>>,
     ) -> Result<Response<Self::RewrapStreamStream>, Status> {
         Ok(Response::new(serve_chunks(
             self.clone(),
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_rewrap_chunk(chunk).await },
+            |svc, chunk| async move { svc.batch_rewrap_chunk(chunk.into()).await.map(Into::into) },
         )))
     }
 
@@ -357,14 +359,14 @@ pub const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
 /// Processes a request stream chunk by chunk, in order, answering each chunk with
 /// one response. A chunk-level error ends the stream with that status.
 fn serve_chunks<Req, Resp, F, Fut>(
-    service: TransitService,
+    service: TransitHandler,
     mut requests: Streaming<Req>,
     handle: F,
 ) -> ChunkStream<Resp>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
-    F: Fn(TransitService, Req) -> Fut + Send + 'static,
+    F: Fn(TransitHandler, Req) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Resp>> + Send,
 {
     let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT);

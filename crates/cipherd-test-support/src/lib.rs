@@ -78,7 +78,7 @@ impl TestServer {
         self._temp.take()
     }
 
-    /// Polls `System.Status` until the server answers (at most ~10 s).
+    /// Polls `SystemService.Status` until the server answers (at most ~10 s).
     async fn wait_ready(&self) {
         for _ in 0..1000 {
             if let Ok(client) = Client::connect(self.endpoint()).await

@@ -1,4 +1,4 @@
-//! `key …`: the key-management plane (the `KeyAdmin` service).
+//! `key …`: the key-management plane (the `KeyAdminService` service).
 //!
 //! Every command prints the key's metadata as the server returns it after the
 //! change, except `list`, `delete` and `export`. Material is only ever printed by

@@ -1,4 +1,4 @@
-//! Lifecycle commands: `status`, `init`, `unseal`, `seal` (the `System` service).
+//! Lifecycle commands: `status`, `init`, `unseal`, `seal` (the `SystemService` service).
 //!
 //! Unseal shares are secrets: `unseal` reads them from stdin when no argument is
 //! given so they stay out of shell history, and `init` prints them exactly once with

@@ -1,4 +1,4 @@
-//! One value at a time: `encrypt`, `decrypt`, `rewrap`, `datakey` (the `Transit`
+//! One value at a time: `encrypt`, `decrypt`, `rewrap`, `datakey` (the `TransitService`
 //! service's unary RPCs).
 //!
 //! Values come from the argument or, when it is omitted, from stdin. Plaintext from
