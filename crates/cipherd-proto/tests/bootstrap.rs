@@ -29,6 +29,8 @@ fn generated_code_is_up_to_date() {
         // Zero-copy: bytes fields become `bytes::Bytes` sharing the request buffer.
         .bytes(".")
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // Malformed messages become INVALID_ARGUMENT with an ErrorInfo (src/codec.rs).
+        .codec_path("crate::codec::ProtoCodec")
         // Messages that carry plaintext, key material or unseal shares get a
         // hand-written redacting Debug in `src/redact.rs` (invariant 1).
         .skip_debug(REDACTED_MESSAGES)

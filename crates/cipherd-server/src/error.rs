@@ -7,6 +7,12 @@
 //!
 //! Internal failures (storage, corruption, bugs) reach the client as a generic
 //! message; the detail is logged on the server with a correlation id.
+//!
+//! One status is chosen outside `classify`: a request that is not valid protobuf
+//! is answered INVALID_ARGUMENT with reason `MALFORMED_MESSAGE` by the gRPC codec
+//! in `cipherd_proto::codec`, because tonic decodes the message before any service
+//! code runs and no [`Error`] exists at that point. It uses the same
+//! [`ERROR_DOMAIN`], defined there and re-exported here.
 
 use std::collections::HashMap;
 
@@ -14,8 +20,7 @@ use prost::Message;
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The `ErrorInfo.domain` of every cipherd error.
-pub const ERROR_DOMAIN: &str = "cipherd";
+pub use cipherd_proto::ERROR_DOMAIN;
 
 /// Result alias for the server.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -445,7 +445,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/Encrypt",
             );
@@ -470,7 +470,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/Decrypt",
             );
@@ -493,7 +493,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/Rewrap",
             );
@@ -519,7 +519,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/BatchEncrypt",
             );
@@ -544,7 +544,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/BatchDecrypt",
             );
@@ -569,7 +569,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/BatchRewrap",
             );
@@ -595,7 +595,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/GenerateDataKey",
             );
@@ -626,7 +626,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/EncryptStream",
             );
@@ -653,7 +653,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/DecryptStream",
             );
@@ -680,7 +680,7 @@ pub mod transit_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.TransitService/RewrapStream",
             );
@@ -910,7 +910,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = EncryptSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -955,7 +955,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DecryptSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1000,7 +1000,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RewrapSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1045,7 +1045,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = BatchEncryptSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1090,7 +1090,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = BatchDecryptSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1135,7 +1135,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = BatchRewrapSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1181,7 +1181,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GenerateDataKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1229,7 +1229,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = EncryptStreamSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1277,7 +1277,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DecryptStreamSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1325,7 +1325,7 @@ pub mod transit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RewrapStreamSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1711,7 +1711,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/CreateKey",
             );
@@ -1733,7 +1733,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/GetKey",
             );
@@ -1758,7 +1758,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/ListKeys",
             );
@@ -1783,7 +1783,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/RotateKey",
             );
@@ -1808,7 +1808,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/UpdateKeyConfig",
             );
@@ -1835,7 +1835,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/TrimKey",
             );
@@ -1860,7 +1860,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/DeleteKey",
             );
@@ -1885,7 +1885,7 @@ pub mod key_admin_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.KeyAdminService/ExportKey",
             );
@@ -2076,7 +2076,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2121,7 +2121,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2166,7 +2166,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListKeysSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2211,7 +2211,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RotateKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2257,7 +2257,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = UpdateKeyConfigSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2302,7 +2302,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = TrimKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2347,7 +2347,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2392,7 +2392,7 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ExportKeySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2625,7 +2625,7 @@ pub mod system_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.SystemService/Status",
             );
@@ -2647,7 +2647,7 @@ pub mod system_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.SystemService/Init",
             );
@@ -2669,7 +2669,7 @@ pub mod system_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.SystemService/Unseal",
             );
@@ -2691,7 +2691,7 @@ pub mod system_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ProtoCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/cipherd.v1.SystemService/Seal",
             );
@@ -2844,7 +2844,7 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatusSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2888,7 +2888,7 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = InitSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2933,7 +2933,7 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = UnsealSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2977,7 +2977,7 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SealSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,

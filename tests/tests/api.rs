@@ -1,0 +1,161 @@
+//! API conventions at the transport edge: bytes that are not valid protobuf are
+//! INVALID_ARGUMENT with reason `MALFORMED_MESSAGE`, like every other invalid
+//! input, never INTERNAL.
+
+use bytes::{Buf as _, BufMut as _, Bytes};
+use cipherd_e2e::*;
+use tokio_stream::StreamExt as _;
+use tonic::{
+    Request, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::http::uri::PathAndQuery,
+    transport::Channel,
+};
+
+/// Message bodies that are not valid protobuf for any cipherd request. Each has
+/// "secret" in it, which must not come back in the error message.
+const MALFORMED: [(&str, &[u8]); 3] = [
+    // Field 2 (plaintext / items) declares 100 bytes; 6 follow.
+    ("truncated field", b"\x12\x64secret"),
+    // Field 1 (key) is complete, then a field key whose varint never ends.
+    (
+        "invalid varint",
+        b"\x0a\x06secret\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+    ),
+    // Wire type 7 does not exist.
+    ("invalid wire type", b"\x0a\x06secret\x0f"),
+];
+
+/// Malformed Encrypt (unary) and BatchEncrypt (batch) requests are answered
+/// INVALID_ARGUMENT / MALFORMED_MESSAGE without echoing input, and the server
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protobuf_is_invalid_argument_with_a_reason() {
+    let server = TestServer::dev().await;
+    let client = server.client().await;
+    create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
+    let mut grpc = tonic::client::Grpc::new(channel(&server).await);
+
+    for rpc in ["Encrypt", "BatchEncrypt"] {
+        for (what, body) in MALFORMED {
+            grpc.ready().await.expect("channel ready");
+            let path = format!("/cipherd.v1.TransitService/{rpc}");
+            let status = grpc
+                .unary(
+                    Request::new(Bytes::from_static(body)),
+                    PathAndQuery::try_from(path).expect("path"),
+                    RawCodec,
+                )
+                .await
+                .expect_err("malformed request fails");
+            let message = expect_err::<()>(
+                Err(Error::from(status)),
+                Code::InvalidArgument,
+                "MALFORMED_MESSAGE",
+            );
+            assert!(!message.contains("secret"), "{rpc}, {what}: {message}");
+        }
+    }
+
+    // Still serving, and a well-formed request through the same raw path works.
+    let ciphertext = encrypt(&client, "k", b"ok").await.ciphertext;
+    assert_eq!(
+        decrypt(&client, "k", &ciphertext).await.expect("decrypts"),
+        Bytes::from_static(b"ok")
+    );
+    grpc.ready().await.expect("channel ready");
+    let valid = Bytes::from_static(b"\x0a\x01k\x12\x02ok");
+    grpc.unary(
+        Request::new(valid),
+        PathAndQuery::from_static("/cipherd.v1.TransitService/Encrypt"),
+        RawCodec,
+    )
+    .await
+    .expect("valid raw Encrypt succeeds");
+}
+
+/// A malformed chunk ends an EncryptStream with INVALID_ARGUMENT / MALFORMED_MESSAGE
+/// after the valid chunks before it were answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stream_chunk_ends_the_stream_with_invalid_argument() {
+    let server = TestServer::dev().await;
+    let client = server.client().await;
+    create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
+    let mut grpc = tonic::client::Grpc::new(channel(&server).await);
+    grpc.ready().await.expect("channel ready");
+
+    // key "k", one item with plaintext "ok"; then a malformed chunk.
+    let valid = Bytes::from_static(b"\x0a\x01k\x12\x04\x0a\x02ok");
+    let chunks = [valid, Bytes::from_static(MALFORMED[0].1)];
+    let mut replies = grpc
+        .streaming(
+            Request::new(tokio_stream::iter(chunks)),
+            PathAndQuery::from_static("/cipherd.v1.TransitService/EncryptStream"),
+            RawCodec,
+        )
+        .await
+        .expect("stream opens")
+        .into_inner();
+    replies
+        .next()
+        .await
+        .expect("a reply to the valid chunk")
+        .expect("valid chunk succeeds");
+    let status = replies
+        .next()
+        .await
+        .expect("the stream's end")
+        .expect_err("malformed chunk");
+    expect_err::<()>(
+        Err(Error::from(status)),
+        Code::InvalidArgument,
+        "MALFORMED_MESSAGE",
+    );
+}
+
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A codec that sends and receives message bodies as raw bytes, so a test can put
+/// on the wire what no generated client would.
+#[derive(Debug, Clone, Copy)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
