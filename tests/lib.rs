@@ -11,7 +11,7 @@
 //! | `lifecycle.rs` | seal/unseal/init, health while sealed, restart keeping keys, concurrent rotations |
 //! | `limits.rs` | usage limits of 96-bit-nonce key types: rotate or refuse at the limit, counters that survive restarts |
 //! | `stream.rs` | the streaming RPCs: chunk and item order, per-item errors, chunk errors ending the stream, SEALED |
-//! | `api.rs` | API conventions at the transport edge: malformed protobuf answered INVALID_ARGUMENT / MALFORMED_MESSAGE (unary, batch, stream) |
+//! | `api.rs` | API conventions at the transport edge: reflection v1 and v1alpha, malformed protobuf answered INVALID_ARGUMENT / MALFORMED_MESSAGE (unary, batch, stream) |
 //! | `process.rs` | the real `cipherd` binary as a child process: start, serve, SIGTERM, restart on the same data dir |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through

@@ -1,6 +1,6 @@
-//! API conventions at the transport edge: bytes that are not valid protobuf are
-//! INVALID_ARGUMENT with reason `MALFORMED_MESSAGE`, like every other invalid
-//! input, never INTERNAL.
+//! API conventions at the transport edge: gRPC reflection answers in both its
+//! versions, and bytes that are not valid protobuf are INVALID_ARGUMENT with reason
+//! `MALFORMED_MESSAGE`, like every other invalid input, never INTERNAL.
 
 use bytes::{Buf as _, BufMut as _, Bytes};
 use cipherd_e2e::*;
@@ -11,6 +11,117 @@ use tonic::{
     codegen::http::uri::PathAndQuery,
     transport::Channel,
 };
+use tonic_reflection::pb::{v1, v1alpha};
+
+/// The services a reflection client must find.
+const CIPHERD_SERVICES: [&str; 3] = [
+    "cipherd.v1.TransitService",
+    "cipherd.v1.KeyAdminService",
+    "cipherd.v1.SystemService",
+];
+
+/// Reflection v1 (grpcurl, grpcui) and v1alpha (grpcio's reflection client, older
+/// grpcurl, Postman) both list cipherd's services and serve their descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_in_v1_and_v1alpha() {
+    let server = TestServer::dev().await;
+    let channel = channel(&server).await;
+
+    let (services, descriptor) = reflect_v1(channel.clone()).await;
+    for name in CIPHERD_SERVICES {
+        assert!(
+            services.contains(&name.to_owned()),
+            "v1 lists {name}: {services:?}"
+        );
+    }
+    assert!(
+        descriptor,
+        "v1 serves the descriptor of cipherd.v1.TransitService"
+    );
+
+    let (services, descriptor) = reflect_v1alpha(channel).await;
+    for name in CIPHERD_SERVICES {
+        assert!(
+            services.contains(&name.to_owned()),
+            "v1alpha lists {name}: {services:?}"
+        );
+    }
+    assert!(
+        descriptor,
+        "v1alpha serves the descriptor of cipherd.v1.TransitService"
+    );
+}
+
+/// Lists services through `grpc.reflection.v1`, and asks for the file that
+/// defines `cipherd.v1.TransitService`.
+async fn reflect_v1(channel: Channel) -> (Vec<String>, bool) {
+    use v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol(CIPHERD_SERVICES[0].to_owned()),
+    ]
+    .map(|m| v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap_or_else(|s| panic!("v1 reflection: {s:?}"))
+        .into_inner();
+    let mut services = Vec::new();
+    let mut descriptor = false;
+    while let Some(reply) = replies.next().await {
+        match reply.expect("v1 reply").message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                services.extend(list.service.into_iter().map(|s| s.name));
+            }
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                descriptor = !files.file_descriptor_proto.is_empty();
+            }
+            other => panic!("v1 reflection answered {other:?}"),
+        }
+    }
+    (services, descriptor)
+}
+
+/// [`reflect_v1`] through `grpc.reflection.v1alpha`.
+async fn reflect_v1alpha(channel: Channel) -> (Vec<String>, bool) {
+    use v1alpha::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol(CIPHERD_SERVICES[0].to_owned()),
+    ]
+    .map(|m| v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap_or_else(|s| panic!("v1alpha reflection: {s:?}"))
+        .into_inner();
+    let mut services = Vec::new();
+    let mut descriptor = false;
+    while let Some(reply) = replies.next().await {
+        match reply.expect("v1alpha reply").message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                services.extend(list.service.into_iter().map(|s| s.name));
+            }
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                descriptor = !files.file_descriptor_proto.is_empty();
+            }
+            other => panic!("v1alpha reflection answered {other:?}"),
+        }
+    }
+    (services, descriptor)
+}
 
 /// Message bodies that are not valid protobuf for any cipherd request. Each has
 /// "secret" in it, which must not come back in the error message.

@@ -69,10 +69,15 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, core.watch_sealed()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cipherd_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl and grpcui speak v1, while grpcio's
+    // reflection client, older grpcurl and Postman speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cipherd_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max = params.limits.max_message_bytes;
     let transit = TransitServiceServer::new(TransitHandler::new(Arc::clone(&core)))
@@ -94,7 +99,8 @@ pub async fn run(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(system)
         .add_service(admin)
         .add_service(transit)
