@@ -1,16 +1,30 @@
 # Mirrors CI (.ci/run). Everything is --locked: Cargo.lock is committed.
 CARGO ?= cargo
 
-.PHONY: check fmt lint test doc run deny
+.PHONY: check fmt lint proto-lint test doc run deny
 
-## The gate before every commit: format, lints, tests, docs.
-check: fmt lint test doc
+## The gate before every commit: format, lints, API lint, tests, docs.
+check: fmt lint proto-lint test doc
 
 fmt:
 	$(CARGO) fmt --all -- --check
 
 lint:
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+## The API protos: `buf lint` (STANDARD plus comment rules, proto/buf.yaml) and
+## `buf breaking` (FILE) against the previous commit. buf comes from npm via
+## scripts/buf.sh. Without a previous commit that has proto/ (a shallow clone, the
+## first commit) the breaking check is skipped with a notice.
+proto-lint:
+	scripts/buf.sh lint proto
+	@if git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null 2>&1 \
+	    && git cat-file -e 'HEAD~1:proto' 2>/dev/null; then \
+	  echo "scripts/buf.sh breaking proto --against '.git#ref=HEAD~1,subdir=proto'"; \
+	  scripts/buf.sh breaking proto --against '.git#ref=HEAD~1,subdir=proto'; \
+	else \
+	  echo "proto-lint: no HEAD~1 with a proto/ dir (shallow clone or first commit?): skipping buf breaking"; \
+	fi
 
 ## The README's test command.
 test:
