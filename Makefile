@@ -33,8 +33,11 @@ test:
 doc:
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --locked --workspace --no-deps
 
-## The README's run command: a dev server on 127.0.0.1:8210, data in ./cipherd-data.
+## The README's run command: builds cipherd and cipherctl (so the tour's first
+## cipherctl call does not compile), then a dev server on 127.0.0.1:8210, data in
+## ./cipherd-data.
 run:
+	$(CARGO) build --locked --release --bin cipherd --bin cipherctl
 	$(CARGO) run --locked --release --bin cipherd -- --dev
 
 ## License/advisory policy (needs `cargo install cargo-deny`; not in CI yet).

@@ -82,7 +82,19 @@ TARGETS = [
     dict(id="echo", target="echo", server="echo", key="bench",
          key_type="xaes-256-gcm", label="echo (no crypto)", color="#8c8c8c"),
 ]
-TARGET_BY_ID = {t["id"]: t for t in TARGETS}
+# With --baseline DIR: the same cipherd targets served and driven by an earlier
+# build (DIR/cipherd and DIR/cipherd-bench), so that a change is measured before and
+# after in one run, side by side.
+BASELINE_TARGETS = [
+    dict(id="before-xaes", target="cipherd", server="cipherd-before", key="bench-xaes",
+         key_type="xaes-256-gcm", label="before: xaes-256-gcm", color="#7d9cc4", baseline=True),
+    dict(id="before-gcm", target="cipherd", server="cipherd-before", key="bench-gcm",
+         key_type="aes256-gcm96", label="before: aes256-gcm96", color="#b4cde6", baseline=True),
+]
+TARGET_BY_ID = {t["id"]: t for t in TARGETS + BASELINE_TARGETS}
+# Which current target each baseline target is compared with.
+BASELINE_OF = {"cipherd-xaes": "before-xaes", "cipherd-gcm": "before-gcm"}
+BASELINE_TARGETS_IDS = {t["id"] for t in BASELINE_TARGETS}
 
 
 def main() -> int:
@@ -98,6 +110,9 @@ def main() -> int:
     ap.add_argument("--many-keys", type=int, default=0,
                     help="also run single encrypt 64 B over this many cipherd keys (e.g. 100000)")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binaries")
+    ap.add_argument("--baseline", metavar="DIR", default="",
+                    help="also run DIR/cipherd (driven by DIR/cipherd-bench), an earlier build, "
+                         "as the targets before-xaes and before-gcm, and report after ÷ before")
     ap.add_argument("--out", default=str(ROOT / "bench-out"), help="results directory")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
     ap.add_argument("--svg", default=str(ROOT / "docs" / "img" / "bench-compare.svg"))
@@ -141,6 +156,14 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             sys.exit(f"bench-compare: {path} missing (build {name} first)")
 
     wanted_targets = [t for t in args.targets.split(",") if t]
+    baseline = None
+    if args.baseline:
+        base_dir = Path(args.baseline).resolve()
+        baseline = {name: base_dir / name for name in ("cipherd", "cipherd-bench")}
+        for name, path in baseline.items():
+            if not path.exists():
+                sys.exit(f"bench-compare: baseline {path} missing")
+        wanted_targets += [BASELINE_OF[t] for t in list(wanted_targets) if t in BASELINE_OF]
     for t in wanted_targets:
         if t not in TARGET_BY_ID:
             sys.exit(f"bench-compare: unknown target {t!r}")
@@ -167,8 +190,11 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="cipherd-bench-") as tmp, Servers(Path(tmp), out / "logs") as servers:
         servers.start_openbao(bao) if "openbao" in wanted_targets else None
         servers.start_cipherd(bins["cipherd"])
+        if baseline:
+            servers.start_cipherd(baseline["cipherd"], name="cipherd-before")
         servers.start_echo(bins["cipherd-echo"])
-        setup_targets(servers, bins["cipherd-bench"], wanted_targets, bao)
+        bench_of = lambda t: baseline["cipherd-bench"] if t.get("baseline") else bins["cipherd-bench"]
+        setup_targets(servers, bench_of, wanted_targets, bao)
 
         results["openssl"] = openssl_speed(seconds=max(1.0, min(3.0, args.duration)))
         log(f"openssl speed (one core): {fmt_bytes(results['openssl'].get('1024', 0))}/s at 1 KiB, "
@@ -184,7 +210,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
                     continue
                 done += 1
                 log(f"[{done}/{total}] {t['label']}: {w['label']}")
-                results["runs"].append(measure(servers, bins["cipherd-bench"], t, w, args))
+                results["runs"].append(measure(servers, bench_of(t), t, w, args))
         # The single-encrypt latency target is judged at half of cipherd's peak.
         for run_ in list(results["runs"]):
             if run_["workload"] == "unary-encrypt-64" and run_["target"] == "cipherd-xaes" \
@@ -202,9 +228,10 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
-def setup_targets(servers: "Servers", bench: Path, wanted: list[str], bao: Path) -> None:
+def setup_targets(servers: "Servers", bench_of, wanted: list[str], bao: Path) -> None:
     for tid in wanted:
         t = TARGET_BY_ID[tid]
+        bench = bench_of(t)
         addr = servers.addr[t["server"]]
         if t["target"] == "openbao":
             env = servers.bao_env()
@@ -365,16 +392,16 @@ class Servers:
             time.sleep(0.05)  # poll interval
         log(f"OpenBao listening on 127.0.0.1:{port} (pid {proc.pid})")
 
-    def start_cipherd(self, cipherd: Path) -> None:
-        config = self.tmp / "cipherd.toml"
+    def start_cipherd(self, cipherd: Path, name: str = "cipherd") -> None:
+        config = self.tmp / f"{name}.toml"
         config.write_text('[log]\nlevel = "info"\nformat = "json"\n')
         proc = subprocess.Popen(
             [str(cipherd), "--dev", "--listen", "127.0.0.1:0", "--data-dir",
-             str(self.tmp / "cipherd-data"), "--config", str(config)],
+             str(self.tmp / f"{name}-data"), "--config", str(config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        addr = self._read_addr("cipherd", proc, proc.stderr, "cipherd listening")
-        self._register("cipherd", proc, addr)
-        log(f"cipherd listening on {addr} (pid {proc.pid})")
+        addr = self._read_addr(name, proc, proc.stderr, "cipherd listening")
+        self._register(name, proc, addr)
+        log(f"{name} listening on {addr} (pid {proc.pid})")
 
     def start_echo(self, echo: Path) -> None:
         proc = subprocess.Popen([str(echo), "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
@@ -650,6 +677,9 @@ def render_markdown(results: dict, svg_rel: str) -> str:
         for c in ("cipherd-xaes", "cipherd-gcm"):
             if c in targets:
                 ratio_cols.append((c, "echo", f"{short_name(c)} ÷ echo"))
+    for c, b in BASELINE_OF.items():
+        if c in targets and b in targets:
+            ratio_cols.append((c, b, f"{short_name(c)} after ÷ before"))
     head += [r[2] for r in ratio_cols]
     if openssl and "cipherd-xaes" in targets:
         head.append("xaes bytes/s ÷ openssl")
@@ -673,7 +703,8 @@ def render_markdown(results: dict, svg_rel: str) -> str:
                 row.append(cell)
         for a, b, _ in ratio_cols:
             x, y = rate_of(runs, w["id"], a), rate_of(runs, w["id"], b)
-            row.append(f"{x / y:.1f}×" if x and y else "—")
+            precise = b in BASELINE_TARGETS_IDS
+            row.append((f"{x / y:.3f}×" if precise else f"{x / y:.1f}×") if x and y else "—")
         if openssl and "cipherd-xaes" in targets:
             x = rate_of(runs, w["id"], "cipherd-xaes")
             ref = openssl.get("16384" if w["size"] > 1024 else "1024")

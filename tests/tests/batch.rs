@@ -490,3 +490,59 @@ async fn batch_contexts_and_whole_request_limits() {
             .is_empty()
     );
 }
+
+/// A batch whose reply would exceed `limits.max_message_bytes` (text output grows
+/// by a third) is refused with TOO_LARGE before any work: no encryption is
+/// reserved under the key. The same items in binary fit and are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_whose_reply_would_not_fit_is_refused_before_the_work() {
+    const ITEM: usize = 70 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = Params::for_data_dir(dir.path(), true);
+    params.limits.max_message_bytes = 256 << 10;
+    params.limits.max_plaintext_bytes = ITEM;
+    let server = TestServer::start(params).await;
+    let client = server.client().await;
+    create_key(&client, "counted", pb::KeyType::Aes256Gcm96).await;
+    let request = |encoding: pb::CiphertextEncoding| pb::BatchEncryptRequest {
+        key: "counted".into(),
+        items: (0..3)
+            .map(|i| pb::EncryptItem {
+                plaintext: Bytes::from(vec![i as u8; ITEM]),
+                ..Default::default()
+            })
+            .collect(),
+        encoding: encoding as i32,
+        ..Default::default()
+    };
+
+    // 210 KiB in, about 280 KiB out.
+    let message = expect_err(
+        reply(
+            client
+                .transit()
+                .batch_encrypt(request(pb::CiphertextEncoding::Text))
+                .await,
+        ),
+        Code::InvalidArgument,
+        "TOO_LARGE",
+    );
+    assert!(message.contains("limits.max_message_bytes"), "{message}");
+    let key = cipherd_e2e::get_key(&client, "counted").await;
+    assert_eq!(key.versions[0].encryptions, 0, "work was done: {key:?}");
+
+    let served = reply(
+        client
+            .transit()
+            .batch_encrypt(request(pb::CiphertextEncoding::Binary))
+            .await,
+    )
+    .unwrap();
+    assert_eq!(served.results.len(), 3);
+    assert!(
+        served
+            .results
+            .iter()
+            .all(|r| matches!(r.result, Some(pb::ciphertext_result::Result::Ciphertext(_))))
+    );
+}

@@ -96,16 +96,18 @@ async fn init_and_unseal_with_shamir_shares_across_a_restart() {
         !status.initialized && status.sealed && !status.dev_mode,
         "{status:?}"
     );
-    expect_err(
+    // Before init, data calls and unseal say what to do first: init.
+    let err = expect_err(
         client
             .encrypt("k", &b"x"[..], &EncryptOptions::default())
             .await,
         Code::Unavailable,
-        "SEALED",
+        "NOT_INITIALIZED",
     );
+    assert!(err.to_string().contains("cipherctl init"), "{err}");
     expect_err(
         unseal(&client, "anything").await,
-        Code::FailedPrecondition,
+        Code::Unavailable,
         "NOT_INITIALIZED",
     );
 

@@ -200,6 +200,15 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
     );
     drop(client);
     let second_log = second.terminate().await;
+    // Each start says what the server waits for.
+    assert!(
+        first_log.contains("not initialized: waiting for `cipherctl init`"),
+        "{first_log}"
+    );
+    assert!(
+        second_log.contains("sealed: waiting for 2 unseal shares"),
+        "{second_log}"
+    );
     for log in [first_log, second_log] {
         for share in &shares {
             assert!(!log.contains(share.as_str()), "an unseal share in the log");
@@ -218,12 +227,12 @@ async fn binary_rejects_invalid_configuration() {
         (
             "keys.usage_limit",
             "127.0.0.1:0",
-            Some(("CIPHERD_KEYS__USAGE_LIMIT", "5000000000")),
+            Some(("CIPHERD_SERVER_KEYS__USAGE_LIMIT", "5000000000")),
         ),
         (
             "keys.usage_limit_action",
             "127.0.0.1:0",
-            Some(("CIPHERD_KEYS__USAGE_LIMIT_ACTION", "explode")),
+            Some(("CIPHERD_SERVER_KEYS__USAGE_LIMIT_ACTION", "explode")),
         ),
     ];
     for (option, listen, env) in cases {
@@ -237,6 +246,68 @@ async fn binary_rejects_invalid_configuration() {
         assert!(!out.status.success(), "{option}: started anyway");
         assert!(stderr.contains(option), "{option} not named in: {stderr}");
     }
+}
+
+/// cipherctl's variables exported in the same shell (`CIPHERD_ADDR`, `CIPHERD_TOKEN`,
+/// `CIPHERD_CACERT`) do not stop the server from starting, while its own
+/// `CIPHERD_SERVER_*` variables are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_ignores_the_client_variables_and_reads_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start_with_env(
+        dir.path(),
+        &data,
+        &["--dev"],
+        &[
+            ("CIPHERD_ADDR", "http://127.0.0.1:8210"),
+            ("CIPHERD_TOKEN", "not-a-server-option"),
+            ("CIPHERD_CACERT", "/nonexistent/ca.pem"),
+            ("CIPHERD_SERVER_LIMITS__MAX_BATCH_ITEMS", "2"),
+        ],
+    )
+    .await;
+    let client = daemon.client().await;
+    create_key_with(
+        &client,
+        pb::CreateKeyRequest {
+            name: "k".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let batch = |n: usize| pb::BatchEncryptRequest {
+        key: "k".into(),
+        items: vec![pb::EncryptItem::default(); n],
+        ..Default::default()
+    };
+    assert!(reply(client.transit().batch_encrypt(batch(2)).await).is_ok());
+    expect_err(
+        reply(client.transit().batch_encrypt(batch(3)).await),
+        Code::InvalidArgument,
+        "TOO_LARGE",
+    );
+    drop(client);
+    daemon.terminate().await;
+}
+
+/// `--version` and `--help` name the program `cipherd` and say what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_names_itself_cipherd() {
+    let version = command().arg("--version").output().await.unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    assert_eq!(
+        version.trim(),
+        format!("cipherd {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = command().arg("--help").output().await.unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        help.starts_with("cipherd: encryption as a service over gRPC"),
+        "{help}"
+    );
+    assert!(help.contains("CIPHERD_SERVER_"), "{help}");
+    assert!(!help.contains("cipherd-server"), "{help}");
 }
 
 /// A running `cipherd` child process; killed if the test fails before
@@ -253,9 +324,20 @@ impl Daemon {
     /// learns the port from its "cipherd listening" log line, and polls Status until
     /// it answers.
     async fn start(work: &Path, data: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(work, data, extra, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    async fn start_with_env(
+        work: &Path,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let config = work.join("cipherd.toml");
         std::fs::write(&config, "[log]\nformat = \"json\"\n").unwrap();
         let mut child = command()
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
             .arg("--data-dir")
             .arg(data)

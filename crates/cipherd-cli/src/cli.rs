@@ -35,7 +35,8 @@ pub struct Cli {
 /// Flags accepted before or after any subcommand.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// cipherd's gRPC address; `http://` is assumed when no scheme is given.
+    /// cipherd's gRPC address, `host[:port]` or a URL; `http://` is assumed when no
+    /// scheme is given, and port 8210 when no port is.
     #[arg(long, env = "CIPHERD_ADDR", default_value = DEFAULT_ADDR, global = true, help_heading = GLOBAL)]
     pub addr: String,
     /// Print machine-readable JSON (one object per command; one per line with --lines).
@@ -84,8 +85,10 @@ pub struct InitArgs {
 /// `unseal`.
 #[derive(Debug, Args)]
 pub struct UnsealArgs {
-    /// The share. Omit it (or pass `-`) to read one line from stdin, which keeps it
-    /// out of the shell history.
+    /// The share (`cipherd-share:v…`). Omit it (or pass `-`) to read it from stdin,
+    /// which keeps it out of the shell history. A whole line of `init`'s output
+    /// (`unseal share 2: cipherd-share:…`) and a dev share file (comment lines
+    /// starting with `#`) are accepted too.
     pub share: Option<SecretArg>,
     /// Discard the shares submitted so far first. Without SHARE, only resets.
     #[arg(long)]

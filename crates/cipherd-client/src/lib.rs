@@ -2,7 +2,8 @@
 //!
 //! [`Client`] wraps the three gRPC services with one connection, a per-call
 //! deadline, and retries of calls that are safe to repeat when the server is
-//! briefly unavailable (never while it reports `SEALED`, which needs an operator).
+//! briefly unavailable (never while it reports `SEALED` or `NOT_INITIALIZED`, which
+//! need an operator).
 //! Batch helpers split large inputs into server-sized chunks and return exactly one
 //! result per input, in order. The generated service clients remain reachable for
 //! anything not wrapped here ([`Client::transit`] and friends).
@@ -101,7 +102,8 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
-    /// Extra attempts for calls that failed with UNAVAILABLE (not SEALED).
+    /// Extra attempts for calls that failed with UNAVAILABLE (not SEALED or
+    /// NOT_INITIALIZED).
     pub retries: u32,
     /// Items per batch request.
     pub batch_chunk: usize,
@@ -306,7 +308,8 @@ impl Client {
         Ok(out)
     }
 
-    /// Runs `call`, retrying UNAVAILABLE answers other than SEALED with a short
+    /// Runs `call`, retrying UNAVAILABLE answers other than SEALED and
+    /// NOT_INITIALIZED with a short
     /// exponential back-off. Only used for calls that are safe to repeat.
     async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
@@ -320,8 +323,9 @@ impl Client {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => {
                     let err = Error::from(status);
-                    let transient =
-                        err.code() == Some(Code::Unavailable) && err.reason() != Some("SEALED");
+                    // SEALED and NOT_INITIALIZED wait for an operator, not for time.
+                    let transient = err.code() == Some(Code::Unavailable)
+                        && !matches!(err.reason(), Some("SEALED" | "NOT_INITIALIZED"));
                     if !transient || attempt >= self.options.retries {
                         return Err(err);
                     }

@@ -1,9 +1,11 @@
 //! Configuration in two stages: layered raw sources, then validated parameters.
 //!
 //! [`RawConfig`] is what the `config` crate assembles from built-in defaults, an
-//! optional TOML file, `CIPHERD_*` environment variables (nested keys joined by
-//! `__`, e.g. `CIPHERD_LIMITS__MAX_BATCH_ITEMS`) and command-line flags, in that
-//! order of precedence (flags win). [`Params`] is the validated, immutable result the
+//! optional TOML file, `CIPHERD_SERVER_*` environment variables (nested keys
+//! joined by `__`, e.g. `CIPHERD_SERVER_LIMITS__MAX_BATCH_ITEMS`) and command-line
+//! flags, in that order of precedence (flags win). The server's prefix is its own
+//! so that the client's variables (`CIPHERD_ADDR`, `CIPHERD_TOKEN`,
+//! `CIPHERD_CACERT`, exported for cipherctl in the same shell) never reach it. [`Params`] is the validated, immutable result the
 //! server runs on; invalid combinations are rejected here, at start-up, with a
 //! message naming the option. Every option is documented in
 //! `docs/config.reference.toml`.
@@ -142,6 +144,10 @@ pub struct ConfigError(pub String);
 /// The default `limits.max_message_bytes`: 64 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Environment variables `CIPHERD_SERVER_<KEY>` set server options. Distinct from
+/// the `CIPHERD_*` variables of cipherctl and the client library.
+pub const ENV_PREFIX: &str = "CIPHERD_SERVER";
+
 /// Built-in defaults, the first layer of every configuration.
 pub const DEFAULTS: &[(&str, &str)] = &[
     ("listen", "127.0.0.1:8210"),
@@ -159,8 +165,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 ];
 
 impl RawConfig {
-    /// Assembles defaults, `file` (if any), `CIPHERD_*` environment variables and
-    /// `overrides` (from flags), later sources winning.
+    /// Assembles defaults, `file` (if any), [`ENV_PREFIX`]`_*` environment
+    /// variables and `overrides` (from flags), later sources winning.
     pub fn load(
         file: Option<&std::path::Path>,
         overrides: &[(&str, String)],
@@ -175,7 +181,7 @@ impl RawConfig {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         builder = builder.add_source(
-            config::Environment::with_prefix("CIPHERD")
+            config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true),

@@ -112,7 +112,8 @@ impl Error {
         use Error::*;
         let (code, reason) = match self {
             Sealed => (Code::Unavailable, "SEALED"),
-            NotInitialized => (Code::FailedPrecondition, "NOT_INITIALIZED"),
+            // Like SEALED: this server cannot serve until an operator acts.
+            NotInitialized => (Code::Unavailable, "NOT_INITIALIZED"),
             AlreadyInitialized => (Code::FailedPrecondition, "ALREADY_INITIALIZED"),
             AlreadyUnsealed => (Code::FailedPrecondition, "ALREADY_UNSEALED"),
             UnsealFailed(_) => (Code::InvalidArgument, "UNSEAL_FAILED"),
@@ -144,9 +145,12 @@ impl Error {
         }
     }
 
-    /// The error as a `google.rpc.Status`, for one item of a batch reply.
+    /// The error as a `google.rpc.Status`, for one item of a batch reply. The
+    /// message is cut to [`MAX_ITEM_MESSAGE`] bytes so that the size of a batch
+    /// reply can be bounded before the work is done.
     pub fn to_rpc_status(&self) -> tonic_types::pb::Status {
-        let c = self.classify();
+        let mut c = self.classify();
+        truncate_at_char(&mut c.message, MAX_ITEM_MESSAGE);
         let info = tonic_types::pb::ErrorInfo {
             reason: c.reason.to_owned(),
             domain: ERROR_DOMAIN.to_owned(),
@@ -160,6 +164,20 @@ impl Error {
                 value: info.encode_to_vec(),
             }],
         }
+    }
+}
+
+/// The longest message of a failed batch item's status, in bytes.
+pub const MAX_ITEM_MESSAGE: usize = 256;
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -226,6 +244,20 @@ mod tests {
         let b: tonic::Status = Error::DecryptionFailed.into();
         assert_eq!(a.code(), b.code());
         assert_eq!(a.message(), b.message());
+    }
+
+    #[test]
+    fn item_status_messages_are_bounded() {
+        let long = Error::InvalidArgument("é".repeat(1000)).to_rpc_status();
+        assert!(
+            long.message.len() <= MAX_ITEM_MESSAGE,
+            "{}",
+            long.message.len()
+        );
+        assert!(long.message.len() >= MAX_ITEM_MESSAGE - 1);
+        assert!(long.encode_to_vec().len() <= 2 * MAX_ITEM_MESSAGE);
+        let short = Error::DecryptionFailed.to_rpc_status();
+        assert_eq!(short.message, Error::DecryptionFailed.to_string());
     }
 
     #[test]

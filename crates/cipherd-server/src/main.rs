@@ -8,8 +8,13 @@ use cipherd_server::config::{Params, RawConfig};
 use clap::Parser;
 
 /// cipherd: encryption as a service over gRPC.
+///
+/// Applications send sensitive fields and get ciphertext back; keys never leave
+/// the service. Options come from built-in defaults, the --config file,
+/// CIPHERD_SERVER_* environment variables and these flags, later ones winning
+/// (every option: docs/config.reference.toml).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "cipherd", version)]
 struct Args {
     /// TOML config file (see docs/config.reference.toml).
     #[arg(long, short = 'c', env = "CIPHERD_CONFIG")]
@@ -17,7 +22,7 @@ struct Args {
     /// Dev mode: initialize and unseal automatically from the data dir. INSECURE.
     #[arg(long)]
     dev: bool,
-    /// Address to listen on, e.g. 127.0.0.1:8210.
+    /// Address to listen on, host:port, e.g. 127.0.0.1:8210 (port 0: any free port).
     #[arg(long)]
     listen: Option<String>,
     /// Data directory (SQLite database, dev unseal share).

@@ -10,7 +10,10 @@
 //! needed to open it; it holds the share count, threshold and the AEAD-sealed root
 //! key, so tampering with it can only make unsealing fail.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicBool, Ordering},
+};
 
 use base64::Engine as _;
 use cipherd_core::{
@@ -37,6 +40,10 @@ pub struct Core {
     store: Arc<dyn Store>,
     params: Params,
     state: RwLock<State>,
+    /// Whether the seal record exists, as last seen by `status` or set by `init`:
+    /// lets a data call on a fresh server say "not initialized" rather than
+    /// "sealed" without a storage read. Never goes back to false.
+    initialized: AtomicBool,
     /// Serializes `init`, `unseal` and `seal` so share collection is consistent.
     lifecycle: Mutex<()>,
     sealed_tx: watch::Sender<bool>,
@@ -90,16 +97,18 @@ impl Core {
             state: RwLock::new(State::Sealed {
                 pending: Vec::new(),
             }),
+            initialized: AtomicBool::new(false),
             lifecycle: Mutex::new(()),
             sealed_tx,
         })
     }
 
-    /// The keys, or `Error::Sealed`.
+    /// The keys, or `Error::Sealed` (`Error::NotInitialized` before `Init`).
     pub fn unsealed(&self) -> Result<Arc<Unsealed>> {
         match &*self.read_state() {
             State::Unsealed(u) => Ok(Arc::clone(u)),
-            State::Sealed { .. } => Err(Error::Sealed),
+            State::Sealed { .. } if self.initialized.load(Ordering::Relaxed) => Err(Error::Sealed),
+            State::Sealed { .. } => Err(Error::NotInitialized),
         }
     }
 
@@ -116,6 +125,9 @@ impl Core {
     /// Current lifecycle status.
     pub async fn status(&self) -> Result<SealStatus> {
         let record = self.seal_record().await?;
+        if record.is_some() {
+            self.initialized.store(true, Ordering::Relaxed);
+        }
         let (sealed, progress) = match &*self.read_state() {
             State::Unsealed(_) => (false, 0),
             State::Sealed { pending } => (true, pending.len() as u8),
@@ -167,6 +179,7 @@ impl Core {
             }
             Err(e) => return Err(e.into()),
         }
+        self.initialized.store(true, Ordering::Relaxed);
         tracing::info!(shares = n, threshold = t, "initialized");
         Ok(split.iter().map(|s| s.to_text().to_string()).collect())
     }

@@ -92,6 +92,7 @@ pub async fn run(
         .local_addr()
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(%addr, dev = params.dev, "cipherd listening");
+    log_lifecycle(&core).await;
     tonic::transport::Server::builder()
         // Batches are megabytes: the HTTP/2 default 64 KiB windows would cost a
         // round trip per 64 KiB. Bounded, so a slow reader cannot pin much memory.
@@ -114,6 +115,24 @@ pub async fn run(
         .await?;
     tracing::info!("cipherd stopped");
     Ok(())
+}
+
+/// Tells the operator at start what the server waits for, if anything.
+async fn log_lifecycle(core: &Core) {
+    match core.status().await {
+        Ok(s) if !s.initialized => tracing::warn!(
+            "not initialized: waiting for `cipherctl init`, then `cipherctl unseal`; \
+             data calls answer UNAVAILABLE/NOT_INITIALIZED until then"
+        ),
+        Ok(s) if s.sealed => tracing::warn!(
+            threshold = s.threshold,
+            "sealed: waiting for {} unseal shares (`cipherctl unseal`); \
+             data calls answer UNAVAILABLE/SEALED until then",
+            s.threshold
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot read the seal state"),
+    }
 }
 
 /// HTTP/2 flow-control windows and frame size (see `run`). The client and the

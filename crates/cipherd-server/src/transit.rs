@@ -1,12 +1,20 @@
-//! The `cipherd.v1.TransitService` service: encrypt, decrypt, rewrap (single and batch)
-//! and data keys.
+//! The `cipherd.v1.TransitService` service: encrypt, decrypt, rewrap (single,
+//! batch and stream) and data keys.
 //!
-//! Each RPC validates its input at the edge (key name, sizes, encoding), fetches the
-//! prepared key from the cache, and runs the per-item functions below, which do the
-//! crypto through `cipherd-core`. Batch replies hold exactly one result per item, in
-//! order; an item's failure is reported in its own result (invariant 6).
+//! One request path per operation: every RPC of an operation goes through the
+//! same `*_job` function, which checks what concerns the whole request (key name,
+//! encoding, item count, the size of the reply), finds the key and reserves
+//! encryptions, and returns a [`BatchJob`] whose per-item work does the crypto
+//! through `cipherd-core`. A single call is a batch of one item whose failure is
+//! the call's status; a stream chunk is a batch. Batch replies hold exactly one
+//! result per item, in order; an item's failure is reported in its own result
+//! (invariant 6).
+//!
+//! What this module does not do: choose status codes (`error.rs`), manage keys or
+//! usage counters (`keys.rs`), or limit connections and request bytes (the edge
+//! layers in front of it).
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, slice, sync::Arc};
 
 use bytes::Bytes;
 use cipherd_core::{
@@ -24,9 +32,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use zeroize::Zeroizing;
+
 use crate::{
+    config::Limits,
     error::{Error, Result},
-    keys::LoadedKey,
+    keys::{KeyManager, LoadedKey},
     seal::Core,
 };
 
@@ -42,29 +53,121 @@ impl TransitHandler {
         Self { core }
     }
 
-    async fn batch_encrypt_chunk(
+    fn limits(&self) -> &Limits {
+        &self.core.params().limits
+    }
+
+    /// Everything an encryption of `items` needs before the per-item work: the key,
+    /// the version with `items.len()` encryptions reserved under it, and the checks
+    /// that concern the whole request. Single calls, batches, streams and data keys
+    /// all come through here.
+    async fn encrypt_job(
         &self,
-        r: pb::BatchEncryptRequest,
-    ) -> Result<pb::BatchEncryptResponse> {
+        key: &str,
+        key_version: Option<u32>,
+        encoding: i32,
+        items: &[pb::EncryptItem],
+    ) -> Result<EncryptJob> {
         let unsealed = self.core.unsealed()?;
-        let name = key_name(&r.key)?;
-        let encoding = encoding(r.encoding)?;
-        self.check_batch(r.items.len())?;
-        let requested = r
-            .key_version
+        let name = key_name(key)?;
+        let encoding = parse_encoding(encoding)?;
+        let limits = *self.limits();
+        check_batch(&limits, items.len())?;
+        check_reply(
+            &limits,
+            items
+                .iter()
+                .map(|i| (i.reference.len(), sealed_len(i.plaintext.len(), encoding))),
+        )?;
+        let requested = key_version
             .map(KeyVersion::new)
             .transpose()
             .map_err(Error::from)?;
         let (key, version) = unsealed
             .keys
-            .reserve_encryptions(&name, requested, r.items.len() as u64)
+            .reserve_encryptions(&name, requested, items.len() as u64)
             .await?;
-        let job = EncryptJob {
+        Ok(EncryptJob {
             key,
             version,
             encoding,
-            max_plaintext: self.core.params().limits.max_plaintext_bytes,
+            limits,
+        })
+    }
+
+    /// The source key of a decryption of `items`, reloaded once if any item names
+    /// a version newer than the cached copy knows.
+    async fn decrypt_job(&self, key: &str, items: &[pb::DecryptItem]) -> Result<DecryptJob> {
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(key)?;
+        let limits = *self.limits();
+        check_batch(&limits, items.len())?;
+        // A plaintext is never longer than its ciphertext.
+        check_reply(
+            &limits,
+            items
+                .iter()
+                .map(|i| (i.reference.len(), i.ciphertext.len())),
+        )?;
+        let key = source_key(
+            &unsealed.keys,
+            &name,
+            items.iter().map(|i| i.ciphertext.as_ref()),
+        )
+        .await?;
+        Ok(DecryptJob { key })
+    }
+
+    /// The source key (as for decryption) and the destination key and version
+    /// (as for encryption) of a rewrap of `items`.
+    async fn rewrap_job(
+        &self,
+        key: &str,
+        destination_key: &str,
+        encoding: i32,
+        items: &[pb::RewrapItem],
+    ) -> Result<RewrapJob> {
+        let unsealed = self.core.unsealed()?;
+        let source_name = key_name(key)?;
+        let dest_name = if destination_key.is_empty() {
+            source_name.clone()
+        } else {
+            key_name(destination_key)?
         };
+        let encoding = parse_encoding(encoding)?;
+        let limits = *self.limits();
+        check_batch(&limits, items.len())?;
+        check_reply(
+            &limits,
+            items
+                .iter()
+                .map(|i| (i.reference.len(), sealed_len(i.ciphertext.len(), encoding))),
+        )?;
+        let source = source_key(
+            &unsealed.keys,
+            &source_name,
+            items.iter().map(|i| i.ciphertext.as_ref()),
+        )
+        .await?;
+        let (dest, version) = unsealed
+            .keys
+            .reserve_encryptions(&dest_name, None, items.len() as u64)
+            .await?;
+        Ok(RewrapJob {
+            source,
+            dest,
+            version,
+            encoding,
+        })
+    }
+
+    async fn batch_encrypt_chunk(
+        &self,
+        r: pb::BatchEncryptRequest,
+    ) -> Result<pb::BatchEncryptResponse> {
+        let job = self
+            .encrypt_job(&r.key, r.key_version, r.encoding, &r.items)
+            .await?;
         let results = map_items(job, r.items).await?;
         Ok(pb::BatchEncryptResponse { results })
     }
@@ -73,20 +176,8 @@ impl TransitHandler {
         &self,
         r: pb::BatchDecryptRequest,
     ) -> Result<pb::BatchDecryptResponse> {
-        let unsealed = self.core.unsealed()?;
-        let name = key_name(&r.key)?;
-        self.check_batch(r.items.len())?;
-        let mut key = unsealed.keys.get(&name).await?;
-        // One reload at most, if any item names a version newer than the cache knows.
-        if let Some(newest) = r
-            .items
-            .iter()
-            .filter_map(|i| ciphertext::claimed_version(&i.ciphertext))
-            .max()
-        {
-            key = unsealed.keys.reload_for_version(&name, key, newest).await?;
-        }
-        let results = map_items(DecryptJob { key }, r.items).await?;
+        let job = self.decrypt_job(&r.key, &r.items).await?;
+        let results = map_items(job, r.items).await?;
         Ok(pb::BatchDecryptResponse { results })
     }
 
@@ -94,53 +185,11 @@ impl TransitHandler {
         &self,
         r: pb::BatchRewrapRequest,
     ) -> Result<pb::BatchRewrapResponse> {
-        let unsealed = self.core.unsealed()?;
-        let source_name = key_name(&r.key)?;
-        let dest_name = if r.destination_key.is_empty() {
-            source_name.clone()
-        } else {
-            key_name(&r.destination_key)?
-        };
-        let encoding = encoding(r.encoding)?;
-        self.check_batch(r.items.len())?;
-        let mut source = unsealed.keys.get(&source_name).await?;
-        if let Some(newest) = r
-            .items
-            .iter()
-            .filter_map(|i| ciphertext::claimed_version(&i.ciphertext))
-            .max()
-        {
-            source = unsealed
-                .keys
-                .reload_for_version(&source_name, source, newest)
-                .await?;
-        }
-        let (dest, version) = unsealed
-            .keys
-            .reserve_encryptions(&dest_name, None, r.items.len() as u64)
+        let job = self
+            .rewrap_job(&r.key, &r.destination_key, r.encoding, &r.items)
             .await?;
-        let job = RewrapJob {
-            source,
-            dest,
-            version,
-            encoding,
-        };
         let results = map_items(job, r.items).await?;
         Ok(pb::BatchRewrapResponse { results })
-    }
-
-    fn check_batch(&self, items: usize) -> Result<()> {
-        let limit = self.core.params().limits.max_batch_items;
-        if items > limit {
-            return Err(Error::TooLarge {
-                what: "batch",
-                actual: items,
-                limit,
-                unit: "items",
-                setting: "limits.max_batch_items",
-            });
-        }
-        Ok(())
     }
 }
 
@@ -151,30 +200,19 @@ impl TransitService for TransitHandler {
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let r = request.into_inner();
-        let unsealed = self.core.unsealed()?;
-        let name = key_name(&r.key)?;
-        let encoding = encoding(r.encoding)?;
-        let requested = r
-            .key_version
-            .map(KeyVersion::new)
-            .transpose()
-            .map_err(Error::from)?;
-        check_plaintext(&r.plaintext, self.core.params().limits.max_plaintext_bytes)?;
-        let (key, version) = unsealed
-            .keys
-            .reserve_encryptions(&name, requested, 1)
+        let item = pb::EncryptItem {
+            plaintext: r.plaintext,
+            associated_data: r.associated_data,
+            context: r.context,
+            reference: String::new(),
+        };
+        let job = self
+            .encrypt_job(&r.key, r.key_version, r.encoding, slice::from_ref(&item))
             .await?;
-        let ct = seal(
-            &key,
-            version,
-            &r.context,
-            &r.associated_data,
-            &r.plaintext,
-            encoding,
-        )?;
+        let ciphertext = job.run_one(item)?;
         Ok(Response::new(pb::EncryptResponse {
-            ciphertext: ct.into(),
-            key_version: version.get(),
+            ciphertext: ciphertext.into(),
+            key_version: job.version.get(),
         }))
     }
 
@@ -183,18 +221,17 @@ impl TransitService for TransitHandler {
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let r = request.into_inner();
-        let unsealed = self.core.unsealed()?;
-        let name = key_name(&r.key)?;
-        let key = unsealed.keys.get(&name).await?;
-        let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
-        let key = unsealed
-            .keys
-            .reload_for_version(&name, key, ct.version())
-            .await?;
-        let plaintext = open(&key, &ct, &r.context, &r.associated_data)?;
+        let item = pb::DecryptItem {
+            ciphertext: r.ciphertext,
+            associated_data: r.associated_data,
+            context: r.context,
+            reference: String::new(),
+        };
+        let job = self.decrypt_job(&r.key, slice::from_ref(&item)).await?;
+        let (plaintext, version) = job.run_one(item)?;
         Ok(Response::new(pb::DecryptResponse {
-            plaintext: Bytes::from(plaintext),
-            key_version: ct.version().get(),
+            plaintext,
+            key_version: version.get(),
         }))
     }
 
@@ -203,41 +240,25 @@ impl TransitService for TransitHandler {
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         let r = request.into_inner();
-        let unsealed = self.core.unsealed()?;
-        let source_name = key_name(&r.key)?;
-        let dest_name = if r.destination_key.is_empty() {
-            source_name.clone()
-        } else {
-            key_name(&r.destination_key)?
+        let item = pb::RewrapItem {
+            ciphertext: r.ciphertext,
+            associated_data: r.associated_data,
+            context: r.context,
+            reference: String::new(),
+            destination_context: r.destination_context,
         };
-        let encoding = encoding(r.encoding)?;
-        let source = unsealed.keys.get(&source_name).await?;
-        let ct = Ciphertext::parse(&r.ciphertext).map_err(Error::from)?;
-        let source = unsealed
-            .keys
-            .reload_for_version(&source_name, source, ct.version())
+        let job = self
+            .rewrap_job(
+                &r.key,
+                &r.destination_key,
+                r.encoding,
+                slice::from_ref(&item),
+            )
             .await?;
-        let plaintext = SecretBytes::new(open(&source, &ct, &r.context, &r.associated_data)?);
-        let (dest, version) = unsealed
-            .keys
-            .reserve_encryptions(&dest_name, None, 1)
-            .await?;
-        let dest_context = if r.destination_context.is_empty() {
-            &r.context
-        } else {
-            &r.destination_context
-        };
-        let new_ct = seal(
-            &dest,
-            version,
-            dest_context,
-            &r.associated_data,
-            plaintext.expose_secret(),
-            encoding,
-        )?;
+        let ciphertext = job.run_one(item)?;
         Ok(Response::new(pb::RewrapResponse {
-            ciphertext: new_ct.into(),
-            key_version: version.get(),
+            ciphertext: ciphertext.into(),
+            key_version: job.version.get(),
         }))
     }
 
@@ -306,14 +327,13 @@ impl TransitService for TransitHandler {
         )))
     }
 
+    /// An encryption of a fresh random key: the same path as `Encrypt`, with the
+    /// plaintext made here and, unless `wrapped_only`, returned.
     async fn generate_data_key(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let r = request.into_inner();
-        let unsealed = self.core.unsealed()?;
-        let name = key_name(&r.key)?;
-        let encoding = encoding(r.encoding)?;
         let bytes = match r.bits {
             0 | 256 => 32,
             128 => 16,
@@ -326,25 +346,27 @@ impl TransitService for TransitHandler {
             }
         };
         let data_key = SecretBytes::random(bytes).map_err(Error::from)?;
-        let (key, version) = unsealed.keys.reserve_encryptions(&name, None, 1).await?;
-        let wrapped = seal(
-            &key,
-            version,
-            &r.context,
-            &r.associated_data,
-            data_key.expose_secret(),
-            encoding,
-        )?;
-        let plaintext = if r.wrapped_only {
-            Bytes::new()
-        } else {
-            // Deliberate: the caller asked for the plaintext data key.
-            Bytes::copy_from_slice(data_key.expose_secret())
+        // Deliberate: the data key is the caller's to use; it is wiped from this
+        // process's buffers once the reply is encoded (see `zeroizing_bytes`).
+        let data_key = zeroizing_bytes(data_key.expose_secret().to_vec());
+        let item = pb::EncryptItem {
+            plaintext: data_key.clone(),
+            associated_data: r.associated_data,
+            context: r.context,
+            reference: String::new(),
         };
+        let job = self
+            .encrypt_job(&r.key, None, r.encoding, slice::from_ref(&item))
+            .await?;
+        let wrapped = job.run_one(item)?;
         Ok(Response::new(pb::GenerateDataKeyResponse {
-            plaintext,
+            plaintext: if r.wrapped_only {
+                Bytes::new()
+            } else {
+                data_key
+            },
             ciphertext: wrapped.into(),
-            key_version: version.get(),
+            key_version: job.version.get(),
         }))
     }
 }
@@ -390,17 +412,92 @@ where
     ReceiverStream::new(rx)
 }
 
-fn check_plaintext(plaintext: &[u8], limit: usize) -> Result<()> {
-    if plaintext.len() > limit {
+/// Refuses a batch with more items than `limits.max_batch_items`.
+fn check_batch(limits: &Limits, items: usize) -> Result<()> {
+    if items > limits.max_batch_items {
         return Err(Error::TooLarge {
-            what: "plaintext",
-            actual: plaintext.len(),
-            limit,
-            unit: "bytes",
-            setting: "limits.max_plaintext_bytes",
+            what: "batch",
+            actual: items,
+            limit: limits.max_batch_items,
+            unit: "items",
+            setting: "limits.max_batch_items",
         });
     }
     Ok(())
+}
+
+/// Refuses a request whose reply could exceed `limits.max_message_bytes`, before
+/// any work is done, so that a batch is never computed and then lost on the size
+/// of its own reply. `items` yields each item's reference length and the largest
+/// value (ciphertext or plaintext) its result can carry; an error result is
+/// bounded by [`ITEM_ERROR_BOUND`].
+fn check_reply(limits: &Limits, items: impl Iterator<Item = (usize, usize)>) -> Result<()> {
+    let bound = items.fold(GRPC_FRAME_PREFIX, |total, (reference, value)| {
+        total.saturating_add(
+            reference
+                .saturating_add(value.max(ITEM_ERROR_BOUND))
+                .saturating_add(RESULT_FRAMING),
+        )
+    });
+    if bound > limits.max_message_bytes {
+        return Err(Error::TooLarge {
+            what: "the reply to this request",
+            actual: bound,
+            limit: limits.max_message_bytes,
+            unit: "bytes at most",
+            setting: "limits.max_message_bytes; split the batch",
+        });
+    }
+    Ok(())
+}
+
+/// The gRPC message prefix (compressed flag and length).
+const GRPC_FRAME_PREFIX: usize = 5;
+
+/// Protobuf framing of one batch result beyond its payloads: the repeated field's
+/// tag and length, the reference's and the value's tags and lengths, and the key
+/// version field (each at most one tag byte and a five-byte varint).
+const RESULT_FRAMING: usize = 4 * 6;
+
+/// The largest encoded `google.rpc.Status` of a failed item: item messages are cut
+/// to [`crate::error::MAX_ITEM_MESSAGE`] bytes, and the rest (code, ErrorInfo with its
+/// reason, domain and metadata) is far below the remaining room.
+const ITEM_ERROR_BOUND: usize = 2 * crate::error::MAX_ITEM_MESSAGE;
+
+/// The longest ciphertext a plaintext (or body) of `len` bytes can seal to under
+/// any key type, in `encoding`.
+fn sealed_len(len: usize, encoding: Encoding) -> usize {
+    let body = len.saturating_add(MAX_NONCE_LEN + TAG_LEN);
+    match encoding {
+        Encoding::Binary => body.saturating_add(ciphertext::HEADER_LEN),
+        // `cipherd:v` + up to 10 version digits + `:` + padded base64 of the body.
+        Encoding::Text => body.div_ceil(3).saturating_mul(4).saturating_add(20),
+    }
+}
+
+/// The longest nonce and the tag of every key type.
+const MAX_NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+
+/// The key to decrypt `ciphertexts` with: the cached copy, reloaded once if one of
+/// them names a version newer than it knows (another replica may have rotated).
+async fn source_key<'a>(
+    keys: &KeyManager,
+    name: &KeyName,
+    ciphertexts: impl Iterator<Item = &'a [u8]>,
+) -> Result<Arc<LoadedKey>> {
+    let key = keys.get(name).await?;
+    match ciphertexts.filter_map(ciphertext::claimed_version).max() {
+        Some(newest) => keys.reload_for_version(name, key, newest).await,
+        None => Ok(key),
+    }
+}
+
+/// Plaintext bytes for a reply that are zeroized when the last reference to them
+/// drops, i.e. once tonic has encoded the reply. (tonic's own encode buffer is a
+/// copy this process does not control; see docs/threat-model.md.)
+fn zeroizing_bytes(plaintext: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Zeroizing::new(plaintext))
 }
 
 /// Batches whose items carry at least this many bytes are split across cores.
@@ -408,13 +505,19 @@ fn check_plaintext(plaintext: &[u8], limit: usize) -> Result<()> {
 /// crypto saves (measured: 400 × 64 B ran faster inline on 2 cores).
 const PARALLEL_MIN_BYTES: usize = 128 << 10;
 
-/// Per-item work of one batch, with per-worker state: each worker (one per rayon
-/// task, or one for an inline batch) gets its own [`Sealer`]/[`Opener`], so the
-/// XAES and XChaCha subkey derivation is shared by the items a worker handles.
+/// The per-item work of one operation (encrypt, decrypt, rewrap), shared by the
+/// single, batch and stream RPCs: [`BatchJob::run_one`] for a single call,
+/// [`map_items`] for a batch or a stream chunk.
+///
+/// Each worker (one per rayon task, or one for an inline batch) gets its own
+/// state, a [`Sealer`]/[`Opener`], so the XAES and XChaCha subkey derivation is
+/// shared by the items a worker handles.
 trait BatchJob: Send + Sync + 'static {
     /// One request item.
     type Item: Send + 'static;
-    /// Its result.
+    /// What a successful item produces.
+    type Value;
+    /// An item's entry in a batch reply.
     type Output: Send + 'static;
     /// State one worker keeps across its items.
     type Worker<'a>;
@@ -425,8 +528,22 @@ trait BatchJob: Send + Sync + 'static {
     /// The payload size of an item (decides whether the batch is split).
     fn item_bytes(item: &Self::Item) -> usize;
 
-    /// Processes one item; never fails the batch (errors go in the output).
-    fn run<'a>(&'a self, worker: &mut Self::Worker<'a>, item: Self::Item) -> Self::Output;
+    /// Processes one item.
+    fn process<'a>(
+        &'a self,
+        worker: &mut Self::Worker<'a>,
+        item: &Self::Item,
+    ) -> Result<Self::Value>;
+
+    /// The batch-reply entry of `item`, whose processing gave `outcome`; a failure
+    /// becomes that item's own status and never fails the batch (invariant 6).
+    fn output(&self, item: Self::Item, outcome: Result<Self::Value>) -> Self::Output;
+
+    /// Processes the one item of a single (non-batch) call.
+    fn run_one(&self, item: Self::Item) -> Result<Self::Value> {
+        let mut worker = self.worker();
+        self.process(&mut worker, &item)
+    }
 }
 
 /// Runs `job` over every item, in order. Large batches run on the rayon pool (all
@@ -439,14 +556,23 @@ async fn map_items<J: BatchJob>(job: J, items: Vec<J::Item>) -> Result<Vec<J::Ou
         let mut worker = job.worker();
         return Ok(items
             .into_iter()
-            .map(|item| job.run(&mut worker, item))
+            .map(|item| {
+                let outcome = job.process(&mut worker, &item);
+                job.output(item, outcome)
+            })
             .collect());
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     rayon::spawn(move || {
         let results: Vec<J::Output> = items
             .into_par_iter()
-            .map_init(|| job.worker(), |worker, item| job.run(worker, item))
+            .map_init(
+                || job.worker(),
+                |worker, item| {
+                    let outcome = job.process(worker, &item);
+                    job.output(item, outcome)
+                },
+            )
             .collect();
         let _ = tx.send(results);
     });
@@ -459,11 +585,12 @@ struct EncryptJob {
     key: Arc<LoadedKey>,
     version: KeyVersion,
     encoding: Encoding,
-    max_plaintext: usize,
+    limits: Limits,
 }
 
 impl BatchJob for EncryptJob {
     type Item = pb::EncryptItem;
+    type Value = Vec<u8>;
     type Output = pb::CiphertextResult;
     type Worker<'a> = Option<Sealer<'a>>;
 
@@ -475,22 +602,24 @@ impl BatchJob for EncryptJob {
         item.plaintext.len()
     }
 
-    fn run<'a>(
+    fn process<'a>(
         &'a self,
         sealer: &mut Option<Sealer<'a>>,
-        item: pb::EncryptItem,
-    ) -> pb::CiphertextResult {
-        let outcome = check_plaintext(&item.plaintext, self.max_plaintext).and_then(|()| {
-            seal_item(
-                sealer,
-                &self.key,
-                self.version,
-                &item.context,
-                &item.associated_data,
-                &item.plaintext,
-                self.encoding,
-            )
-        });
+        item: &pb::EncryptItem,
+    ) -> Result<Vec<u8>> {
+        check_plaintext(&item.plaintext, self.limits.max_plaintext_bytes)?;
+        seal_item(
+            sealer,
+            &self.key,
+            self.version,
+            &item.context,
+            &item.associated_data,
+            &item.plaintext,
+            self.encoding,
+        )
+    }
+
+    fn output(&self, item: pb::EncryptItem, outcome: Result<Vec<u8>>) -> pb::CiphertextResult {
         ciphertext_result(item.reference, outcome, self.version)
     }
 }
@@ -501,6 +630,7 @@ struct DecryptJob {
 
 impl BatchJob for DecryptJob {
     type Item = pb::DecryptItem;
+    type Value = (Bytes, KeyVersion);
     type Output = pb::PlaintextResult;
     type Worker<'a> = Openers<'a>;
 
@@ -512,22 +642,37 @@ impl BatchJob for DecryptJob {
         item.ciphertext.len()
     }
 
-    fn run<'a>(&'a self, openers: &mut Openers<'a>, item: pb::DecryptItem) -> pb::PlaintextResult {
-        let mut version = 0;
-        let outcome = Ciphertext::parse(&item.ciphertext)
-            .map_err(Error::from)
-            .and_then(|ct| {
-                version = ct.version().get();
-                openers.open(&self.key, &ct, &item.context, &item.associated_data)
-            });
-        let result = match outcome {
-            Ok(p) => plaintext_result::Result::Plaintext(Bytes::from(p)),
-            Err(e) => plaintext_result::Result::Error(e.to_rpc_status()),
+    fn process<'a>(
+        &'a self,
+        openers: &mut Openers<'a>,
+        item: &pb::DecryptItem,
+    ) -> Result<(Bytes, KeyVersion)> {
+        let ct = Ciphertext::parse(&item.ciphertext).map_err(Error::from)?;
+        let plaintext = openers.open(&self.key, &ct, &item.context, &item.associated_data)?;
+        Ok((zeroizing_bytes(plaintext), ct.version()))
+    }
+
+    fn output(
+        &self,
+        item: pb::DecryptItem,
+        outcome: Result<(Bytes, KeyVersion)>,
+    ) -> pb::PlaintextResult {
+        let (result, key_version) = match outcome {
+            Ok((plaintext, version)) => (
+                plaintext_result::Result::Plaintext(plaintext),
+                version.get(),
+            ),
+            Err(e) => (
+                plaintext_result::Result::Error(e.to_rpc_status()),
+                // The version the ciphertext claims, when it parses: it tells an
+                // operator which version a failing row names.
+                ciphertext::claimed_version(&item.ciphertext).map_or(0, KeyVersion::get),
+            ),
         };
         pb::PlaintextResult {
             reference: item.reference,
             result: Some(result),
-            key_version: version,
+            key_version,
         }
     }
 }
@@ -541,6 +686,7 @@ struct RewrapJob {
 
 impl BatchJob for RewrapJob {
     type Item = pb::RewrapItem;
+    type Value = Vec<u8>;
     type Output = pb::CiphertextResult;
     type Worker<'a> = (Openers<'a>, Option<Sealer<'a>>);
 
@@ -553,33 +699,50 @@ impl BatchJob for RewrapJob {
         2 * item.ciphertext.len()
     }
 
-    fn run<'a>(
+    fn process<'a>(
         &'a self,
         (openers, sealer): &mut (Openers<'a>, Option<Sealer<'a>>),
-        item: pb::RewrapItem,
-    ) -> pb::CiphertextResult {
-        let outcome = Ciphertext::parse(&item.ciphertext)
-            .map_err(Error::from)
-            .and_then(|ct| openers.open(&self.source, &ct, &item.context, &item.associated_data))
-            .and_then(|plain| {
-                let plain = SecretBytes::new(plain);
-                let ctx = if item.destination_context.is_empty() {
-                    &item.context
-                } else {
-                    &item.destination_context
-                };
-                seal_item(
-                    sealer,
-                    &self.dest,
-                    self.version,
-                    ctx,
-                    &item.associated_data,
-                    plain.expose_secret(),
-                    self.encoding,
-                )
-            });
+        item: &pb::RewrapItem,
+    ) -> Result<Vec<u8>> {
+        let ct = Ciphertext::parse(&item.ciphertext).map_err(Error::from)?;
+        let plain = SecretBytes::new(openers.open(
+            &self.source,
+            &ct,
+            &item.context,
+            &item.associated_data,
+        )?);
+        let context = if item.destination_context.is_empty() {
+            &item.context
+        } else {
+            &item.destination_context
+        };
+        seal_item(
+            sealer,
+            &self.dest,
+            self.version,
+            context,
+            &item.associated_data,
+            plain.expose_secret(),
+            self.encoding,
+        )
+    }
+
+    fn output(&self, item: pb::RewrapItem, outcome: Result<Vec<u8>>) -> pb::CiphertextResult {
         ciphertext_result(item.reference, outcome, self.version)
     }
+}
+
+fn check_plaintext(plaintext: &[u8], limit: usize) -> Result<()> {
+    if plaintext.len() > limit {
+        return Err(Error::TooLarge {
+            what: "plaintext",
+            actual: plaintext.len(),
+            limit,
+            unit: "bytes",
+            setting: "limits.max_plaintext_bytes",
+        });
+    }
+    Ok(())
 }
 
 /// A batch sealer for a non-derived key's version (derived keys seal per item:
@@ -655,7 +818,7 @@ pub(crate) fn key_name(name: &str) -> Result<KeyName> {
     Ok(KeyName::new(name)?)
 }
 
-fn encoding(value: i32) -> Result<Encoding> {
+fn parse_encoding(value: i32) -> Result<Encoding> {
     match CiphertextEncoding::try_from(value) {
         Ok(CiphertextEncoding::Unspecified | CiphertextEncoding::Binary) => Ok(Encoding::Binary),
         Ok(CiphertextEncoding::Text) => Ok(Encoding::Text),

@@ -93,14 +93,27 @@ async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
         .map_err(anyhow::Error::from)
 }
 
-/// `host:port` means `http://host:port`; anything with a scheme is used as given.
+/// `host:port` means `http://host:port`; a scheme given is kept. Without a port
+/// the address means cipherd's port, [`DEFAULT_PORT`], never the scheme's (80),
+/// where no cipherd listens.
 fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+    let (scheme, rest) = addr.split_once("://").unwrap_or(("http", addr));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    // An IPv6 literal's colons are inside its brackets.
+    let port_part = authority.rfind(']').map_or(authority, |i| &authority[i..]);
+    let mut out = format!("{scheme}://{authority}");
+    if !port_part.contains(':') && !authority.is_empty() {
+        out.push_str(&format!(":{DEFAULT_PORT}"));
     }
+    if !path.is_empty() {
+        out.push('/');
+        out.push_str(path);
+    }
+    out
 }
+
+/// cipherd's default gRPC port, as in the server's default `listen`.
+const DEFAULT_PORT: u16 = 8210;
 
 /// All of stdin, as raw bytes.
 async fn read_stdin_all(what: &str) -> anyhow::Result<Vec<u8>> {
@@ -174,9 +187,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_get_a_scheme_when_missing() {
+    fn addresses_get_a_scheme_and_cipherds_port_when_missing() {
         assert_eq!(endpoint("127.0.0.1:8210"), "http://127.0.0.1:8210");
         assert_eq!(endpoint("https://kms:8210"), "https://kms:8210");
+        assert_eq!(endpoint("127.0.0.1"), "http://127.0.0.1:8210");
+        assert_eq!(endpoint("http://kms"), "http://kms:8210");
+        assert_eq!(endpoint("https://kms/"), "https://kms:8210");
+        assert_eq!(endpoint("[::1]"), "http://[::1]:8210");
+        assert_eq!(endpoint("[::1]:9"), "http://[::1]:9");
+        assert_eq!(endpoint("kms:1/base"), "http://kms:1/base");
     }
 
     #[test]

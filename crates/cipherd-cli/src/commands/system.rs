@@ -6,7 +6,11 @@
 
 use cipherd_client::pb;
 
-use super::{Ctx, read_stdin_line};
+use std::io::IsTerminal as _;
+
+use zeroize::Zeroizing;
+
+use super::{Ctx, read_stdin_all, read_stdin_line};
 use crate::{
     cli::{InitArgs, SecretArg, UnsealArgs},
     error::Failure,
@@ -45,15 +49,15 @@ pub(super) async fn init(ctx: &Ctx, args: InitArgs) -> anyhow::Result<()> {
 pub(super) async fn unseal(ctx: &Ctx, args: UnsealArgs) -> anyhow::Result<()> {
     let share = match args.share.as_ref().map(SecretArg::expose) {
         Some("-") => read_share().await?,
-        Some(share) => share.to_owned(),
-        None if args.reset => String::new(),
+        Some(share) => find_share(share)?,
+        None if args.reset => Zeroizing::new(String::new()),
         None => read_share().await?,
     };
     let reply = ctx
         .client
         .system()
         .unseal(pb::UnsealRequest {
-            share,
+            share: share.to_string(),
             reset: args.reset,
         })
         .await
@@ -72,10 +76,75 @@ pub(super) async fn seal(ctx: &Ctx) -> anyhow::Result<()> {
     ctx.emit(&SealView { sealed: true })
 }
 
-async fn read_share() -> anyhow::Result<String> {
-    let share = read_stdin_line("Unseal share").await?;
-    if share.trim().is_empty() {
+/// The share from stdin: one line typed at a terminal, or everything piped in
+/// (such as a dev share file).
+async fn read_share() -> anyhow::Result<Zeroizing<String>> {
+    let input = if std::io::stdin().is_terminal() {
+        Zeroizing::new(read_stdin_line("Unseal share").await?)
+    } else {
+        let bytes = Zeroizing::new(read_stdin_all("unseal share").await?);
+        Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    if input.trim().is_empty() {
         return Err(Failure::new("INVALID_INPUT", "no unseal share on stdin").into());
     }
-    Ok(share.trim().to_owned())
+    Ok(find_share(&input)?)
+}
+
+/// Picks the share out of what an operator pastes or pipes: the share alone, a
+/// line of `init`'s output (`unseal share 2: cipherd-share:…`), or a file whose
+/// other lines are `#` comments. Never repeats the input in an error.
+fn find_share(input: &str) -> Result<Zeroizing<String>, Failure> {
+    let mut found = input
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(str::split_whitespace)
+        .filter(|word| word.starts_with(SHARE_PREFIX));
+    match (found.next(), found.next()) {
+        (Some(share), None) => Ok(Zeroizing::new(share.to_owned())),
+        (Some(_), Some(_)) => Err(Failure::new(
+            "INVALID_INPUT",
+            "more than one unseal share given; submit one share per `cipherctl unseal`",
+        )),
+        (None, _) => Err(Failure::new(
+            "INVALID_INPUT",
+            format!(
+                "no unseal share found: expected {SHARE_PREFIX}v<N>:<hex digits>, as printed by \
+                 `cipherctl init` (a whole line of its output, or a dev share file, works too)"
+            ),
+        )),
+    }
+}
+
+/// What every share's text form starts with (followed by its encoding version).
+const SHARE_PREFIX: &str = "cipherd-share:";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHARE: &str = "cipherd-share:v1:0a0b";
+
+    #[test]
+    fn shares_are_found_in_what_operators_paste() {
+        for input in [
+            SHARE.to_owned(),
+            format!("  {SHARE}\n"),
+            format!("unseal share 2: {SHARE}"),
+            format!(
+                "# INSECURE: cipherd dev-mode unseal share.\n# cipherd-share:v1:ffff is an example\n{SHARE}\n"
+            ),
+        ] {
+            assert_eq!(find_share(&input).expect(&input).as_str(), SHARE, "{input}");
+        }
+    }
+
+    #[test]
+    fn no_share_or_several_are_refused_without_echoing_input() {
+        let err = find_share("unseal share 2: deadbeef").expect_err("no share");
+        assert_eq!(err.reason, "INVALID_INPUT");
+        assert!(!err.message.contains("deadbeef"), "{}", err.message);
+        let two = format!("{SHARE}\n{SHARE}2");
+        assert!(find_share(&two).is_err());
+    }
 }
