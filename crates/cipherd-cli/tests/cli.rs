@@ -746,7 +746,12 @@ async fn init_unseal_seal_lifecycle() {
         .success()
         .json();
     assert_eq!(v["initialized"], false);
+    // Something that is not a share is refused locally; a share-shaped input
+    // reaches the server, which says what to do first.
     cipherctl(addr, &["unseal", "abc"], None)
+        .await
+        .failure("INVALID_INPUT");
+    cipherctl(addr, &["unseal", "unseal share 1: cipherd-share:v1:00"], None)
         .await
         .failure("NOT_INITIALIZED");
 
