@@ -699,14 +699,14 @@ async fn invalidate_on_change(
 
 #[cfg(test)]
 mod tests {
-    use cipherd_core::barrier::RootKey;
+    use cipherd_core::{barrier::RootKey, secret::Derivation};
     use cipherd_store::SqliteStore;
 
     use super::*;
     use crate::config::Params;
 
     async fn manager(store: Arc<dyn Store>, root: &RootKey) -> KeyManager {
-        let barrier = Arc::new(Barrier::new(root, 1).unwrap());
+        let barrier = Arc::new(Barrier::new(root, 1, Derivation::V2).unwrap());
         KeyManager::new(store, barrier, Params::for_data_dir("unused", false).usage)
     }
 
@@ -749,7 +749,7 @@ mod tests {
     async fn a_lowered_limit_exhausts_the_version_and_never_lowers_its_count() {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
         let root = RootKey::generate().unwrap();
-        let barrier = || Arc::new(Barrier::new(&root, 1).unwrap());
+        let barrier = || Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
         let name = KeyName::new("capped").unwrap();
         let v1 = KeyVersion::FIRST;
 
