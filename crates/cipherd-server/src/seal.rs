@@ -239,6 +239,10 @@ impl Core {
         let share_text = share_text.into();
         let _guard = self.lifecycle.lock().await;
         let seal = self.seal_record().await?.ok_or(Error::NotInitialized)?;
+        // The lifecycle lock is held, so the state cannot change until we return.
+        if matches!(*self.read_state(), State::Unsealed(_)) {
+            return Err(Error::AlreadyUnsealed);
+        }
         // Parsed before the state is touched: a refused share changes nothing.
         let share = match share_text.trim() {
             "" => None,
