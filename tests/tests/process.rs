@@ -217,6 +217,65 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
     }
 }
 
+/// A `/proc/<pid>/` file's line starting with `prefix`.
+fn proc_line(pid: u32, file: &str, prefix: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in /proc/{pid}/{file}"))
+        .to_owned()
+}
+
+/// The real binary disables core dumps at start (RLIMIT_CORE 0, soft and hard) and locks nothing by default; with `memory.lock = true` its memory is locked (VmLck), or, where it may not lock, it refuses to start naming RLIMIT_MEMLOCK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_disables_core_dumps_and_locks_memory_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(dir.path(), &data, &["--dev"]).await;
+    let pid = daemon.child.id().unwrap();
+    let core: Vec<String> = proc_line(pid, "limits", "Max core file size")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(core[4..6], ["0", "0"], "{core:?}");
+    assert_eq!(
+        proc_line(pid, "status", "VmLck:").split_whitespace().nth(1),
+        Some("0")
+    );
+    let log = daemon.terminate().await;
+    assert!(log.contains("core dumps disabled"), "{log}");
+
+    // CAP_IPC_LOCK (bit 14 of CapEff) lets the child lock past RLIMIT_MEMLOCK.
+    let caps = proc_line(std::process::id(), "status", "CapEff:");
+    let cap_ipc_lock =
+        u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap() & (1 << 14) != 0;
+    if cap_ipc_lock {
+        let daemon =
+            Daemon::start_with(dir.path(), &data, &["--dev"], "[memory]\nlock = true\n", &[]).await;
+        let pid = daemon.child.id().unwrap();
+        let locked = proc_line(pid, "status", "VmLck:");
+        assert_ne!(locked.split_whitespace().nth(1), Some("0"), "{locked}");
+        daemon.terminate().await;
+    } else {
+        std::fs::write(dir.path().join("lock.toml"), "[memory]\nlock = true\n").unwrap();
+        // A memlock limit of 0 makes the failure certain.
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -l 0 && exec \"$0\" \"$@\""])
+            .arg(binary())
+            .args(["--listen", "127.0.0.1:0", "--dev", "--config"])
+            .arg(dir.path().join("lock.toml"))
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without locking: {stderr}");
+        assert!(stderr.contains("RLIMIT_MEMLOCK"), "{stderr}");
+    }
+}
+
 /// Invalid configuration stops the real binary at start-up with a non-zero exit and a message naming the option.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_rejects_invalid_configuration() {
@@ -255,10 +314,11 @@ async fn binary_rejects_invalid_configuration() {
 async fn binary_ignores_the_client_variables_and_reads_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let daemon = Daemon::start_with_env(
+    let daemon = Daemon::start_with(
         dir.path(),
         &data,
         &["--dev"],
+        "",
         &[
             ("CIPHERD_ADDR", "http://127.0.0.1:8210"),
             ("CIPHERD_TOKEN", "not-a-server-option"),
@@ -324,18 +384,21 @@ impl Daemon {
     /// learns the port from its "cipherd listening" log line, and polls Status until
     /// it answers.
     async fn start(work: &Path, data: &Path, extra: &[&str]) -> Self {
-        Self::start_with_env(work, data, extra, &[]).await
+        Self::start_with(work, data, extra, "", &[]).await
     }
 
-    /// [`Daemon::start`] with extra environment variables.
-    async fn start_with_env(
+    /// Like [`Daemon::start`], with `config` appended to the config file and extra
+    /// environment variables.
+    async fn start_with(
         work: &Path,
         data: &Path,
         extra: &[&str],
+        config: &str,
         env: &[(&str, &str)],
     ) -> Self {
+        let config_text = format!("[log]\nformat = \"json\"\n{config}");
         let config = work.join("cipherd.toml");
-        std::fs::write(&config, "[log]\nformat = \"json\"\n").unwrap();
+        std::fs::write(&config, config_text).unwrap();
         let mut child = command()
             .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])

@@ -566,7 +566,7 @@ async fn min_decryption_version_is_enforced_and_trim_destroys_old_versions() {
     assert_eq!(encrypt(&client, "records", b"x").await.key_version, 3);
 }
 
-/// ExportKey returns material only for exportable keys (per version or all), and exportable can be turned on but never off.
+/// ExportKey returns material only for keys created exportable (per version or all); exportable is fixed at creation, never turned on or off later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_is_only_for_exportable_keys() {
     let server = TestServer::dev().await;
@@ -617,26 +617,39 @@ async fn export_is_only_for_exportable_keys() {
     .await;
     expect_err(off, Code::FailedPrecondition, "FAILED_PRECONDITION");
 
-    // Turning it on later is allowed, and then export works.
+    // Exportability is fixed at creation: turning it on later is refused (before
+    // the fix any client could, and then export the material), and export still
+    // refuses.
     let on = update_config(
         &client,
         pb::UpdateKeyConfigRequest {
             name: "sealed-in".into(),
             exportable: Some(true),
+            deletion_allowed: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    expect_err(on, Code::FailedPrecondition, "FAILED_PRECONDITION");
+    let key = get_key(&client, "sealed-in").await;
+    assert!(!key.exportable && !key.deletion_allowed, "{key:?}");
+    expect_err(
+        export(&client, "sealed-in", None).await,
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+    // Restating the creation value is accepted.
+    let same = update_config(
+        &client,
+        pb::UpdateKeyConfigRequest {
+            name: "sealed-in".into(),
+            exportable: Some(false),
             ..Default::default()
         },
     )
     .await
     .unwrap();
-    assert!(on.exportable);
-    assert_eq!(
-        export(&client, "sealed-in", None)
-            .await
-            .unwrap()
-            .versions
-            .len(),
-        1
-    );
+    assert!(!same.exportable);
 }
 
 /// DeleteKey needs deletion_allowed, and a key re-created under a deleted name is new: it cannot open the old key's ciphertexts.

@@ -193,7 +193,8 @@ pub struct KeyConfigArgs {
     /// Allow or forbid `key delete`.
     #[arg(long, value_name = "BOOL")]
     pub deletion_allowed: Option<bool>,
-    /// Make the key exportable (cannot be turned off again).
+    /// Ask for exportable; refused (FAILED_PRECONDITION) unless the key was created
+    /// exportable: exportability is fixed at creation.
     #[arg(long)]
     pub exportable: bool,
 }

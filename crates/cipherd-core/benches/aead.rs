@@ -9,7 +9,12 @@
 //!   1 KiB and 16 KiB, into a reused buffer (so allocation is not measured).
 //! - `batch/<key type>`: the same message sealed and opened one at a time through
 //!   `AeadKey` (`single`) and through a `Sealer`/`Opener` that shares the derived
-//!   subkey (`sealer`, `opener`), 64 B and 1 KiB, for the two 192-bit-nonce types.
+//!   subkey (`sealer`, `opener`), 64 B and 1 KiB, for the two 192-bit-nonce types;
+//!   for the 96-bit types `seal/single` and `seal/sealer` only (their sealer
+//!   draws `NONCES_PER_FILL` nonces per generator call).
+//! - `batch100/<key type>`: 100 × 64 B sealed as the server seals a batch: a fresh
+//!   `Sealer` per batch (`sealer`, so the per-batch generator draw is counted)
+//!   against 100 single seals (`single`, one generator call each).
 //! - `reference`: the primitives underneath with no cipherd code in the way:
 //!   raw aws-lc-rs AES-256-GCM and ChaCha20-Poly1305 under a prepared key, and the
 //!   RustCrypto XChaCha20-Poly1305 that the `xchacha20-poly1305` key type used to
@@ -102,6 +107,64 @@ fn single_message(c: &mut Criterion) {
 }
 
 fn batch(c: &mut Criterion) {
+    for key_type in [KeyType::Aes256Gcm96, KeyType::ChaCha20Poly1305] {
+        let k = key(key_type);
+        let mut group = c.benchmark_group(format!("batch/{key_type}"));
+        configure(&mut group);
+        for size in [64, 1024] {
+            let plaintext = vec![0xA5; size];
+            let mut out = Vec::with_capacity(size + k.overhead());
+            group.throughput(Throughput::Bytes(size as u64));
+            group.bench_function(format!("seal/single/{size}"), |b| {
+                b.iter(|| {
+                    out.clear();
+                    k.seal_append(AAD, black_box(&plaintext), &mut out).unwrap();
+                    black_box(&out);
+                })
+            });
+            let mut sealer = k.sealer().unwrap();
+            group.bench_function(format!("seal/sealer/{size}"), |b| {
+                b.iter(|| {
+                    out.clear();
+                    sealer
+                        .seal_append(AAD, black_box(&plaintext), &mut out)
+                        .unwrap();
+                    black_box(&out);
+                })
+            });
+        }
+        group.finish();
+    }
+    for key_type in KeyType::ALL {
+        let k = key(key_type);
+        let mut group = c.benchmark_group(format!("batch100/{key_type}"));
+        configure(&mut group);
+        let plaintext = vec![0xA5; 64];
+        let mut out = Vec::with_capacity(100 * (64 + k.overhead()));
+        group.throughput(Throughput::Elements(100));
+        group.bench_function("single/64", |b| {
+            b.iter(|| {
+                out.clear();
+                for _ in 0..100 {
+                    k.seal_append(AAD, black_box(&plaintext), &mut out).unwrap();
+                }
+                black_box(&out);
+            })
+        });
+        group.bench_function("sealer/64", |b| {
+            b.iter(|| {
+                out.clear();
+                let mut sealer = k.sealer().unwrap();
+                for _ in 0..100 {
+                    sealer
+                        .seal_append(AAD, black_box(&plaintext), &mut out)
+                        .unwrap();
+                }
+                black_box(&out);
+            })
+        });
+        group.finish();
+    }
     for key_type in [KeyType::Xaes256Gcm, KeyType::XChaCha20Poly1305] {
         let k = key(key_type);
         let mut group = c.benchmark_group(format!("batch/{key_type}"));

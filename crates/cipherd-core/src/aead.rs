@@ -5,6 +5,52 @@
 //! appends `nonce || ciphertext || tag` to a caller-owned `Vec`, so a batch can be
 //! written into one buffer with no per-item allocation.
 //!
+//! # Where nonces come from
+//!
+//! Every random byte this module uses (single-message nonces, a [`Sealer`]'s
+//! draws) comes straight from aws-lc-rs's generator (`aws_lc_rs::rand::fill`) at
+//! the moment it is needed. aws-lc reseeds that generator when the process forks
+//! and when the VM it runs in is restored from a snapshot, so a restored or forked
+//! copy never repeats the parent's nonces. No random bytes are kept ahead of time:
+//! not in a thread-local or process-wide pool (one would survive a fork or a
+//! snapshot restore and be handed out again, which for AES-GCM under the same key
+//! reveals the authentication key), and not across calls or requests.
+//!
+//! The cost is one fill call (about 0.4 µs, nearly independent of length) per
+//! single seal, and for batches:
+//!
+//! - 96-bit-nonce types: a [`Sealer`] fills [`NONCES_PER_FILL`] nonces with one
+//!   call when it seals its first message, and again each time those run out, and
+//!   drops what it did not use. A sealer lives for one batch (one worker of one
+//!   request), so the bytes are drawn while that batch is being sealed and are
+//!   gone with it; a snapshot taken mid-batch can repeat at most the rest of one
+//!   chunk, exactly like a single seal whose nonce was drawn just before the
+//!   snapshot.
+//! - 192-bit-nonce types: a sealer draws 24 bytes per subkey (see below).
+//!
+//! # Where nonces come from
+//!
+//! Every random byte this module uses (single-message nonces, a [`Sealer`]'s
+//! draws) comes straight from aws-lc-rs's generator (`aws_lc_rs::rand::fill`) at
+//! the moment it is needed. aws-lc reseeds that generator when the process forks
+//! and when the VM it runs in is restored from a snapshot, so a restored or forked
+//! copy never repeats the parent's nonces. No random bytes are kept ahead of time:
+//! not in a thread-local or process-wide pool (one would survive a fork or a
+//! snapshot restore and be handed out again, which for AES-GCM under the same key
+//! reveals the authentication key), and not across calls or requests.
+//!
+//! The cost is one fill call (about 0.4 µs, nearly independent of length) per
+//! single seal, and for batches:
+//!
+//! - 96-bit-nonce types: a [`Sealer`] fills [`NONCES_PER_FILL`] nonces with one
+//!   call when it seals its first message, and again each time those run out, and
+//!   drops what it did not use. A sealer lives for one batch (one worker of one
+//!   request), so the bytes are drawn while that batch is being sealed and are
+//!   gone with it; a snapshot taken mid-batch can repeat at most the rest of one
+//!   chunk, exactly like a single seal whose nonce was drawn just before the
+//!   snapshot.
+//! - 192-bit-nonce types: a sealer draws 24 bytes per subkey (see below).
+//!
 //! Backends (all AEAD work runs on aws-lc-rs):
 //!
 //! | key type | implementation |
@@ -23,7 +69,8 @@
 //! per [`MESSAGES_PER_SUBKEY`] messages; an [`Opener`] (from [`AeadKey::opener`])
 //! keeps the subkey of the last prefix it saw. The ciphertexts are the standard
 //! ones, and open with [`AeadKey::open_append`] or any other implementation. For
-//! 96-bit-nonce types both simply call the key's own methods.
+//! 96-bit-nonce types an opener simply calls the key's own method, and a sealer
+//! only batches the generator calls for its nonces (see above).
 //! `docs/ciphertext-format.md` ("Batches") gives the nonce construction and its
 //! collision bound.
 //!
@@ -35,7 +82,7 @@
 //!
 //! Every decryption failure, whatever its cause, is [`Error::DecryptionFailed`].
 
-use std::{cell::RefCell, fmt};
+use std::fmt;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use zeroize::Zeroize;
@@ -97,16 +144,16 @@ impl AeadKey {
     /// Encrypts under a fresh random nonce and appends `nonce || ciphertext || tag`
     /// to `out`.
     ///
-    /// The nonce comes from aws-lc's CSPRNG (drawn in blocks per thread, see
-    /// `random_nonce` in the source); a failure there is [`Error::Provider`] and
-    /// leaves `out` as it was. `out` grows by exactly
+    /// The nonce is drawn from aws-lc-rs's generator for this call (see the
+    /// [module docs](self)); a failure there is [`Error::Provider`] and leaves
+    /// `out` as it was. `out` grows by exactly
     /// `plaintext.len() + self.overhead()` bytes and reallocates at most once.
     ///
     /// For many messages under a 192-bit-nonce key type, a [`Sealer`] is faster.
     pub fn seal_append(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let mut nonce_buf = [0u8; EXTENDED_NONCE_LEN];
         let nonce = &mut nonce_buf[..self.key_type.nonce_len()];
-        random_nonce(nonce)?;
+        fill_random(nonce)?;
         self.seal_with_nonce(nonce, aad, plaintext, out)
     }
 
@@ -200,29 +247,41 @@ impl fmt::Debug for AeadKey {
 /// `Q² / 2^193`. The ciphertexts are standard XAES-256-GCM and XChaCha20-Poly1305
 /// with the full nonce in front.
 ///
-/// For the 96-bit-nonce types a sealer is [`AeadKey::seal_append`] (a fresh random
-/// nonce per message); those types have no subkey to share. A sealer counts
-/// nothing against a version's usage limit: callers reserve encryptions for
-/// those types exactly as for single seals.
+/// For the 96-bit-nonce types each message gets a fresh random nonce, as with
+/// [`AeadKey::seal_append`]; those types have no subkey to share, and the sealer
+/// only draws the nonces of up to [`NONCES_PER_FILL`] messages with one call to
+/// the generator, when it seals the first of them (see the [module docs](self)).
+/// A sealer counts nothing against a version's usage limit: callers reserve
+/// encryptions for those types exactly as for single seals.
 ///
 /// Not `Clone`, on purpose: two copies would hand out the same nonces. A sealer is
 /// `Send`, so it can be created once per worker (for example with rayon's
 /// `map_init`) and moved into it.
 pub struct Sealer<'a> {
     key: &'a AeadKey,
-    /// The current subkey and its nonce state, for 192-bit-nonce types only.
-    batch: Option<SubkeyBatch>,
+    nonces: SealerNonces,
     /// Messages per subkey: [`MESSAGES_PER_SUBKEY`], smaller only in tests.
     limit: u64,
 }
 
+/// A sealer's nonce state, per kind of key type.
+// The chunk is 768 bytes inline: a sealer lives on one worker's stack for one
+// batch, so a box would only add an allocation per batch.
+#[allow(clippy::large_enum_variant)]
+enum SealerNonces {
+    /// 96-bit types: this batch's drawn nonces.
+    Random(NonceChunk),
+    /// 192-bit types: the current subkey and its nonce state.
+    Subkey(SubkeyBatch),
+}
+
 impl<'a> Sealer<'a> {
     fn new(key: &'a AeadKey, limit: u64) -> Result<Self> {
-        let batch = match &key.backend {
-            Backend::AwsLc(_) => None,
-            Backend::Extended(ext) => Some(SubkeyBatch::draw(ext)?),
+        let nonces = match &key.backend {
+            Backend::AwsLc(_) => SealerNonces::Random(NonceChunk::empty()),
+            Backend::Extended(ext) => SealerNonces::Subkey(SubkeyBatch::draw(ext)?),
         };
-        Ok(Self { key, batch, limit })
+        Ok(Self { key, nonces, limit })
     }
 
     /// The algorithm of the key this sealer seals under.
@@ -234,12 +293,18 @@ impl<'a> Sealer<'a> {
     /// exactly like [`AeadKey::seal_append`] but with the nonce chosen as described
     /// on [`Sealer`].
     ///
-    /// Fails with [`Error::Provider`] only if the CSPRNG fails while drawing a new
-    /// prefix; `out` is then left as it was.
+    /// Fails with [`Error::Provider`] only if the generator fails while drawing
+    /// nonces or a new prefix; `out` is then left as it was.
     pub fn seal_append(&mut self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let key = self.key;
-        let (Some(batch), Backend::Extended(ext)) = (&mut self.batch, &key.backend) else {
-            return key.seal_append(aad, plaintext, out);
+        let (batch, ext) = match (&mut self.nonces, &key.backend) {
+            (SealerNonces::Subkey(batch), Backend::Extended(ext)) => (batch, ext),
+            (SealerNonces::Random(chunk), _) => {
+                let nonce = chunk.next()?;
+                return key.seal_with_nonce(&nonce, aad, plaintext, out);
+            }
+            // Invariant: `Sealer::new` picks the variant from the backend.
+            (SealerNonces::Subkey(_), Backend::AwsLc(_)) => return Err(Error::Provider),
         };
         if batch.sealed >= self.limit {
             *batch = SubkeyBatch::draw(ext)?;
@@ -348,56 +413,60 @@ const TAG_LEN: usize = 16;
 /// Nonce length of the 192-bit-nonce types, the longest of any key type.
 const EXTENDED_NONCE_LEN: usize = 24;
 
-/// Bytes of CSPRNG output each thread draws at once for nonces.
-const NONCE_POOL_LEN: usize = 4096;
+/// How many 96-bit nonces a [`Sealer`] draws with one call to the generator: 64
+/// (768 bytes). One fill costs about the same whatever its length up to a few
+/// kilobytes, so this brings the cost per batch item from ~0.4 µs to a few
+/// nanoseconds, while a batch of one wastes only 756 bytes of generator output.
+pub const NONCES_PER_FILL: usize = 64;
 
+/// Nonce length of the 96-bit types.
+const NONCE_96_LEN: usize = 12;
+
+#[cfg(test)]
 thread_local! {
-    static NONCE_POOL: RefCell<NoncePool> = const { RefCell::new(NoncePool::empty()) };
+    /// Calls to the generator made by this thread (tests only): lets tests see
+    /// that every seal draws fresh bytes and that nothing is kept between seals.
+    static FILLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Fills `nonce` with fresh random bytes from aws-lc's CSPRNG.
-///
-/// Why a pool: each `aws_lc_rs::rand::fill` call costs about 0.4 to 0.6 µs
-/// whatever its length (measured here), more than sealing a 1 KiB message, while
-/// a 4 KiB fill costs about 1.3 µs. Drawing 4 KiB per thread and handing out
-/// consecutive, never-reused slices brings a nonce to a few nanoseconds. The
-/// bytes are not secret (they are published as nonces), so holding them ahead of
-/// time exposes nothing. The one hazard of any user-space RNG buffer is `fork()`
-/// without `exec`: the child would inherit the unused remainder. cipherd never
-/// forks; a future caller that does must not seal in the child before a refill.
-fn random_nonce(nonce: &mut [u8]) -> Result<()> {
-    NONCE_POOL
-        .try_with(|pool| pool.borrow_mut().take(nonce))
-        // The thread-local is gone only while this thread is being torn down.
-        .unwrap_or_else(|_| aws_lc_rs::rand::fill(nonce).map_err(|_| Error::Provider))
+/// Fills `dst` from aws-lc-rs's generator, now (see the module docs for why
+/// nothing is drawn ahead of time). A failure is [`Error::Provider`].
+fn fill_random(dst: &mut [u8]) -> Result<()> {
+    #[cfg(test)]
+    FILLS.with(|n| n.set(n.get() + 1));
+    aws_lc_rs::rand::fill(dst).map_err(|_| Error::Provider)
 }
 
-/// One thread's unused CSPRNG output; `buf[pos..]` has never been handed out.
-struct NoncePool {
-    buf: [u8; NONCE_POOL_LEN],
-    pos: usize,
+/// A [`Sealer`]'s 96-bit nonces: one fill of [`NONCES_PER_FILL`] nonces, handed
+/// out in order, each once. Empty until the first seal.
+struct NonceChunk {
+    buf: [u8; NONCE_96_LEN * NONCES_PER_FILL],
+    /// Nonces handed out of `buf` so far; `NONCES_PER_FILL` means empty.
+    used: usize,
 }
 
-impl NoncePool {
-    /// A pool with nothing left: the first `take` refills it.
-    const fn empty() -> Self {
+impl NonceChunk {
+    fn empty() -> Self {
         Self {
-            buf: [0; NONCE_POOL_LEN],
-            pos: NONCE_POOL_LEN,
+            buf: [0; NONCE_96_LEN * NONCES_PER_FILL],
+            used: NONCES_PER_FILL,
         }
     }
 
-    /// Copies the next `dst.len()` unused bytes into `dst`, refilling first when
-    /// too few remain. On a refill failure nothing is handed out.
-    fn take(&mut self, dst: &mut [u8]) -> Result<()> {
-        if NONCE_POOL_LEN - self.pos < dst.len() {
-            aws_lc_rs::rand::fill(&mut self.buf).map_err(|_| Error::Provider)?;
-            self.pos = 0;
+    /// The next unused nonce, filling a fresh chunk first when all are used. On a
+    /// fill failure nothing is handed out.
+    fn next(&mut self) -> Result<[u8; NONCE_96_LEN]> {
+        if self.used == NONCES_PER_FILL {
+            fill_random(&mut self.buf)?;
+            self.used = 0;
         }
-        let end = self.pos + dst.len();
-        dst.copy_from_slice(&self.buf[self.pos..end]);
-        self.pos = end;
-        Ok(())
+        let start = self.used * NONCE_96_LEN;
+        let mut nonce = [0u8; NONCE_96_LEN];
+        nonce.copy_from_slice(&self.buf[start..start + NONCE_96_LEN]);
+        // Wipe the handed-out slot, so the chunk never holds a used nonce.
+        self.buf[start..start + NONCE_96_LEN].zeroize();
+        self.used += 1;
+        Ok(nonce)
     }
 }
 
@@ -470,7 +539,7 @@ impl SubkeyBatch {
     /// Draws a fresh random `P || R` and derives the subkey of `P`.
     fn draw(ext: &Extended) -> Result<Self> {
         let mut nonce = [0u8; EXTENDED_NONCE_LEN];
-        random_nonce(&mut nonce)?;
+        fill_random(&mut nonce)?;
         Ok(Self {
             subkey: ext.subkey(&nonce)?,
             nonce,
@@ -819,29 +888,93 @@ mod tests {
         }
     }
 
+    fn fills() -> usize {
+        FILLS.with(|n| n.get())
+    }
+
+    /// Every single seal draws its nonce from the generator then and there: one
+    /// fill per seal, nothing left over from an earlier one. With a per-thread
+    /// pool (the code before), a thousand seals made three fills.
     #[test]
-    fn nonce_pool_never_hands_out_a_byte_twice() {
-        let mut pool = NoncePool::empty();
-        let mut seen = std::collections::HashSet::new();
-        // 1,000 nonces of 12 and 24 bytes cross several refills, including a
-        // refill with bytes still left over (4096 is not a multiple of 36).
-        for i in 0..1000 {
-            let mut n12 = [0u8; 12];
-            let mut n24 = [0u8; 24];
-            pool.take(&mut n12).unwrap();
-            pool.take(&mut n24).unwrap();
-            assert!(seen.insert(n12.to_vec()), "12-byte nonce repeated at {i}");
-            assert!(seen.insert(n24.to_vec()), "24-byte nonce repeated at {i}");
-            assert!(pool.pos <= NONCE_POOL_LEN);
+    fn every_single_seal_draws_from_the_generator() {
+        for key_type in KeyType::ALL {
+            let k = key(key_type, 21);
+            let before = fills();
+            let mut nonces = std::collections::HashSet::new();
+            for _ in 0..1000 {
+                let sealed = seal(&k, b"", b"x");
+                assert!(nonces.insert(sealed[..key_type.nonce_len()].to_vec()));
+            }
+            assert_eq!(fills() - before, 1000, "{key_type}");
         }
-        // A handed-out range is never reissued: right after a take, `pos` moved past it.
-        let before = pool.pos;
-        pool.take(&mut [0u8; 12]).unwrap();
-        assert!(
-            pool.pos == before + 12 || pool.pos == 12,
-            "pos {before} -> {}",
-            pool.pos
-        );
+    }
+
+    /// A sealer of a 96-bit type draws nothing when created, one chunk of
+    /// `NONCES_PER_FILL` nonces at its first seal and at each exhaustion, and a new
+    /// sealer draws afresh: no random bytes outlive the sealer that drew them.
+    #[test]
+    fn a_96_bit_sealer_draws_per_chunk_and_keeps_nothing() {
+        for key_type in [KeyType::Aes256Gcm96, KeyType::ChaCha20Poly1305] {
+            let k = key(key_type, 22);
+            let start = fills();
+            let mut sealer = k.sealer().unwrap();
+            assert_eq!(fills(), start, "{key_type}: drew before sealing");
+            let mut nonces = std::collections::HashSet::new();
+            for i in 0..(2 * NONCES_PER_FILL + 1) {
+                let mut out = Vec::new();
+                sealer.seal_append(b"", b"x", &mut out).unwrap();
+                assert!(
+                    nonces.insert(out[..12].to_vec()),
+                    "{key_type}: repeat at {i}"
+                );
+                assert_eq!(
+                    fills() - start,
+                    i / NONCES_PER_FILL + 1,
+                    "{key_type}: item {i}"
+                );
+                assert_eq!(open(&k, b"", &out).unwrap(), b"x");
+            }
+            drop(sealer);
+            let mut again = k.sealer().unwrap();
+            let before = fills();
+            again.seal_append(b"", b"y", &mut Vec::new()).unwrap();
+            assert_eq!(fills() - before, 1, "{key_type}: reused an earlier draw");
+        }
+    }
+
+    /// A 192-bit sealer draws once per subkey, at creation and at each limit.
+    #[test]
+    fn a_192_bit_sealer_draws_once_per_subkey() {
+        for key_type in EXTENDED {
+            let k = key(key_type, 23);
+            let start = fills();
+            let mut sealer = Sealer::new(&k, 4).unwrap();
+            assert_eq!(fills() - start, 1);
+            for i in 0..9 {
+                sealer.seal_append(b"", b"x", &mut Vec::new()).unwrap();
+                assert_eq!(fills() - start, 1 + i / 4, "{key_type}: item {i}");
+            }
+        }
+    }
+
+    /// A chunk hands out each of its nonces once, in order, wipes what it handed
+    /// out, and refills only when empty.
+    #[test]
+    fn nonce_chunks_hand_out_each_nonce_once() {
+        let mut chunk = NonceChunk::empty();
+        let start = fills();
+        let first = chunk.next().unwrap();
+        let drawn = chunk.buf;
+        assert_eq!(drawn[..12], [0; 12], "a handed-out slot is wiped");
+        for i in 1..NONCES_PER_FILL {
+            let nonce = chunk.next().unwrap();
+            assert_eq!(nonce[..], drawn[i * 12..(i + 1) * 12]);
+            assert_ne!(nonce, first);
+        }
+        assert_eq!(fills() - start, 1);
+        assert!(chunk.buf.iter().all(|b| *b == 0));
+        chunk.next().unwrap();
+        assert_eq!(fills() - start, 2);
     }
 
     #[test]

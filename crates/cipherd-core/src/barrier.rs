@@ -7,13 +7,19 @@
 //!
 //! ```text
 //! unseal key ──seal_root_key──► sealed root key (stored)
-//! root key (generation g) ──HKDF "cipherd/barrier/v1" || g──► barrier key
+//! root key (generation g) ──HKDF label "cipherd/barrier/v1", context g──► barrier key
 //! barrier record = 0x01 || g (u32 BE) || nonce (24) || ciphertext || tag (16)
 //!          AAD   = "cipherd/barrier/v1\0" || 0x01 || g || path
 //! ```
 //!
 //! The barrier key is XAES-256-GCM: 192-bit random nonces, so the number of writes
 //! over the key's life needs no counting.
+//!
+//! Both HKDF steps (barrier key, root-key wrapping key) take a [`Derivation`]. It
+//! belongs to the seal instance: the server stores it with the seal record
+//! (records of the first format use [`Derivation::V1`], new initializations
+//! [`Derivation::V2`]), so existing data dirs keep opening while new ones use the
+//! injective encoding.
 //!
 //! This module does no I/O and keeps no state beyond the prepared key: callers read
 //! and write the records, store the sealed root key, and decide when to rotate the
@@ -25,7 +31,7 @@ use zeroize::Zeroizing;
 
 use crate::aead::AeadKey;
 use crate::ciphertext::with_joined;
-use crate::secret::{KeyMaterial, SecretBytes};
+use crate::secret::{Derivation, KeyMaterial, SecretBytes};
 use crate::{Error, KeyType, Result};
 
 /// HKDF label deriving the barrier key from the root key.
@@ -112,10 +118,13 @@ pub struct Barrier {
 impl Barrier {
     /// Prepares the barrier of root generation `generation`.
     ///
-    /// The barrier key is `HKDF(root, "cipherd/barrier/v1" || generation)`, so each
-    /// generation has its own key even if the root material were reused.
-    pub fn new(root: &RootKey, generation: u32) -> Result<Self> {
-        let material = root.0.derive(BARRIER_LABEL, &generation.to_be_bytes());
+    /// The barrier key is `root.derive(derivation, BARRIER_LABEL, generation as
+    /// u32 BE)`, so each generation has its own key even if the root material were
+    /// reused. `derivation` is the seal instance's (see the module docs).
+    pub fn new(root: &RootKey, generation: u32, derivation: Derivation) -> Result<Self> {
+        let material = root
+            .0
+            .derive(derivation, BARRIER_LABEL, &generation.to_be_bytes())?;
         Ok(Self {
             key: AeadKey::new(BARRIER_KEY_TYPE, &material)?,
             generation,
@@ -192,24 +201,28 @@ pub fn sealed_generation(sealed: &[u8]) -> Option<u32> {
 /// Seals the root key under the unseal key:
 /// `0x01 || nonce (24) || ciphertext (32) || tag (16)`.
 ///
-/// The wrapping key is `HKDF(unseal, "cipherd/root-key/v1")` and the associated
-/// data is the same label, so a sealed root key and a barrier record can never be
-/// mistaken for each other.
-pub fn seal_root_key(unseal: &UnsealKey, root: &RootKey) -> Result<Vec<u8>> {
-    let key = root_wrapping_key(unseal)?;
+/// The wrapping key is `unseal.derive(derivation, ROOT_KEY_LABEL, "")` and the
+/// associated data is the same label, so a sealed root key and a barrier record
+/// can never be mistaken for each other.
+pub fn seal_root_key(
+    unseal: &UnsealKey,
+    root: &RootKey,
+    derivation: Derivation,
+) -> Result<Vec<u8>> {
+    let key = root_wrapping_key(unseal, derivation)?;
     let mut out = Vec::with_capacity(1 + key.overhead() + root.0.expose_secret().len());
     out.push(RECORD_FORMAT_V1);
     key.seal_append(ROOT_KEY_AAD, root.0.expose_secret(), &mut out)?;
     Ok(out)
 }
 
-/// Opens a root key sealed by [`seal_root_key`]. A wrong unseal key or a damaged
-/// blob is [`Error::DecryptionFailed`].
-pub fn open_root_key(unseal: &UnsealKey, sealed: &[u8]) -> Result<RootKey> {
+/// Opens a root key sealed by [`seal_root_key`] with the same `derivation`. A wrong
+/// unseal key or derivation, or a damaged blob, is [`Error::DecryptionFailed`].
+pub fn open_root_key(unseal: &UnsealKey, sealed: &[u8], derivation: Derivation) -> Result<RootKey> {
     let Some((&RECORD_FORMAT_V1, body)) = sealed.split_first() else {
         return Err(Error::DecryptionFailed);
     };
-    let key = root_wrapping_key(unseal)?;
+    let key = root_wrapping_key(unseal, derivation)?;
     let mut out = Zeroizing::new(Vec::with_capacity(body.len()));
     key.open_append(ROOT_KEY_AAD, body, &mut out)
         .map_err(|_| Error::DecryptionFailed)?;
@@ -218,8 +231,11 @@ pub fn open_root_key(unseal: &UnsealKey, sealed: &[u8]) -> Result<RootKey> {
         .map_err(|_| Error::DecryptionFailed)
 }
 
-fn root_wrapping_key(unseal: &UnsealKey) -> Result<AeadKey> {
-    AeadKey::new(BARRIER_KEY_TYPE, &unseal.0.derive(ROOT_KEY_LABEL, b""))
+fn root_wrapping_key(unseal: &UnsealKey, derivation: Derivation) -> Result<AeadKey> {
+    AeadKey::new(
+        BARRIER_KEY_TYPE,
+        &unseal.0.derive(derivation, ROOT_KEY_LABEL, b"")?,
+    )
 }
 
 fn record_header(generation: u32) -> [u8; RECORD_HEADER_LEN] {
@@ -246,7 +262,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let b = Barrier::new(&root(1), 7).unwrap();
+        let b = Barrier::new(&root(1), 7, Derivation::V2).unwrap();
         assert_eq!(b.generation(), 7);
         for pt in [&b""[..], b"{\"name\":\"patients\"}", &[0x5A; 4096]] {
             let sealed = b.seal("keys/patients", pt).unwrap();
@@ -268,7 +284,7 @@ mod tests {
 
     #[test]
     fn any_flipped_byte_fails() {
-        let b = Barrier::new(&root(1), 1).unwrap();
+        let b = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
         let sealed = b.seal("keys/a", b"material record").unwrap();
         for i in 0..sealed.len() {
             for mask in [0x01, 0x80, 0xFF] {
@@ -284,7 +300,7 @@ mod tests {
 
     #[test]
     fn truncated_or_extended_fails() {
-        let b = Barrier::new(&root(1), 1).unwrap();
+        let b = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
         let sealed = b.seal("keys/a", b"record").unwrap();
         for n in 0..sealed.len() {
             assert!(
@@ -299,7 +315,7 @@ mod tests {
 
     #[test]
     fn record_moved_to_another_path_fails() {
-        let b = Barrier::new(&root(1), 1).unwrap();
+        let b = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
         let sealed = b.seal("keys/a", b"record").unwrap();
         for other in ["keys/b", "keys/a/", "keys/", "", "keys/a\0"] {
             assert!(is_barrier_error(b.open(other, &sealed), other), "{other:?}");
@@ -308,8 +324,8 @@ mod tests {
 
     #[test]
     fn other_generation_or_root_fails() {
-        let g1 = Barrier::new(&root(1), 1).unwrap();
-        let g2 = Barrier::new(&root(1), 2).unwrap();
+        let g1 = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
+        let g2 = Barrier::new(&root(1), 2, Derivation::V2).unwrap();
         let sealed = g1.seal("keys/a", b"record").unwrap();
         assert!(is_barrier_error(g2.open("keys/a", &sealed), "keys/a"));
         // Relabelling the header to generation 2 does not help: the key differs and
@@ -317,7 +333,7 @@ mod tests {
         let mut relabelled = sealed.clone();
         relabelled[4] = 2;
         assert!(is_barrier_error(g2.open("keys/a", &relabelled), "keys/a"));
-        let other_root = Barrier::new(&root(2), 1).unwrap();
+        let other_root = Barrier::new(&root(2), 1, Derivation::V2).unwrap();
         assert!(is_barrier_error(
             other_root.open("keys/a", &sealed),
             "keys/a"
@@ -329,9 +345,9 @@ mod tests {
     #[test]
     fn root_key_seal_round_trip() {
         let r = root(9);
-        let sealed = seal_root_key(&unseal(3), &r).unwrap();
+        let sealed = seal_root_key(&unseal(3), &r, Derivation::V2).unwrap();
         assert_eq!(sealed.len(), 1 + 24 + 32 + 16);
-        let back = open_root_key(&unseal(3), &sealed).unwrap();
+        let back = open_root_key(&unseal(3), &sealed, Derivation::V2).unwrap();
         assert_eq!(
             back.expose_material().expose_secret(),
             r.expose_material().expose_secret()
@@ -340,22 +356,22 @@ mod tests {
 
     #[test]
     fn wrong_unseal_key_or_damage_fails() {
-        let sealed = seal_root_key(&unseal(3), &root(9)).unwrap();
+        let sealed = seal_root_key(&unseal(3), &root(9), Derivation::V2).unwrap();
         assert_eq!(
-            open_root_key(&unseal(4), &sealed).unwrap_err(),
+            open_root_key(&unseal(4), &sealed, Derivation::V2).unwrap_err(),
             Error::DecryptionFailed
         );
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x01;
             assert_eq!(
-                open_root_key(&unseal(3), &bad).unwrap_err(),
+                open_root_key(&unseal(3), &bad, Derivation::V2).unwrap_err(),
                 Error::DecryptionFailed,
                 "byte {i}"
             );
         }
         assert_eq!(
-            open_root_key(&unseal(3), &[]).unwrap_err(),
+            open_root_key(&unseal(3), &[], Derivation::V2).unwrap_err(),
             Error::DecryptionFailed
         );
     }
@@ -365,18 +381,58 @@ mod tests {
         // Same 32 bytes as unseal key and root key: neither format opens as the other.
         let unseal_key = unseal(5);
         let as_root = root(5);
-        let barrier = Barrier::new(&as_root, 0).unwrap();
+        let barrier = Barrier::new(&as_root, 0, Derivation::V2).unwrap();
         let record = barrier.seal("", &[0x11; 32]).unwrap();
-        assert!(open_root_key(&unseal_key, &record).is_err());
-        let sealed_root = seal_root_key(&unseal_key, &root(6)).unwrap();
+        assert!(open_root_key(&unseal_key, &record, Derivation::V2).is_err());
+        let sealed_root = seal_root_key(&unseal_key, &root(6), Derivation::V2).unwrap();
         assert!(barrier.open("", &sealed_root).is_err());
+    }
+
+    /// The derivation is part of the seal instance: records and root keys sealed
+    /// under one do not open under the other, and V1 is still what it was (the
+    /// barrier key of generation 1 checked against the RustCrypto `hkdf` crate,
+    /// which derived it before).
+    #[test]
+    fn derivations_are_separate_and_v1_is_unchanged() {
+        let v1 = Barrier::new(&root(1), 1, Derivation::V1).unwrap();
+        let v2 = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
+        let record = v1.seal("keys/a", b"record").unwrap();
+        assert!(is_barrier_error(v2.open("keys/a", &record), "keys/a"));
+        assert_eq!(
+            v1.open("keys/a", &record).unwrap().expose_secret(),
+            b"record"
+        );
+
+        let mut legacy_key = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, &[1; 32])
+            .expand_multi_info(&[BARRIER_LABEL, &1u32.to_be_bytes()], &mut legacy_key)
+            .unwrap();
+        let legacy = AeadKey::new(
+            BARRIER_KEY_TYPE,
+            &KeyMaterial::from_slice(&legacy_key).unwrap(),
+        )
+        .unwrap();
+        let (header, body) = record.split_at(RECORD_HEADER_LEN);
+        let mut out = Vec::new();
+        with_joined(&[BARRIER_AAD_PREFIX, header, b"keys/a"], |aad| {
+            legacy.open_append(aad, body, &mut out)
+        })
+        .unwrap();
+        assert_eq!(out, b"record");
+
+        let sealed = seal_root_key(&unseal(3), &root(9), Derivation::V1).unwrap();
+        assert!(open_root_key(&unseal(3), &sealed, Derivation::V1).is_ok());
+        assert_eq!(
+            open_root_key(&unseal(3), &sealed, Derivation::V2).unwrap_err(),
+            Error::DecryptionFailed
+        );
     }
 
     #[test]
     fn debug_is_redacted() {
         let r = root(0xAB);
         let u = unseal(0xCD);
-        let b = Barrier::new(&r, 3).unwrap();
+        let b = Barrier::new(&r, 3, Derivation::V2).unwrap();
         for s in [format!("{r:?}"), format!("{u:?}"), format!("{b:?}")] {
             let lower = s.to_lowercase();
             assert!(

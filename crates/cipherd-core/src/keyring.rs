@@ -9,7 +9,15 @@
 //! - `min_available_version ≤ min_decryption_version ≤ latest_version`, and a
 //!   nonzero `min_encryption_version` lies in `[min_decryption_version, latest_version]`;
 //! - trimmed versions (below `min_available_version`) are gone for good;
-//! - `exportable` may be turned on but never off.
+//! - `exportable` is fixed at creation: it can never be turned on later (the key
+//!   was not born exportable, so its material must never leave), and turning it
+//!   off would pretend that already-exported material is safe.
+//!
+//! Derived keys record per version how the working key is derived
+//! ([`Derivation`]): versions created by this code use [`Derivation::V2`]; a
+//! version whose record has no `derivation` field predates it and keeps
+//! [`Derivation::V1`], so its ciphertexts still open. Rotating such a key adds V2
+//! versions.
 //!
 //! It also serializes a key to and from its storage record, validating every invariant
 //! on load so that a corrupted record is refused rather than silently repaired.
@@ -26,11 +34,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::secret::{KEY_LEN, KeyMaterial, SecretBytes};
+use crate::secret::{Derivation, KEY_LEN, KeyMaterial, SecretBytes};
 use crate::{Error, KeyType, Result};
 
 /// HKDF label for derived (per-context) keys: the working key of a derived key is
-/// `HKDF-SHA256(version material, info = DERIVED_KEY_LABEL || context)`.
+/// `material.derive(derivation, DERIVED_KEY_LABEL, context)` with the version's
+/// [`Derivation`] (see [`KeyMaterial::derive`]).
 pub const DERIVED_KEY_LABEL: &[u8] = b"cipherd/derived-key/v1";
 
 /// The storage record format written by [`NamedKey::to_record`].
@@ -155,8 +164,8 @@ pub struct CreateOptions {
     pub key_type: KeyType,
     /// Whether every operation derives a working key from a caller context.
     pub derived: bool,
-    /// Whether the key material may ever be exported (can be turned on later,
-    /// never off).
+    /// Whether the key material may ever be exported. Fixed at creation: it can
+    /// be neither turned on nor off later.
     pub exportable: bool,
     /// Whether the key may be deleted.
     pub deletion_allowed: bool,
@@ -173,7 +182,8 @@ pub struct ConfigUpdate {
     pub min_encryption_version: Option<u32>,
     /// Whether the key may be deleted.
     pub deletion_allowed: Option<bool>,
-    /// Whether the key may be exported; `Some(false)` on an exportable key fails.
+    /// Whether the key may be exported. Exportability is fixed at creation, so
+    /// only the current value is accepted (a no-op); any change fails.
     pub exportable: Option<bool>,
 }
 
@@ -334,20 +344,34 @@ impl NamedKey {
     pub fn material(&self, v: KeyVersion) -> Result<&KeyMaterial> {
         self.versions
             .get(&v)
-            .map(|e| &*e.material)
+            .map(|e| &e.material)
+            .ok_or(Error::VersionNotFound(v.get()))
+    }
+
+    /// How version `v`'s working keys are derived from its material (meaningful
+    /// for derived keys only).
+    pub fn derivation(&self, v: KeyVersion) -> Result<Derivation> {
+        self.versions
+            .get(&v)
+            .map(|e| e.derivation)
             .ok_or(Error::VersionNotFound(v.get()))
     }
 
     /// The key that actually encrypts for version `v` and `context`.
     ///
-    /// For a derived key this is `HKDF(material, DERIVED_KEY_LABEL || context)` and
-    /// the context must be non-empty; for any other key the context must be empty and
+    /// For a derived key this is `material.derive(derivation, DERIVED_KEY_LABEL,
+    /// context)` with the version's [`derivation`](Self::derivation), and the
+    /// context must be non-empty; for any other key the context must be empty and
     /// the result is a copy of the material. Like [`material`](Self::material), this
     /// does not check version policy.
     pub fn working_material(&self, v: KeyVersion, context: &[u8]) -> Result<KeyMaterial> {
-        let material = self.material(v)?;
+        let entry = self
+            .versions
+            .get(&v)
+            .ok_or(Error::VersionNotFound(v.get()))?;
+        let material = &entry.material;
         match (self.derived, context.is_empty()) {
-            (true, false) => Ok(material.derive(DERIVED_KEY_LABEL, context)),
+            (true, false) => material.derive(entry.derivation, DERIVED_KEY_LABEL, context),
             (true, true) => Err(Error::Context("a derived key requires a non-empty context")),
             (false, false) => Err(Error::Context("context is only accepted for derived keys")),
             (false, true) => Ok(material.duplicate()),
@@ -393,6 +417,13 @@ impl NamedKey {
                     .into(),
             ));
         }
+        if !self.exportable && exportable {
+            return Err(Error::Precondition(
+                "exportable is fixed at creation: a key created non-exportable can never \
+                 be exported; create a new exportable key instead"
+                    .into(),
+            ));
+        }
 
         self.min_decryption_version = min_dec;
         self.min_encryption_version = min_enc;
@@ -430,7 +461,7 @@ impl NamedKey {
             )));
         }
         // Dropping the split-off entries zeroizes their material (`KeyMaterial` is
-        // `ZeroizeOnDrop`, and boxed so it never moved while held).
+        // `ZeroizeOnDrop`, and keeps its bytes on the heap so they never moved).
         let kept = self.versions.split_off(&min_available);
         drop(std::mem::replace(&mut self.versions, kept));
         self.min_available_version = min_available;
@@ -461,6 +492,10 @@ impl NamedKey {
                     version: *version,
                     created_at_ms: entry.created_at_ms,
                     material: MaterialB64Ref(&entry.material),
+                    // Recorded where it means something (derived keys), and absent
+                    // for V1, so records of older versions stay as they were.
+                    derivation: (self.derived && entry.derivation != Derivation::V1)
+                        .then(|| entry.derivation.number()),
                 })
                 .collect(),
         };
@@ -531,11 +566,18 @@ impl NamedKey {
                     v.version
                 )));
             }
+            let derivation = match v.derivation {
+                None => Derivation::V1,
+                Some(n) => Derivation::from_number(n).ok_or_else(|| {
+                    corrupt(format!("version {} has unknown derivation {n}", v.version))
+                })?,
+            };
             versions.insert(
                 v.version,
                 VersionEntry {
                     material: v.material.0,
                     created_at_ms: v.created_at_ms,
+                    derivation,
                 },
             );
         }
@@ -577,19 +619,22 @@ const RECORD_BASE_CAPACITY: usize = 640;
 /// Bytes reserved in [`NamedKey::to_record`] per version.
 const RECORD_PER_VERSION_CAPACITY: usize = 160;
 
-/// One version's material and creation time.
+/// One version's material, creation time and derivation.
 struct VersionEntry {
-    /// Boxed so the material stays at one heap address while the map reorganises
-    /// itself; moving it would leave unzeroized copies behind.
-    material: Box<KeyMaterial>,
+    /// Its bytes stay at one heap address while the map reorganises itself
+    /// (`KeyMaterial` is a box), so no unzeroized copies are left behind.
+    material: KeyMaterial,
     created_at_ms: u64,
+    /// How working keys of a derived key are derived from `material`.
+    derivation: Derivation,
 }
 
 impl VersionEntry {
     fn generate(now_ms: u64) -> Result<Self> {
         Ok(Self {
-            material: Box::new(KeyMaterial::generate()?),
+            material: KeyMaterial::generate()?,
             created_at_ms: now_ms,
+            derivation: Derivation::V2,
         })
     }
 }
@@ -620,6 +665,8 @@ struct VersionRecordRef<'a> {
     version: KeyVersion,
     created_at_ms: u64,
     material: MaterialB64Ref<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    derivation: Option<u32>,
 }
 
 /// The record as read. Unknown fields are refused: a record this code does not
@@ -647,6 +694,9 @@ struct VersionRecordOwned {
     version: KeyVersion,
     created_at_ms: u64,
     material: MaterialB64,
+    /// Absent in records written before derivations were versioned: V1.
+    #[serde(default)]
+    derivation: Option<u32>,
 }
 
 /// Base64 length of [`KEY_LEN`] bytes with padding.
@@ -666,9 +716,9 @@ impl Serialize for MaterialB64Ref<'_> {
     }
 }
 
-/// Decodes base64 material straight into a boxed [`KeyMaterial`], zeroizing the
-/// decode buffer.
-struct MaterialB64(Box<KeyMaterial>);
+/// Decodes base64 material into a [`KeyMaterial`] (whose bytes live on the heap),
+/// zeroizing the decode buffer.
+struct MaterialB64(KeyMaterial);
 
 impl<'de> Deserialize<'de> for MaterialB64 {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -693,7 +743,7 @@ impl serde::de::Visitor<'_> for MaterialVisitor {
             _ => return Err(E::custom("key material is not 32 bytes of base64")),
         }
         KeyMaterial::from_slice(&buf[..KEY_LEN])
-            .map(|m| MaterialB64(Box::new(m)))
+            .map(MaterialB64)
             .map_err(|_| E::custom("key material is not 32 bytes"))
     }
 
@@ -923,9 +973,12 @@ mod tests {
         let m = derived.material(v(1)).unwrap();
         assert_ne!(a.expose_secret(), b.expose_secret());
         assert_ne!(a.expose_secret(), m.expose_secret());
+        assert_eq!(derived.derivation(v(1)).unwrap(), Derivation::V2);
         assert_eq!(
             a.expose_secret(),
-            m.derive(DERIVED_KEY_LABEL, b"tenant-1").expose_secret()
+            m.derive(Derivation::V2, DERIVED_KEY_LABEL, b"tenant-1")
+                .unwrap()
+                .expose_secret()
         );
         assert_eq!(
             derived.working_material(v(2), b"x").unwrap_err(),
@@ -999,35 +1052,132 @@ mod tests {
         assert!(!k.exportable());
     }
 
+    /// Exportability is fixed at creation. Before the fix a key created
+    /// non-exportable could be switched on and then exported.
     #[test]
-    fn exportable_only_turns_on() {
+    fn exportable_is_fixed_at_creation() {
         let mut k = key(CreateOptions::default());
+        // Restating the current value is a no-op.
         k.update_config(ConfigUpdate {
             exportable: Some(false),
             ..Default::default()
         })
         .unwrap();
-        k.update_config(ConfigUpdate {
+        let before = k.to_record();
+        let err = k.update_config(ConfigUpdate {
+            exportable: Some(true),
+            deletion_allowed: Some(true),
+            ..Default::default()
+        });
+        match err {
+            Err(Error::Precondition(m)) => assert!(m.contains("fixed at creation"), "{m}"),
+            other => panic!("turning exportable on was not refused: {other:?}"),
+        }
+        assert!(!k.exportable() && !k.deletion_allowed());
+        assert_eq!(k.to_record().expose_secret(), before.expose_secret());
+
+        let mut born = key(CreateOptions {
+            exportable: true,
+            ..Default::default()
+        });
+        born.update_config(ConfigUpdate {
             exportable: Some(true),
             deletion_allowed: Some(true),
             ..Default::default()
         })
         .unwrap();
-        assert!(k.exportable() && k.deletion_allowed());
+        assert!(born.exportable() && born.deletion_allowed());
         assert!(matches!(
-            k.update_config(ConfigUpdate {
+            born.update_config(ConfigUpdate {
                 exportable: Some(false),
                 ..Default::default()
             }),
             Err(Error::Precondition(_))
         ));
-        assert!(k.exportable());
-        k.update_config(ConfigUpdate {
+        assert!(born.exportable());
+        born.update_config(ConfigUpdate {
             deletion_allowed: Some(false),
             ..Default::default()
         })
         .unwrap();
-        assert!(!k.deletion_allowed());
+        assert!(!born.deletion_allowed());
+    }
+
+    /// A derived key's version recorded before derivations were versioned (no
+    /// `derivation` field) keeps deriving with V1, so its ciphertexts still open;
+    /// new versions, and the new keys, use V2 and say so in the record.
+    #[test]
+    fn legacy_derived_versions_keep_v1_and_new_ones_use_v2() {
+        let material = [0x5C; KEY_LEN];
+        let legacy = serde_json::json!({
+            "format": 1,
+            "name": "tenants",
+            "key_type": "xaes-256-gcm",
+            "derived": true,
+            "exportable": false,
+            "deletion_allowed": false,
+            "created_at_ms": 0,
+            "latest_version": 1,
+            "min_decryption_version": 1,
+            "min_encryption_version": 0,
+            "min_available_version": 1,
+            "versions": [{
+                "version": 1,
+                "created_at_ms": 0,
+                "material": BASE64.encode(material),
+            }],
+        });
+        let record = serde_json::to_vec(&legacy).unwrap();
+        let mut k = NamedKey::from_record(&record).unwrap();
+        assert_eq!(k.derivation(v(1)).unwrap(), Derivation::V1);
+        let m = KeyMaterial::from_slice(&material).unwrap();
+        let v1 = m.derive(Derivation::V1, DERIVED_KEY_LABEL, b"t-1").unwrap();
+        assert_eq!(
+            k.working_material(v(1), b"t-1").unwrap().expose_secret(),
+            v1.expose_secret()
+        );
+        // Unchanged, it serializes back exactly as it was stored.
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(k.to_record().expose_secret()).unwrap(),
+            legacy
+        );
+
+        k.rotate(1).unwrap();
+        assert_eq!(k.derivation(v(1)).unwrap(), Derivation::V1);
+        assert_eq!(k.derivation(v(2)).unwrap(), Derivation::V2);
+        let json = record_json(&k);
+        assert!(json["versions"][0].get("derivation").is_none());
+        assert_eq!(json["versions"][1]["derivation"], 2);
+        let back = NamedKey::from_record(k.to_record().expose_secret()).unwrap();
+        assert_eq!(back.derivation(v(1)).unwrap(), Derivation::V1);
+        assert_eq!(back.derivation(v(2)).unwrap(), Derivation::V2);
+        let m2 = back.material(v(2)).unwrap();
+        assert_eq!(
+            back.working_material(v(2), b"t-1").unwrap().expose_secret(),
+            m2.derive(Derivation::V2, DERIVED_KEY_LABEL, b"t-1")
+                .unwrap()
+                .expose_secret()
+        );
+
+        // A fresh derived key is V2 from version 1; a non-derived key records nothing.
+        let fresh = key(CreateOptions {
+            derived: true,
+            ..Default::default()
+        });
+        assert_eq!(record_json(&fresh)["versions"][0]["derivation"], 2);
+        let plain = key(CreateOptions::default());
+        assert!(
+            record_json(&plain)["versions"][0]
+                .get("derivation")
+                .is_none()
+        );
+
+        // An unknown derivation is refused, not guessed.
+        let mut unknown = legacy.clone();
+        unknown["versions"][0]["derivation"] = 3.into();
+        assert_corrupt(NamedKey::from_record(
+            &serde_json::to_vec(&unknown).unwrap(),
+        ));
     }
 
     #[test]

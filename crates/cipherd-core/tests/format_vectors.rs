@@ -13,8 +13,11 @@
 //!   self-consistent;
 //! - parses both encodings, checks the version, converts each into the other, and
 //!   opens both with `ciphertext::open`;
-//! - for derived vectors, recomputes the working key with aws-lc-rs HKDF and through
-//!   `NamedKey::working_material` (loaded from a key record).
+//! - for derived vectors, recomputes the working key with the RustCrypto `hkdf`
+//!   crate (independent of the aws-lc-rs HKDF that `cipherd-core` runs) for the
+//!   vector's `derivation`, and through `NamedKey::working_material` of a key
+//!   loaded from a stored record (a legacy record, without a `derivation` field,
+//!   for derivation 1), and opens the vector's ciphertext with that working key.
 //!
 //! Every negative example must fail to parse or open with `DecryptionFailed`.
 //!
@@ -31,7 +34,7 @@ use cipherd_core::{
     aead::{AeadKey, danger},
     ciphertext::{self, Ciphertext, Encoding, HEADER_LEN},
     keyring::{DERIVED_KEY_LABEL, KeyVersion, NamedKey},
-    secret::KeyMaterial,
+    secret::{Derivation, KeyMaterial},
 };
 
 const DOC: &str = include_str!("../../../docs/ciphertext-format.md");
@@ -41,6 +44,7 @@ const VECTOR_FIELDS: &[&str] = &[
     "key_type",
     "material",
     "context",
+    "derivation",
     "key",
     "nonce",
     "version",
@@ -65,12 +69,14 @@ fn document_vectors_hold() {
     let blocks = blocks("cipherd-vector");
     assert!(!blocks.is_empty(), "no cipherd-vector blocks found");
     let mut per_type: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut derived = 0;
+    let mut derived = BTreeMap::new();
     for block in &blocks {
         let vector = Vector::from_block(block);
         vector.check();
         *per_type.entry(vector.key_type.as_str()).or_default() += 1;
-        derived += usize::from(vector.material.is_some());
+        if let Some(d) = &vector.derived {
+            *derived.entry(d.derivation.number()).or_insert(0) += 1;
+        }
     }
     for key_type in KeyType::ALL {
         assert!(
@@ -78,7 +84,12 @@ fn document_vectors_hold() {
             "no vector for {key_type}"
         );
     }
-    assert!(derived >= 1, "no derived-key vector");
+    for number in [1, 2] {
+        assert!(
+            derived.contains_key(&number),
+            "no derived-key vector for derivation {number}"
+        );
+    }
 }
 
 #[test]
@@ -134,8 +145,8 @@ fn document_negative_examples_fail() {
 struct Vector {
     name: String,
     key_type: KeyType,
-    /// `(material, context)` for derived keys; `key` is then the derived key.
-    material: Option<(Vec<u8>, Vec<u8>)>,
+    /// For derived keys; `key` is then the derived key.
+    derived: Option<Derived>,
     key: Vec<u8>,
     nonce: Vec<u8>,
     version: KeyVersion,
@@ -154,14 +165,23 @@ impl Vector {
             );
         }
         let name = block["name"].clone();
-        let material = match (block.get("material"), block.get("context")) {
-            (Some(m), Some(c)) => Some((bytes(m), bytes(c))),
-            (None, None) => None,
-            _ => panic!("{name}: material and context go together"),
+        let derived = match (
+            block.get("material"),
+            block.get("context"),
+            block.get("derivation"),
+        ) {
+            (Some(m), Some(c), Some(d)) => Some(Derived {
+                material: bytes(m),
+                context: bytes(c),
+                derivation: Derivation::from_number(d.parse().unwrap())
+                    .unwrap_or_else(|| panic!("{name}: unknown derivation {d}")),
+            }),
+            (None, None, None) => None,
+            _ => panic!("{name}: material, context and derivation go together"),
         };
         Self {
             key_type: block["key_type"].parse().unwrap(),
-            material,
+            derived,
             key: bytes(&block["key"]),
             nonce: bytes(&block["nonce"]),
             version: KeyVersion::new(block["version"].parse().unwrap()).unwrap(),
@@ -175,19 +195,6 @@ impl Vector {
 
     fn check(&self) {
         let name = &self.name;
-        if let Some((material, context)) = &self.material {
-            assert_eq!(
-                hkdf_aws_lc(material, context),
-                self.key,
-                "{name}: derived key"
-            );
-            assert_eq!(
-                derived_via_keyring(self.key_type, self.version, material, context),
-                self.key,
-                "{name}: NamedKey::working_material"
-            );
-        }
-
         let key = AeadKey::new(self.key_type, &material(&self.key)).unwrap();
         let mut aad = vec![ciphertext::FORMAT_V1];
         aad.extend_from_slice(&self.version.get().to_be_bytes());
@@ -230,6 +237,28 @@ impl Vector {
                 ciphertext::open(&key, &ct, &self.associated_data).unwrap(),
                 self.plaintext,
                 "{name} {encoding:?}"
+            );
+        }
+        if let Some(d) = &self.derived {
+            assert_eq!(
+                hex::encode(hkdf_rustcrypto(d)),
+                hex::encode(&self.key),
+                "{name}: derived key"
+            );
+            let working = derived_via_keyring(self.key_type, self.version, d);
+            assert_eq!(
+                working.expose_secret()[..],
+                self.key[..],
+                "{name}: NamedKey::working_material"
+            );
+            // The stored key decrypts the vector's ciphertext.
+            let stored = AeadKey::new(self.key_type, &working).unwrap();
+            let binary = hex::decode(&self.binary).unwrap();
+            let ct = Ciphertext::parse(&binary).unwrap();
+            assert_eq!(
+                ciphertext::open(&stored, &ct, &self.associated_data).unwrap(),
+                self.plaintext,
+                "{name}: opened with the stored key"
             );
         }
     }
@@ -279,27 +308,50 @@ fn material(key: &[u8]) -> KeyMaterial {
     KeyMaterial::from_slice(key).unwrap()
 }
 
-/// HKDF-SHA256 (empty salt, info = label || context) on aws-lc-rs, independent of
-/// the RustCrypto `hkdf` crate that `cipherd-core` uses.
-fn hkdf_aws_lc(material: &[u8], context: &[u8]) -> Vec<u8> {
-    use aws_lc_rs::hkdf::{HKDF_SHA256, Salt};
-    let prk = Salt::new(HKDF_SHA256, &[]).extract(material);
-    let info = [DERIVED_KEY_LABEL, context];
-    let okm = prk.expand(&info, HKDF_SHA256).unwrap();
+/// A derived vector's inputs.
+struct Derived {
+    material: Vec<u8>,
+    context: Vec<u8>,
+    derivation: Derivation,
+}
+
+/// The working key per docs/ciphertext-format.md, computed with the RustCrypto
+/// `hkdf` crate (`cipherd-core` runs aws-lc-rs):
+/// 1: HKDF-SHA256(salt = none, ikm = material, info = label || context);
+/// 2: HKDF-Expand-SHA256(PRK = material, info = u16 BE len(label) || label || context).
+fn hkdf_rustcrypto(d: &Derived) -> Vec<u8> {
     let mut out = vec![0u8; 32];
-    okm.fill(&mut out).unwrap();
+    match d.derivation {
+        Derivation::V1 => hkdf::Hkdf::<sha2::Sha256>::new(None, &d.material)
+            .expand_multi_info(&[DERIVED_KEY_LABEL, &d.context], &mut out)
+            .unwrap(),
+        Derivation::V2 => {
+            let label_len = u16::try_from(DERIVED_KEY_LABEL.len())
+                .unwrap()
+                .to_be_bytes();
+            hkdf::Hkdf::<sha2::Sha256>::from_prk(&d.material)
+                .unwrap()
+                .expand_multi_info(&[&label_len, DERIVED_KEY_LABEL, &d.context], &mut out)
+                .unwrap()
+        }
+    }
     out
 }
 
 /// The working key as the keyring computes it, for a derived key whose only
-/// version is `version` with `material`.
-fn derived_via_keyring(
-    key_type: KeyType,
-    version: KeyVersion,
-    material: &[u8],
-    context: &[u8],
-) -> Vec<u8> {
+/// version is `version`, loaded from a stored record: a legacy one (no
+/// `derivation` field) for derivation 1, as records were written before
+/// derivations were versioned.
+fn derived_via_keyring(key_type: KeyType, version: KeyVersion, d: &Derived) -> KeyMaterial {
     let v = version.get();
+    let mut stored_version = serde_json::json!({
+        "version": v,
+        "created_at_ms": 0,
+        "material": base64::engine::general_purpose::STANDARD.encode(&d.material),
+    });
+    if d.derivation != Derivation::V1 {
+        stored_version["derivation"] = d.derivation.number().into();
+    }
     let record = serde_json::json!({
         "format": 1,
         "name": "vectors",
@@ -312,17 +364,11 @@ fn derived_via_keyring(
         "min_decryption_version": v,
         "min_encryption_version": 0,
         "min_available_version": v,
-        "versions": [{
-            "version": v,
-            "created_at_ms": 0,
-            "material": base64::engine::general_purpose::STANDARD.encode(material),
-        }],
+        "versions": [stored_version],
     });
     let key = NamedKey::from_record(&serde_json::to_vec(&record).unwrap()).unwrap();
-    key.working_material(version, context)
-        .unwrap()
-        .expose_secret()
-        .to_vec()
+    assert_eq!(key.derivation(version).unwrap(), d.derivation);
+    key.working_material(version, &d.context).unwrap()
 }
 
 /// `nonce || ciphertext || tag` from RustCrypto.

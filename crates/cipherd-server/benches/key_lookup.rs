@@ -10,6 +10,7 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 use cipherd_core::{
     barrier::{Barrier, RootKey},
     keyring::{CreateOptions, KeyName},
+    secret::Derivation,
 };
 use cipherd_server::{Params, keys::KeyManager};
 use cipherd_store::{SqliteStore, Store};
@@ -39,7 +40,7 @@ fn key_lookup(c: &mut Criterion) {
 async fn populate(count: usize) -> (KeyManager, Vec<String>) {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.expect("store"));
     let root = RootKey::generate().expect("root key");
-    let barrier = Arc::new(Barrier::new(&root, 1).expect("barrier"));
+    let barrier = Arc::new(Barrier::new(&root, 1, Derivation::V2).expect("barrier"));
     let manager = KeyManager::new(store, barrier, Params::for_data_dir("unused", false).usage);
     let names: Vec<String> = (0..count).map(|i| format!("tenant-{i:06}")).collect();
     for name in &names {

@@ -1,7 +1,12 @@
 //! The `cipherd.v1.KeyAdminService` service: the key-management plane.
 //!
 //! Metadata only, except `ExportKey`, which returns material for keys created
-//! exportable and nothing else.
+//! exportable and nothing else. Exportability is fixed at creation:
+//! `UpdateKeyConfig` can neither turn it on nor off (`FAILED_PRECONDITION`).
+//!
+//! `ExportKey` builds each version's material as `Bytes` over a zeroizing buffer,
+//! so our copy is wiped when the response is dropped; the copy tonic makes while
+//! encoding the reply into its HTTP/2 buffers is outside this crate's control.
 
 use std::sync::Arc;
 
@@ -13,6 +18,7 @@ use cipherd_core::{
 use cipherd_proto::v1::{self as pb, key_admin_service_server::KeyAdminService};
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use crate::{
     error::{Error, Result},
@@ -201,8 +207,14 @@ impl KeyAdminService for KeyAdminHandler {
             }
             // Deliberate plaintext export: the key was created exportable and the
             // caller asked for it. This is the only path that returns material.
-            let material =
-                Bytes::copy_from_slice(key.material(version).map_err(Error::from)?.expose_secret());
+            // `Bytes::from_owner` keeps the zeroizing buffer as the owner, so the
+            // bytes are wiped when the last reference (the encoded reply) drops.
+            let material = Bytes::from_owner(Zeroizing::new(
+                key.material(version)
+                    .map_err(Error::from)?
+                    .expose_secret()
+                    .to_vec(),
+            ));
             versions.push(pb::ExportedKeyVersion {
                 version: version.get(),
                 material,
@@ -214,7 +226,16 @@ impl KeyAdminService for KeyAdminHandler {
             ))
             .into());
         }
-        tracing::warn!(key = %name, versions = versions.len(), "key material exported");
+        if key.derived() {
+            tracing::warn!(
+                key = %name,
+                versions = versions.len(),
+                "key material exported; this is a derived key, so the export is its base \
+                 material and opens the data of every context"
+            );
+        } else {
+            tracing::warn!(key = %name, versions = versions.len(), "key material exported");
+        }
         Ok(Response::new(pb::ExportKeyResponse {
             name: name.to_string(),
             r#type: key_type_to_proto(key.key_type()) as i32,

@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// Key usage policy.
     pub keys: RawKeys,
+    /// Process memory hygiene.
+    pub memory: RawMemory,
 }
 
 /// `[log]`
@@ -79,6 +81,14 @@ pub struct RawKeys {
     pub usage_limit_action: String,
 }
 
+/// `[memory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMemory {
+    /// Lock all memory into RAM (`mlockall`) so no secret is ever swapped out.
+    pub lock: bool,
+}
+
 /// Validated, immutable server parameters.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -92,6 +102,16 @@ pub struct Params {
     pub limits: Limits,
     /// Usage policy of 96-bit-nonce key types.
     pub usage: UsagePolicy,
+    /// Process memory hygiene, applied by the binary (see [`crate::memory`]).
+    pub memory: MemoryParams,
+}
+
+/// Process memory hygiene (`[memory]`). The `cipherd` binary applies it at start;
+/// [`crate::run`] does not (an embedding process keeps its own settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryParams {
+    /// `memory.lock`: lock all memory with `mlockall`; failing to is a start-up error.
+    pub lock: bool,
 }
 
 /// Which store to open.
@@ -162,6 +182,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("keys.usage_limit", "3865470566"),
     ("keys.usage_reservation_block", "65536"),
     ("keys.usage_limit_action", "rotate"),
+    ("memory.lock", "false"),
 ];
 
 impl RawConfig {
@@ -264,6 +285,9 @@ impl TryFrom<RawConfig> for Params {
                 reservation_block: k.usage_reservation_block,
                 on_limit,
             },
+            memory: MemoryParams {
+                lock: raw.memory.lock,
+            },
         })
     }
 }
@@ -289,6 +313,7 @@ impl Params {
                 reservation_block: 65_536,
                 on_limit: LimitAction::Rotate,
             },
+            memory: MemoryParams::default(),
         }
     }
 }
@@ -305,6 +330,8 @@ mod tests {
         assert_eq!(params.limits, expected.limits);
         assert_eq!(params.usage, expected.usage);
         assert_eq!(params.storage, expected.storage);
+        assert_eq!(params.memory, expected.memory);
+        assert!(!params.memory.lock);
     }
 
     #[test]

@@ -50,8 +50,7 @@ pub struct KeyManager {
     store: Arc<dyn Store>,
     barrier: Arc<Barrier>,
     cache: Arc<DashMap<KeyName, Arc<LoadedKey>>>,
-    counters: DashMap<(KeyName, KeyVersion), Arc<UsageCounter>>,
-    usage: UsagePolicy,
+    usage: UsageLedger,
     invalidator: tokio::task::JoinHandle<()>,
 }
 
@@ -153,11 +152,10 @@ impl KeyManager {
             Arc::downgrade(&cache),
         ));
         Self {
+            usage: UsageLedger::new(Arc::clone(&store), Arc::clone(&barrier), usage),
             store,
             barrier,
             cache,
-            counters: DashMap::new(),
-            usage,
             invalidator,
         }
     }
@@ -287,15 +285,7 @@ impl KeyManager {
             Err(e) => return Err(e.into()),
         }
         self.cache.remove(name);
-        self.counters.retain(|(n, _), _| n != name);
-        let prefix = format!("{USAGE_PREFIX}{name}/");
-        for usage_path in self.store.list(&prefix, None, usize::MAX).await? {
-            if let Some(rec) = self.store.get(&usage_path).await? {
-                // Best effort: a leftover counter only over-counts a future key of
-                // the same name... which has fresh material, so nothing is unsafe.
-                let _ = self.store.delete(&usage_path, rec.revision).await;
-            }
-        }
+        self.usage.remove(name).await?;
         tracing::info!(key = %name, "key deleted");
         Ok(())
     }
@@ -362,13 +352,14 @@ impl KeyManager {
     ) -> Result<(Arc<LoadedKey>, KeyVersion)> {
         let mut loaded = self.get(name).await?;
         let counted = loaded.key.key_type().usage_limit().is_some();
-        if counted && count > self.usage.limit {
+        let policy = self.usage.policy();
+        if counted && count > policy.limit {
             // No version could ever take this request; rotating would only burn
             // versions. The client must split it.
             return Err(Error::TooLarge {
                 what: "request",
                 actual: usize::try_from(count).unwrap_or(usize::MAX),
-                limit: usize::try_from(self.usage.limit).unwrap_or(usize::MAX),
+                limit: usize::try_from(policy.limit).unwrap_or(usize::MAX),
                 unit: "encryptions",
                 setting: "keys.usage_limit",
             });
@@ -390,14 +381,10 @@ impl KeyManager {
             if !counted || count == 0 {
                 return Ok((loaded, version));
             }
-            match self
-                .counter(name, version)
-                .take(self, name, version, count)
-                .await
-            {
+            match self.usage.reserve(name, version, count).await {
                 Ok(()) => return Ok((loaded, version)),
                 Err(Error::UsageExhausted(_))
-                    if requested.is_none() && self.usage.on_limit == LimitAction::Rotate =>
+                    if requested.is_none() && policy.on_limit == LimitAction::Rotate =>
                 {
                     // Another request or replica may have rotated already: then
                     // use its version rather than write again.
@@ -423,25 +410,12 @@ impl KeyManager {
 
     /// Encryptions reserved so far for `version` (an upper bound on those made).
     pub async fn reserved_encryptions(&self, name: &KeyName, version: KeyVersion) -> Result<u64> {
-        let path = usage_path(name, version);
-        match self.store.get(&path).await? {
-            Some(rec) => Ok(self.open_usage(&path, &rec.value)?.reserved),
-            None => Ok(0),
-        }
+        self.usage.reserved(name, version).await
     }
 
     /// The configured usage policy.
     pub fn usage_policy(&self) -> UsagePolicy {
-        self.usage
-    }
-
-    fn counter(&self, name: &KeyName, version: KeyVersion) -> Arc<UsageCounter> {
-        Arc::clone(
-            self.counters
-                .entry((name.clone(), version))
-                .or_insert_with(|| Arc::new(UsageCounter::default()))
-                .value(),
-        )
+        self.usage.policy()
     }
 
     fn install(&self, name: &KeyName, loaded: &Arc<LoadedKey>) {
@@ -468,14 +442,140 @@ impl KeyManager {
         }
         LoadedKey::prepare(key, revision)
     }
+}
 
-    fn open_usage(&self, path: &str, sealed: &[u8]) -> Result<UsageRecord> {
-        let plain = self.barrier.open(path, sealed)?;
-        serde_json::from_slice(plain.expose_secret()).map_err(|_| Error::Corrupt(path.to_owned()))
+impl Drop for KeyManager {
+    fn drop(&mut self) {
+        self.invalidator.abort();
+    }
+}
+
+impl std::fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("cached_keys", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The durable encryption counts of 96-bit-nonce key versions, and this process's
+/// reserved blocks of them: the one owner of usage reservation.
+///
+/// A count is reserved from storage (`usage/<name>/<version>`) in blocks of
+/// `keys.usage_reservation_block` before any encryption of the block happens, and
+/// handed out from memory until the block runs out. The stored count only ever
+/// grows: a reservation that would not fit under the limit is refused
+/// (`UsageExhausted`), including when the stored count already meets or exceeds
+/// the limit because an operator lowered it. All arithmetic is checked.
+struct UsageLedger {
+    store: Arc<dyn Store>,
+    barrier: Arc<Barrier>,
+    policy: UsagePolicy,
+    blocks: DashMap<(KeyName, KeyVersion), Arc<Reservation>>,
+}
+
+/// This process's current block of one key version, and the lock that makes
+/// storage reservations for it one at a time.
+#[derive(Default)]
+struct Reservation {
+    block: Mutex<Block>,
+    reserving: tokio::sync::Mutex<()>,
+}
+
+/// Encryptions `[next, end)` reserved in storage and not yet handed out.
+#[derive(Default)]
+struct Block {
+    next: u64,
+    end: u64,
+}
+
+impl Block {
+    /// Hands out `count` encryptions if the block still holds them.
+    fn take(&mut self, count: u64) -> bool {
+        match self.next.checked_add(count) {
+            Some(next) if next <= self.end => {
+                self.next = next;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl UsageLedger {
+    fn new(store: Arc<dyn Store>, barrier: Arc<Barrier>, policy: UsagePolicy) -> Self {
+        Self {
+            store,
+            barrier,
+            policy,
+            blocks: DashMap::new(),
+        }
     }
 
-    /// Reserves a block of at least `count` encryptions for `version` in storage.
-    /// Returns the reserved range `[start, end)`.
+    fn policy(&self) -> UsagePolicy {
+        self.policy
+    }
+
+    /// Takes `count` encryptions of `version`: from this process's block, or by
+    /// reserving a new block in storage. `UsageExhausted` when the version's limit
+    /// leaves no room for `count` more.
+    async fn reserve(&self, name: &KeyName, version: KeyVersion, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let reservation = Arc::clone(
+            self.blocks
+                .entry((name.clone(), version))
+                .or_default()
+                .value(),
+        );
+        if lock_block(&reservation).take(count) {
+            return Ok(());
+        }
+        let _reserving = reservation.reserving.lock().await;
+        if lock_block(&reservation).take(count) {
+            return Ok(());
+        }
+        let (start, end) = self.reserve_block(name, version, count).await?;
+        // The unused rest of the previous block is abandoned: counting it as used
+        // is the safe direction.
+        let mut block = Block { next: start, end };
+        let taken = block.take(count);
+        // `reserve_block` returns at least `count` encryptions.
+        debug_assert!(taken, "a fresh block holds the request");
+        if !taken {
+            return Err(Error::Internal("usage block smaller than requested".into()));
+        }
+        *lock_block(&reservation) = block;
+        Ok(())
+    }
+
+    /// Encryptions reserved so far for `version` (an upper bound on those made).
+    async fn reserved(&self, name: &KeyName, version: KeyVersion) -> Result<u64> {
+        let path = usage_path(name, version);
+        match self.store.get(&path).await? {
+            Some(rec) => Ok(self.open(&path, &rec.value)?.reserved),
+            None => Ok(0),
+        }
+    }
+
+    /// Forgets a deleted key's blocks and deletes its usage records.
+    async fn remove(&self, name: &KeyName) -> Result<()> {
+        self.blocks.retain(|(n, _), _| n != name);
+        let prefix = format!("{USAGE_PREFIX}{name}/");
+        for usage_path in self.store.list(&prefix, None, usize::MAX).await? {
+            if let Some(rec) = self.store.get(&usage_path).await? {
+                // Best effort: a leftover counter only over-counts a future key of
+                // the same name, which has fresh material, so nothing is unsafe.
+                let _ = self.store.delete(&usage_path, rec.revision).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves a block of at least `count` encryptions for `version` in storage
+    /// and returns it as `[start, end)`. The stored count moves from `start` to
+    /// `end > start`, never down.
     async fn reserve_block(
         &self,
         name: &KeyName,
@@ -483,20 +583,19 @@ impl KeyManager {
         count: u64,
     ) -> Result<(u64, u64)> {
         let path = usage_path(name, version);
-        let limit = self.usage.limit;
+        let limit = self.policy.limit;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let current = self.store.get(&path).await?;
             let reserved = match &current {
-                Some(rec) => self.open_usage(&path, &rec.value)?.reserved,
+                Some(rec) => self.open(&path, &rec.value)?.reserved,
                 None => 0,
             };
-            let want = count.max(self.usage.reservation_block);
-            let end = reserved.saturating_add(want).min(limit);
-            if end - reserved < count {
+            let Some(end) = next_reservation(reserved, count, self.policy.reservation_block, limit)
+            else {
                 return Err(Error::UsageExhausted(format!(
                     "key \"{name}\" version {version} reached its limit of {limit} encryptions; rotate the key"
                 )));
-            }
+            };
             let body = serde_json::to_vec(&UsageRecord { reserved: end })
                 .map_err(|e| Error::Internal(e.to_string()))?;
             let sealed = self.barrier.seal(&path, &body)?;
@@ -520,77 +619,30 @@ impl KeyManager {
         }
         Err(Error::Aborted(path))
     }
-}
 
-impl Drop for KeyManager {
-    fn drop(&mut self) {
-        self.invalidator.abort();
+    fn open(&self, path: &str, sealed: &[u8]) -> Result<UsageRecord> {
+        let plain = self.barrier.open(path, sealed)?;
+        serde_json::from_slice(plain.expose_secret()).map_err(|_| Error::Corrupt(path.to_owned()))
     }
 }
 
-impl std::fmt::Debug for KeyManager {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyManager")
-            .field("cached_keys", &self.cache.len())
-            .finish_non_exhaustive()
+/// The stored count after reserving room for `count` more encryptions on top of
+/// `reserved`: a block of `max(count, block)`, cut at `limit`. `None` when the
+/// version cannot take `count` more, which includes `reserved >= limit` (a limit
+/// lowered below the stored count). A returned count is always above `reserved`.
+fn next_reservation(reserved: u64, count: u64, block: u64, limit: u64) -> Option<u64> {
+    if count == 0 || reserved >= limit {
+        return None;
     }
+    let end = reserved.saturating_add(count.max(block)).min(limit);
+    let room = end.checked_sub(reserved)?;
+    (room >= count).then_some(end)
 }
 
-/// This process's current block of reserved encryptions for one key version.
-#[derive(Default)]
-struct UsageCounter {
-    block: Mutex<Block>,
-    /// Serializes storage reservations for this version within the process.
-    reserving: tokio::sync::Mutex<()>,
-}
-
-#[derive(Default)]
-struct Block {
-    next: u64,
-    end: u64,
-}
-
-impl UsageCounter {
-    async fn take(
-        &self,
-        manager: &KeyManager,
-        name: &KeyName,
-        version: KeyVersion,
-        count: u64,
-    ) -> Result<()> {
-        if self.take_local(count) {
-            return Ok(());
-        }
-        let _reserving = self.reserving.lock().await;
-        if self.take_local(count) {
-            return Ok(());
-        }
-        let (start, end) = manager.reserve_block(name, version, count).await?;
-        // The unused rest of the previous block is abandoned: counting it as used
-        // is the safe direction.
-        let mut block = self.lock_block();
-        *block = Block {
-            next: start + count,
-            end,
-        };
-        Ok(())
-    }
-
-    fn take_local(&self, count: u64) -> bool {
-        let mut block = self.lock_block();
-        if block.end - block.next >= count {
-            block.next += count;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn lock_block(&self) -> std::sync::MutexGuard<'_, Block> {
-        // Invariant: the critical sections above are plain integer updates that
-        // cannot panic, so the mutex is never poisoned; recover regardless.
-        self.block.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn lock_block(reservation: &Reservation) -> std::sync::MutexGuard<'_, Block> {
+    // Invariant: the critical sections are plain integer updates that cannot
+    // panic, so the mutex is never poisoned; recover regardless.
+    reservation.block.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -647,14 +699,14 @@ async fn invalidate_on_change(
 
 #[cfg(test)]
 mod tests {
-    use cipherd_core::barrier::RootKey;
+    use cipherd_core::{barrier::RootKey, secret::Derivation};
     use cipherd_store::SqliteStore;
 
     use super::*;
     use crate::config::Params;
 
     async fn manager(store: Arc<dyn Store>, root: &RootKey) -> KeyManager {
-        let barrier = Arc::new(Barrier::new(root, 1).unwrap());
+        let barrier = Arc::new(Barrier::new(root, 1, Derivation::V2).unwrap());
         KeyManager::new(store, barrier, Params::for_data_dir("unused", false).usage)
     }
 
@@ -679,6 +731,119 @@ mod tests {
         let stopped = manager(store, &root).await;
         assert_eq!(stopped.warm(|| false).await.unwrap(), 0);
         assert_eq!(stopped.cache.len(), 0);
+    }
+
+    fn policy(limit: u64, on_limit: LimitAction) -> UsagePolicy {
+        UsagePolicy {
+            limit,
+            reservation_block: 350,
+            on_limit,
+        }
+    }
+
+    /// An operator lowers `keys.usage_limit` below a version's stored count: the
+    /// version is exhausted (refused, or rotated away from), and the stored count
+    /// never goes down. Before the fix, `end - reserved` underflowed (a panic in
+    /// debug builds, a wrap in release that wrote back a smaller count).
+    #[tokio::test]
+    async fn a_lowered_limit_exhausts_the_version_and_never_lowers_its_count() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let barrier = || Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
+        let name = KeyName::new("capped").unwrap();
+        let v1 = KeyVersion::FIRST;
+
+        let before = KeyManager::new(
+            Arc::clone(&store),
+            barrier(),
+            policy(1000, LimitAction::Refuse),
+        );
+        let opts = CreateOptions {
+            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            ..Default::default()
+        };
+        before.create(&name, opts).await.unwrap();
+        before.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(before.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        drop(before);
+
+        // "Restart" with the limit lowered below the stored count.
+        let refusing = KeyManager::new(
+            Arc::clone(&store),
+            barrier(),
+            policy(100, LimitAction::Refuse),
+        );
+        for count in [1, 50, 100] {
+            let r = refusing.reserve_encryptions(&name, None, count).await;
+            assert!(matches!(r, Err(Error::UsageExhausted(_))), "{count}");
+            let pinned = refusing.reserve_encryptions(&name, Some(v1), count).await;
+            assert!(matches!(pinned, Err(Error::UsageExhausted(_))), "{count}");
+            assert_eq!(refusing.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        }
+        drop(refusing);
+
+        // Exactly at the limit is exhausted too.
+        let at_limit = KeyManager::new(
+            Arc::clone(&store),
+            barrier(),
+            policy(350, LimitAction::Refuse),
+        );
+        let r = at_limit.reserve_encryptions(&name, None, 1).await;
+        assert!(matches!(r, Err(Error::UsageExhausted(_))));
+        drop(at_limit);
+
+        // With `rotate`, a new version takes over and v1 keeps its count.
+        let rotating = KeyManager::new(store, barrier(), policy(100, LimitAction::Rotate));
+        let (_, version) = rotating.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(version.get(), 2);
+        assert_eq!(rotating.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        assert_eq!(
+            rotating.reserved_encryptions(&name, version).await.unwrap(),
+            100
+        );
+    }
+
+    #[test]
+    fn next_reservation_is_checked_and_only_grows() {
+        // Ordinary blocks, cut at the limit.
+        assert_eq!(next_reservation(0, 1, 350, 1000), Some(350));
+        assert_eq!(next_reservation(700, 1, 350, 1000), Some(1000));
+        assert_eq!(next_reservation(999, 1, 350, 1000), Some(1000));
+        assert_eq!(next_reservation(0, 500, 350, 1000), Some(500));
+        // Not enough room, at the limit, above it (a lowered limit).
+        assert_eq!(next_reservation(999, 2, 350, 1000), None);
+        assert_eq!(next_reservation(1000, 1, 350, 1000), None);
+        assert_eq!(next_reservation(350, 1, 350, 100), None);
+        assert_eq!(next_reservation(u64::MAX, 1, 350, 100), None);
+        // Near u64::MAX nothing wraps.
+        assert_eq!(
+            next_reservation(u64::MAX - 1, 1, 350, u64::MAX),
+            Some(u64::MAX)
+        );
+        assert_eq!(next_reservation(u64::MAX - 1, 2, 350, u64::MAX), None);
+        assert_eq!(next_reservation(5, 0, 350, 1000), None);
+        for reserved in [0, 1, 99, 100, 101, 349, 350, 351, u64::MAX] {
+            for count in [1, 2, 100, 350, u64::MAX] {
+                if let Some(end) = next_reservation(reserved, count, 350, 350) {
+                    assert!(end > reserved && end - reserved >= count && end <= 350);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_hand_out_exactly_their_range() {
+        let mut block = Block { next: 10, end: 13 };
+        assert!(block.take(2));
+        assert!(!block.take(2));
+        assert!(block.take(1));
+        assert!(!block.take(1));
+        let mut high = Block {
+            next: u64::MAX - 1,
+            end: u64::MAX,
+        };
+        assert!(!high.take(u64::MAX));
+        assert!(high.take(1));
     }
 
     #[tokio::test]

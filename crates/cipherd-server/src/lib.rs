@@ -21,6 +21,7 @@ mod admin;
 pub mod config;
 mod error;
 pub mod keys;
+pub mod memory;
 mod seal;
 mod server;
 mod system;

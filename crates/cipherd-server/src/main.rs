@@ -53,6 +53,13 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&raw.log.level, &raw.log.format)?;
     let addr = raw.listen_addr()?;
     let params = Params::try_from(raw)?;
+    // Before the server starts, and so before any key material exists: no core
+    // dumps, and all memory locked when memory.lock is set.
+    let hardened = cipherd_server::memory::harden(params.memory.lock)?;
+    tracing::info!(
+        memory_locked = hardened.locked,
+        "core dumps disabled (RLIMIT_CORE 0, not dumpable)"
+    );
     if params.dev {
         tracing::warn!(
             "DEV MODE: the unseal share is stored in {} in the clear; never use for real data",

@@ -9,21 +9,39 @@
 //! The seal record (`sys/seal`) is the one record not under the barrier, since it is
 //! needed to open it; it holds the share count, threshold and the AEAD-sealed root
 //! key, so tampering with it can only make unsealing fail.
+//!
+//! Seal record formats:
+//!
+//! | format | written by | HKDF derivation (barrier, root wrapping) | shares |
+//! | --- | --- | --- | --- |
+//! | 1 | initializations before derivations were versioned | `Derivation::V1` | `cipherd-share:v1:` (unkeyed check) |
+//! | 2 | every new `Init` | `Derivation::V2` | `cipherd-share:v2:`, check keyed with the record's random `seal_id` |
+//!
+//! A data dir keeps its format for life, so existing ones open as before. Under
+//! format 2 a share of another initialization, or a made-up one, is refused when
+//! it is submitted and never touches the progress of an unseal in flight.
+//!
+//! Share texts are held in zeroizing buffers here; the copies in the gRPC request
+//! and response messages (and tonic's buffers) are outside this module's reach.
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    io::Read as _,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use base64::Engine as _;
 use cipherd_core::{
     barrier::{self, Barrier, RootKey, UnsealKey},
-    secret::KeyMaterial,
-    shamir::{self, Share},
+    secret::{Derivation, KeyMaterial},
+    shamir::{self, SealId, Share, ShareBinding},
 };
 use cipherd_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
+use zeroize::Zeroizing;
 
 use crate::{
     config::Params,
@@ -77,7 +95,11 @@ enum State {
     Unsealed(Arc<Unsealed>),
 }
 
+/// The seal record format every new initialization writes (see the module docs).
+const SEAL_FORMAT: u32 = 2;
+
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SealRecord {
     format: u32,
     shares: u8,
@@ -85,6 +107,26 @@ struct SealRecord {
     root_generation: u32,
     /// base64 of `barrier::seal_root_key` output.
     sealed_root_key: String,
+    /// Format 2: base64 of the random seal id that keys the share check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal_id: Option<String>,
+}
+
+/// A validated seal record: what its format means for derivation and shares.
+struct Seal {
+    record: SealRecord,
+    derivation: Derivation,
+    /// `None` for format 1 (v1 shares, unbound).
+    id: Option<SealId>,
+}
+
+impl Seal {
+    fn binding(&self) -> ShareBinding<'_> {
+        match &self.id {
+            Some(id) => ShareBinding::Seal(id),
+            None => ShareBinding::Unbound,
+        }
+    }
 }
 
 impl Core {
@@ -135,14 +177,18 @@ impl Core {
         Ok(SealStatus {
             initialized: record.is_some(),
             sealed,
-            threshold: record.as_ref().map_or(0, |r| r.threshold),
-            shares: record.as_ref().map_or(0, |r| r.shares),
+            threshold: record.as_ref().map_or(0, |s| s.record.threshold),
+            shares: record.as_ref().map_or(0, |s| s.record.shares),
             progress,
         })
     }
 
-    /// Creates the root key and returns `shares` text-encoded unseal shares, any
-    /// `threshold` of which unseal. Leaves the service sealed.
+    /// Creates the root key and returns `shares` text-encoded unseal shares
+    /// (`cipherd-share:v2:`, bound to this seal), any `threshold` of which unseal.
+    /// Leaves the service sealed.
+    ///
+    /// Each text is moved, not copied, out of the zeroizing buffer it was written
+    /// in: the returned strings (which become the gRPC reply) are the only copies.
     pub async fn init(&self, shares: u32, threshold: u32) -> Result<Vec<String>> {
         let _guard = self.lifecycle.lock().await;
         let (n, t) = match (u8::try_from(shares), u8::try_from(threshold)) {
@@ -163,13 +209,16 @@ impl Core {
         let split = shamir::split(&unseal_material, t, n)?;
         let unseal_key = UnsealKey::from_material(unseal_material);
         let root = RootKey::generate()?;
-        let sealed_root = barrier::seal_root_key(&unseal_key, &root)?;
+        let sealed_root = barrier::seal_root_key(&unseal_key, &root, Derivation::V2)?;
+        let seal_id = SealId::generate()?;
+        let b64 = &base64::engine::general_purpose::STANDARD;
         let record = SealRecord {
-            format: 1,
+            format: SEAL_FORMAT,
             shares: n,
             threshold: t,
             root_generation: 1,
-            sealed_root_key: base64::engine::general_purpose::STANDARD.encode(sealed_root),
+            sealed_root_key: b64.encode(sealed_root),
+            seal_id: Some(b64.encode(seal_id.as_bytes())),
         };
         let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
         match self.store.create(SEAL_PATH, &json).await {
@@ -181,14 +230,43 @@ impl Core {
         }
         self.initialized.store(true, Ordering::Relaxed);
         tracing::info!(shares = n, threshold = t, "initialized");
-        Ok(split.iter().map(|s| s.to_text().to_string()).collect())
+        let binding = ShareBinding::Seal(&seal_id);
+        Ok(split
+            .iter()
+            .map(|s| std::mem::take(&mut *s.to_text(binding)))
+            .collect())
     }
 
     /// Submits one share. Unseals once `threshold` distinct shares are in; a set
     /// that does not open the root key is discarded so the operator can start over.
-    pub async fn unseal(&self, share_text: &str, reset: bool) -> Result<SealStatus> {
+    ///
+    /// A share that does not parse for this seal (malformed, mistyped, of the
+    /// other share version, or, under format 2, issued by another initialization)
+    /// is refused with `InvalidArgument` and leaves the progress as it was. The
+    /// text is wiped when this returns.
+    pub async fn unseal(
+        &self,
+        share_text: impl Into<Zeroizing<String>>,
+        reset: bool,
+    ) -> Result<SealStatus> {
+        let share_text = share_text.into();
         let _guard = self.lifecycle.lock().await;
-        let record = self.seal_record().await?.ok_or(Error::NotInitialized)?;
+        let seal = self.seal_record().await?.ok_or(Error::NotInitialized)?;
+        // The lifecycle lock is held, so the state cannot change until we return.
+        if matches!(*self.read_state(), State::Unsealed(_)) {
+            return Err(Error::AlreadyUnsealed);
+        }
+        // Parsed before the state is touched: a refused share changes nothing.
+        let share = match share_text.trim() {
+            "" => None,
+            text => Some(Share::parse(text, seal.binding()).map_err(|e| match e {
+                cipherd_core::Error::Shamir(why) => {
+                    Error::InvalidArgument(format!("unseal share refused: {why}"))
+                }
+                e => e.into(),
+            })?),
+        };
+        drop(share_text);
         let ready = {
             let mut state = self.write_state();
             let pending = match &mut *state {
@@ -198,9 +276,7 @@ impl Core {
             if reset {
                 pending.clear();
             }
-            if !share_text.trim().is_empty() {
-                let share = Share::parse(share_text.trim())
-                    .map_err(|_| Error::InvalidArgument("the unseal share is malformed".into()))?;
+            if let Some(share) = share {
                 if pending.iter().any(|s| s.x() == share.x()) {
                     return Err(Error::InvalidArgument(
                         "this share was already submitted".into(),
@@ -208,14 +284,14 @@ impl Core {
                 }
                 pending.push(share);
             }
-            if pending.len() >= usize::from(record.threshold) {
+            if pending.len() >= usize::from(seal.record.threshold) {
                 Some(std::mem::take(pending))
             } else {
                 None
             }
         };
         if let Some(shares) = ready {
-            let unsealed = Arc::new(self.open(&record, &shares).await?);
+            let unsealed = Arc::new(self.open(&seal, &shares).await?);
             *self.write_state() = State::Unsealed(Arc::clone(&unsealed));
             self.sealed_tx.send_replace(false);
             tracing::info!("unsealed");
@@ -238,15 +314,18 @@ impl Core {
         Ok(())
     }
 
-    async fn open(&self, record: &SealRecord, shares: &[Share]) -> Result<Unsealed> {
+    async fn open(&self, seal: &Seal, shares: &[Share]) -> Result<Unsealed> {
         let unseal_key = UnsealKey::from_material(shamir::combine(shares)?);
         let sealed_root = base64::engine::general_purpose::STANDARD
-            .decode(&record.sealed_root_key)
+            .decode(&seal.record.sealed_root_key)
             .map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
-        let root = barrier::open_root_key(&unseal_key, &sealed_root).map_err(|_| {
-            Error::UnsealFailed("the shares do not reconstruct the unseal key; start over".into())
-        })?;
-        let barrier = Barrier::new(&root, record.root_generation)?;
+        let root =
+            barrier::open_root_key(&unseal_key, &sealed_root, seal.derivation).map_err(|_| {
+                Error::UnsealFailed(
+                    "the shares do not reconstruct the unseal key; start over".into(),
+                )
+            })?;
+        let barrier = Barrier::new(&root, seal.record.root_generation, seal.derivation)?;
         let keys = KeyManager::new(
             Arc::clone(&self.store),
             Arc::new(barrier),
@@ -255,16 +334,31 @@ impl Core {
         Ok(Unsealed { keys })
     }
 
-    async fn seal_record(&self) -> Result<Option<SealRecord>> {
+    async fn seal_record(&self) -> Result<Option<Seal>> {
         let Some(rec) = self.store.get(SEAL_PATH).await? else {
             return Ok(None);
         };
-        let record: SealRecord =
-            serde_json::from_slice(&rec.value).map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
-        if record.format != 1 || record.threshold == 0 || record.threshold > record.shares {
-            return Err(Error::Corrupt(SEAL_PATH.into()));
+        let corrupt = || Error::Corrupt(SEAL_PATH.into());
+        let record: SealRecord = serde_json::from_slice(&rec.value).map_err(|_| corrupt())?;
+        if record.threshold == 0 || record.threshold > record.shares {
+            return Err(corrupt());
         }
-        Ok(Some(record))
+        let (derivation, id) = match (record.format, &record.seal_id) {
+            (1, None) => (Derivation::V1, None),
+            (2, Some(id)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(id)
+                    .map_err(|_| corrupt())?;
+                let id = SealId::from_slice(&bytes).map_err(|_| corrupt())?;
+                (Derivation::V2, Some(id))
+            }
+            _ => return Err(corrupt()),
+        };
+        Ok(Some(Seal {
+            record,
+            derivation,
+            id,
+        }))
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -306,12 +400,16 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     let path = core.params.data_dir.join(DEV_SHARE_FILE);
     let status = core.status().await?;
     if !status.initialized {
-        let shares = core.init(1, 1).await?;
-        let body = format!(
-            "# INSECURE: cipherd dev-mode unseal share. Anyone who can read this file can\n\
-             # unseal this server. Never use --dev for real data.\n{}\n",
-            shares[0]
-        );
+        let shares: Vec<Zeroizing<String>> = core
+            .init(1, 1)
+            .await?
+            .into_iter()
+            .map(Zeroizing::new)
+            .collect();
+        let mut body = Zeroizing::new(String::with_capacity(DEV_SHARE_HEADER.len() + 128));
+        body.push_str(DEV_SHARE_HEADER);
+        body.push_str(&shares[0]);
+        body.push('\n');
         write_private(&path, body.as_bytes())
             .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
         tracing::warn!(path = %path.display(), "dev mode: initialized; unseal share stored in the clear");
@@ -319,7 +417,7 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     if !core.status().await?.sealed {
         return Ok(());
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = read_private(&path).map_err(|e| {
         Error::FailedPrecondition(format!(
             "dev mode: cannot read {} ({e}); the server stays sealed",
             path.display()
@@ -329,13 +427,30 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
         .lines()
         .find(|l| !l.starts_with('#') && !l.trim().is_empty())
         .unwrap_or_default();
-    core.unseal(share, true).await?;
+    core.unseal(Zeroizing::new(share.to_owned()), true).await?;
     tracing::warn!("dev mode: unsealed automatically; do not use for real data");
     Ok(())
 }
 
 /// File name of the dev-mode unseal share inside the data dir.
 pub const DEV_SHARE_FILE: &str = "dev-unseal-share.INSECURE";
+
+/// The comment lines at the top of the dev share file; the share follows.
+const DEV_SHARE_HEADER: &str = "# INSECURE: cipherd dev-mode unseal share. Anyone who can read this file can\n\
+     # unseal this server. Never use --dev for real data.\n";
+
+/// Reads a small secret file into a zeroizing buffer sized up front, so reading
+/// never reallocates (which would leave copies in freed memory).
+fn read_private(path: &std::path::Path) -> std::io::Result<Zeroizing<String>> {
+    let mut file = std::fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if len > 64 << 10 {
+        return Err(std::io::Error::other("larger than a share file can be"));
+    }
+    let mut text = Zeroizing::new(String::with_capacity(len + 1));
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
 
 fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -349,4 +464,207 @@ fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(body)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use cipherd_core::{
+        KeyType,
+        aead::AeadKey,
+        ciphertext::{self, Ciphertext, Encoding},
+        keyring::{DERIVED_KEY_LABEL, KeyName, KeyVersion},
+    };
+    use cipherd_store::SqliteStore;
+
+    use super::*;
+
+    async fn core() -> Arc<Core> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        Core::new(store, Params::for_data_dir("unused", false))
+    }
+
+    fn refused(r: Result<SealStatus>) -> String {
+        match r {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Shares of another initialization, made-up well-formed shares and v1 shares
+    /// are refused when submitted and leave the progress alone; the real shares
+    /// still unseal afterwards. Before shares were bound to their seal, a foreign
+    /// share counted (progress 2) and then made the whole set fail, discarding the
+    /// real share already entered.
+    #[tokio::test]
+    async fn shares_of_another_seal_are_refused_without_touching_progress() {
+        let core = core().await;
+        let shares = core.init(3, 2).await.unwrap();
+        assert!(shares.iter().all(|s| s.starts_with("cipherd-share:v2:")));
+        let foreign = core_init_elsewhere().await;
+        assert_eq!(
+            core.unseal(shares[0].clone(), false)
+                .await
+                .unwrap()
+                .progress,
+            1
+        );
+
+        // Made up: the right syntax, random bytes and check.
+        let mut raw = [0u8; 41];
+        raw.copy_from_slice(
+            cipherd_core::secret::SecretBytes::random(41)
+                .unwrap()
+                .expose_secret(),
+        );
+        raw[0] = 2;
+        let made_up = format!("cipherd-share:v2:{}", hex(&raw));
+        // A share of a v1 seal (any v1 text is well-formed by construction).
+        let material = KeyMaterial::generate().unwrap();
+        let v1 = shamir::split(&material, 2, 2).unwrap()[1].to_text(ShareBinding::Unbound);
+
+        for (what, bad) in [
+            ("foreign", foreign[1].clone()),
+            ("made up", made_up),
+            ("v1", v1.to_string()),
+        ] {
+            let msg = refused(core.unseal(bad.clone(), false).await);
+            assert!(msg.starts_with("unseal share refused"), "{what}: {msg}");
+            assert!(
+                !msg.contains(&bad[20..40]),
+                "{what}: the message echoes the share"
+            );
+            let status = core.status().await.unwrap();
+            assert_eq!((status.sealed, status.progress), (true, 1), "{what}");
+        }
+        let status = core.unseal(shares[2].clone(), false).await.unwrap();
+        assert!(!status.sealed);
+    }
+
+    async fn core_init_elsewhere() -> Vec<String> {
+        core().await.init(3, 2).await.unwrap()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A data dir initialized by the previous release (seal record format 1, V1
+    /// derivations for the barrier and the root-key seal, v1 shares, a derived
+    /// key version without a `derivation` field) still unseals with its v1 shares,
+    /// refuses v2 shares, and decrypts its old ciphertext.
+    #[tokio::test]
+    async fn a_seal_record_of_the_first_format_still_unseals_and_decrypts() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let unseal_material = KeyMaterial::generate().unwrap();
+        let split = shamir::split(&unseal_material, 2, 3).unwrap();
+        let unseal_key = UnsealKey::from_material(unseal_material);
+        let root = RootKey::generate().unwrap();
+        let sealed_root = barrier::seal_root_key(&unseal_key, &root, Derivation::V1).unwrap();
+        let record = serde_json::json!({
+            "format": 1,
+            "shares": 3,
+            "threshold": 2,
+            "root_generation": 1,
+            "sealed_root_key": BASE64.encode(sealed_root),
+        });
+        store
+            .create(SEAL_PATH, &serde_json::to_vec(&record).unwrap())
+            .await
+            .unwrap();
+
+        // A derived key as the previous release stored it, and one of its ciphertexts.
+        let material = [0x42u8; 32];
+        let key_record = serde_json::json!({
+            "format": 1, "name": "tenants", "key_type": "xaes-256-gcm", "derived": true,
+            "exportable": false, "deletion_allowed": false, "created_at_ms": 0,
+            "latest_version": 1, "min_decryption_version": 1, "min_encryption_version": 0,
+            "min_available_version": 1,
+            "versions": [{"version": 1, "created_at_ms": 0, "material": BASE64.encode(material)}],
+        });
+        let old_barrier = Barrier::new(&root, 1, Derivation::V1).unwrap();
+        let sealed_key = old_barrier
+            .seal("keys/tenants", &serde_json::to_vec(&key_record).unwrap())
+            .unwrap();
+        store.create("keys/tenants", &sealed_key).await.unwrap();
+        let working = KeyMaterial::from_slice(&material)
+            .unwrap()
+            .derive(Derivation::V1, DERIVED_KEY_LABEL, b"tenant-1")
+            .unwrap();
+        let old_ct = ciphertext::seal(
+            &AeadKey::new(KeyType::Xaes256Gcm, &working).unwrap(),
+            KeyVersion::FIRST,
+            b"row 1",
+            b"written by the old release",
+            Encoding::Binary,
+        )
+        .unwrap();
+
+        let core = Core::new(Arc::clone(&store), Params::for_data_dir("unused", false));
+        let id = SealId::generate().unwrap();
+        let v2 = split[0].to_text(ShareBinding::Seal(&id));
+        let msg = refused(core.unseal(v2.to_string(), false).await);
+        assert!(
+            msg.contains("accepts cipherd-share:v1: shares only"),
+            "{msg}"
+        );
+        assert_eq!(core.status().await.unwrap().progress, 0);
+
+        let first = split[2].to_text(ShareBinding::Unbound);
+        assert_eq!(
+            core.unseal(first.to_string(), false)
+                .await
+                .unwrap()
+                .progress,
+            1
+        );
+        let second = split[0].to_text(ShareBinding::Unbound);
+        assert!(!core.unseal(second.to_string(), false).await.unwrap().sealed);
+
+        let keys = &core.unsealed().unwrap().keys;
+        let loaded = keys.get(&KeyName::new("tenants").unwrap()).await.unwrap();
+        let aead = loaded.working_key(KeyVersion::FIRST, b"tenant-1").unwrap();
+        let ct = Ciphertext::parse(&old_ct).unwrap();
+        assert_eq!(
+            ciphertext::open(&aead, &ct, b"row 1").unwrap(),
+            b"written by the old release"
+        );
+        // The seal record was left as it was.
+        let stored = store.get(SEAL_PATH).await.unwrap().unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap(),
+            record
+        );
+    }
+
+    #[tokio::test]
+    async fn new_seal_records_use_format_2_and_reject_mixed_fields() {
+        let core = core().await;
+        core.init(1, 1).await.unwrap();
+        let stored = core.store.get(SEAL_PATH).await.unwrap().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+        assert_eq!(json["format"], 2);
+        let id = BASE64.decode(json["seal_id"].as_str().unwrap()).unwrap();
+        assert_eq!(id.len(), shamir::SEAL_ID_LEN);
+
+        // Format 2 without an id, or format 1 with one, is corrupt.
+        for mutate in [
+            |j: &mut serde_json::Value| {
+                j.as_object_mut().unwrap().remove("seal_id");
+            },
+            |j: &mut serde_json::Value| j["format"] = 1.into(),
+            |j: &mut serde_json::Value| j["seal_id"] = BASE64.encode([0u8; 31]).into(),
+        ] {
+            let mut bad = json.clone();
+            mutate(&mut bad);
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+            store
+                .create(SEAL_PATH, &serde_json::to_vec(&bad).unwrap())
+                .await
+                .unwrap();
+            let other = Core::new(store, Params::for_data_dir("unused", false));
+            assert!(matches!(other.status().await, Err(Error::Corrupt(_))));
+        }
+    }
 }

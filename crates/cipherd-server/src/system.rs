@@ -57,7 +57,7 @@ impl SystemService for SystemHandler {
         request: Request<pb::UnsealRequest>,
     ) -> Result<Response<pb::UnsealResponse>, Status> {
         let r = request.into_inner();
-        let s = self.core.unseal(&r.share, r.reset).await?;
+        let s = self.core.unseal(r.share, r.reset).await?;
         Ok(Response::new(pb::UnsealResponse {
             sealed: s.sealed,
             threshold: s.threshold.into(),

@@ -1497,7 +1497,9 @@ pub struct UpdateKeyConfigRequest {
     pub min_encryption_version: ::core::option::Option<u32>,
     #[prost(bool, optional, tag = "4")]
     pub deletion_allowed: ::core::option::Option<bool>,
-    /// May be turned on, never off.
+    /// Fixed at creation: a key created non-exportable can never be made
+    /// exportable, and an exportable one stays so. Only the current value is
+    /// accepted; any change is FAILED_PRECONDITION.
     #[prost(bool, optional, tag = "5")]
     pub exportable: ::core::option::Option<bool>,
 }
@@ -1869,7 +1871,10 @@ pub mod key_admin_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "DeleteKey"));
             self.inner.unary(req, path, codec).await
         }
-        /// Returns key material in plaintext. Only for keys created exportable.
+        /// Returns key material in plaintext. Only for keys created exportable. For a
+        /// derived key this returns each version's base material, from which the
+        /// working key of every context is derived: the export opens the data of all
+        /// contexts, not of one.
         pub async fn export_key(
             &mut self,
             request: impl tonic::IntoRequest<super::ExportKeyRequest>,
@@ -1959,7 +1964,10 @@ pub mod key_admin_service_server {
             tonic::Response<super::DeleteKeyResponse>,
             tonic::Status,
         >;
-        /// Returns key material in plaintext. Only for keys created exportable.
+        /// Returns key material in plaintext. Only for keys created exportable. For a
+        /// derived key this returns each version's base material, from which the
+        /// working key of every context is derived: the export opens the data of all
+        /// contexts, not of one.
         async fn export_key(
             &self,
             request: tonic::Request<super::ExportKeyRequest>,
