@@ -2,15 +2,10 @@
 //! versions, and bytes that are not valid protobuf are INVALID_ARGUMENT with reason
 //! `MALFORMED_MESSAGE`, like every other invalid input, never INTERNAL.
 
-use bytes::{Buf as _, BufMut as _, Bytes};
+use bytes::Bytes;
 use cipherd_e2e::*;
 use tokio_stream::StreamExt as _;
-use tonic::{
-    Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::http::uri::PathAndQuery,
-    transport::Channel,
-};
+use tonic::{Request, codegen::http::uri::PathAndQuery, transport::Channel};
 use tonic_reflection::pb::{v1, v1alpha};
 
 /// The services a reflection client must find.
@@ -230,43 +225,4 @@ async fn channel(server: &TestServer) -> Channel {
         .connect()
         .await
         .expect("connect")
-}
-
-/// A codec that sends and receives message bodies as raw bytes, so a test can put
-/// on the wire what no generated client would.
-#[derive(Debug, Clone, Copy)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
 }

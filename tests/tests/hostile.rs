@@ -10,9 +10,10 @@
 
 use bytes::Bytes;
 use cipherd_client::Error;
-use cipherd_e2e::{Client, Code, TestServer, create_key_with, encrypt, flip, pb, reply};
+use cipherd_e2e::{Client, Code, TestServer, create_key_with, encrypt, flip, pb, raw_unary, reply};
 use cipherd_store::{SqliteStore, Store as _};
 use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
 
 /// Limits of the catalogue's server, small so that limit rows stay small. A full
 /// batch of the largest plaintexts fits in a message, but its text-form reply
@@ -51,6 +52,8 @@ enum Req {
     Export(pb::ExportKeyRequest),
     Init(pb::InitRequest),
     Unseal(pb::UnsealRequest),
+    /// Raw bytes as the request message of the unary RPC at this path.
+    Raw(&'static str, &'static [u8]),
 }
 
 struct Row {
@@ -81,6 +84,7 @@ const DF: &str = "DECRYPTION_FAILED";
 const IA: &str = "INVALID_ARGUMENT";
 const FP: &str = "FAILED_PRECONDITION";
 const TL: &str = "TOO_LARGE";
+const MM: &str = "MALFORMED_MESSAGE";
 
 fn enc(key: &str, plaintext: &'static [u8]) -> pb::EncryptRequest {
     pb::EncryptRequest {
@@ -857,6 +861,47 @@ const ROWS: &[Row] = &[
         InvalidArgument,
         IA,
     ),
+    // Bytes that are not the protobuf the RPC takes.
+    row(
+        "encrypt: a field longer than the message",
+        |_| Req::Raw("/cipherd.v1.TransitService/Encrypt", b"\x12\x64short"),
+        InvalidArgument,
+        MM,
+    ),
+    row(
+        "batch decrypt: a varint that never ends",
+        |_| {
+            Req::Raw(
+                "/cipherd.v1.TransitService/BatchDecrypt",
+                b"\x0a\x04xaes\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+            )
+        },
+        InvalidArgument,
+        MM,
+    ),
+    row(
+        "create key: wire type 7",
+        |_| Req::Raw("/cipherd.v1.KeyAdminService/CreateKey", b"\x0f\x00"),
+        InvalidArgument,
+        MM,
+    ),
+    row(
+        "rewrap: a string field that is not UTF-8",
+        |_| Req::Raw("/cipherd.v1.TransitService/Rewrap", b"\x0a\x02\xff\xfe"),
+        InvalidArgument,
+        MM,
+    ),
+    row(
+        "unseal: a truncated share field",
+        |_| {
+            Req::Raw(
+                "/cipherd.v1.SystemService/Unseal",
+                b"\x0a\x50cipherd-share:",
+            )
+        },
+        InvalidArgument,
+        MM,
+    ),
     // Lifecycle.
     row(
         "init: already initialized",
@@ -918,11 +963,16 @@ async fn the_hostile_catalogue_is_refused_and_changes_nothing() {
     let server = TestServer::start(params).await;
     let client = server.client().await;
     let fixture = fixture(&client).await;
+    let channel = Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
 
     let before = digest(&db).await;
     let mut failures = Vec::new();
     for row in ROWS {
-        let outcome = send(&client, (row.request)(&fixture)).await;
+        let outcome = send(&client, &channel, (row.request)(&fixture)).await;
         let got = match &outcome {
             Ok(()) => None,
             Err(e) => Some((e.code(), e.reason().unwrap_or("").to_owned())),
@@ -1006,7 +1056,7 @@ async fn fixture(client: &Client) -> Fixture {
 }
 
 /// Sends one request; a batch of one whose item failed counts as failed.
-async fn send(client: &Client, request: Req) -> Result<(), Error> {
+async fn send(client: &Client, channel: &Channel, request: Req) -> Result<(), Error> {
     let mut t = client.transit();
     let mut a = client.admin();
     let mut s = client.system();
@@ -1049,6 +1099,9 @@ async fn send(client: &Client, request: Req) -> Result<(), Error> {
         Req::Export(r) => reply(a.export_key(r).await).map(drop),
         Req::Init(r) => reply(s.init(r).await).map(drop),
         Req::Unseal(r) => reply(s.unseal(r).await).map(drop),
+        Req::Raw(path, body) => raw_unary(channel.clone(), path, Bytes::from_static(body))
+            .await
+            .map(drop),
     }
 }
 

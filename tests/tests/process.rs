@@ -251,8 +251,14 @@ async fn binary_disables_core_dumps_and_locks_memory_on_request() {
     let cap_ipc_lock =
         u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap() & (1 << 14) != 0;
     if cap_ipc_lock {
-        let daemon =
-            Daemon::start_with(dir.path(), &data, &["--dev"], "[memory]\nlock = true\n", &[]).await;
+        let daemon = Daemon::start_with(
+            dir.path(),
+            &data,
+            &["--dev"],
+            "[memory]\nlock = true\n",
+            &[],
+        )
+        .await;
         let pid = daemon.child.id().unwrap();
         let locked = proc_line(pid, "status", "VmLck:");
         assert_ne!(locked.split_whitespace().nth(1), Some("0"), "{locked}");

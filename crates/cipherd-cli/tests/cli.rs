@@ -750,9 +750,13 @@ async fn init_unseal_seal_lifecycle() {
     cipherctl(addr, &["unseal", "abc"], None)
         .await
         .failure("INVALID_INPUT");
-    cipherctl(addr, &["unseal", "unseal share 1: cipherd-share:v1:00"], None)
-        .await
-        .failure("NOT_INITIALIZED");
+    cipherctl(
+        addr,
+        &["unseal", "unseal share 1: cipherd-share:v1:00"],
+        None,
+    )
+    .await
+    .failure("NOT_INITIALIZED");
 
     let run = cipherctl(
         addr,
