@@ -5,7 +5,8 @@
 //! `[A-Za-z0-9._:-]` (UUIDs, ULIDs, trace ids); anything else is replaced by a
 //! fresh id, 16 hex digits unique within the process. The id is put on the
 //! request (for the layers and services behind this one) and on the response
-//! headers. The span records the id and the gRPC method path, never payloads.
+//! headers. The span records the id, the gRPC method path and the peer's
+//! address, never payloads.
 
 use std::{
     future::Future,
@@ -20,6 +21,8 @@ use std::{
 
 use http::{HeaderName, HeaderValue};
 use tower::{Layer, Service};
+
+use super::ConnInfo;
 
 /// The request id header, in requests and responses.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -74,10 +77,15 @@ where
                 id
             }
         };
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|info| tracing::field::display(info.remote_addr));
         let span = tracing::info_span!(
             "request",
             request_id = id.to_str().unwrap_or_default(),
             path = request.uri().path(),
+            peer,
         );
         let inner = span.in_scope(|| self.inner.call(request));
         RequestIdFuture {
