@@ -13,6 +13,7 @@
 //! | `stream.rs` | the streaming RPCs: chunk and item order, per-item errors, chunk errors ending the stream, SEALED |
 //! | `api.rs` | API conventions at the transport edge: reflection v1 and v1alpha, malformed protobuf answered INVALID_ARGUMENT / MALFORMED_MESSAGE (unary, batch, stream) |
 //! | `process.rs` | the real `cipherd` binary as a child process: start, serve, SIGTERM, restart on the same data dir |
+//! | `edge.rs` | the edge under abuse: declared-size floods (also under a memory cap), stream and connection floods, slow and silent clients, keep-alive, load shedding, timeouts, request ids |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through
 //! the public gRPC API only: in-process servers come from `cipherd-test-support`
@@ -38,6 +39,7 @@ use bytes::Bytes;
 pub use cipherd_client::{Client, EncryptOptions, Error, pb};
 pub use cipherd_test_support::{Params, TestServer};
 pub use tonic::Code;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic_types::RpcStatusExt as _;
 
 /// Every key type with a short label for assertion messages.
@@ -311,6 +313,132 @@ pub async fn raw_unary(
     grpc.ready()
         .await
         .map_err(|e| Error::Protocol(format!("channel not ready: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let path = PathAndQuery::from_static(path);
     reply(grpc.unary(tonic::Request::new(body), path, RawCodec).await)
+}
+
+/// Raw HTTP/2 frames over a plain `TcpStream`, for the edge tests that must break
+/// the protocol's etiquette (open more streams than allowed, trickle bytes, leave
+/// PINGs unanswered), which a real HTTP/2 client will not do. Header blocks are
+/// HPACK literals without indexing or Huffman coding; what the server sends back
+/// is read as frames, not decoded.
+pub mod raw_h2 {
+    use tokio::io::{AsyncRead, AsyncReadExt as _};
+
+    /// The client connection preface.
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    /// Frame type DATA.
+    pub const DATA: u8 = 0x0;
+    /// Frame type HEADERS.
+    pub const HEADERS: u8 = 0x1;
+    /// Frame type RST_STREAM.
+    pub const RST_STREAM: u8 = 0x3;
+    /// Frame type SETTINGS.
+    pub const SETTINGS: u8 = 0x4;
+    /// Frame type PING.
+    pub const PING: u8 = 0x6;
+    /// Frame type GOAWAY.
+    pub const GOAWAY: u8 = 0x7;
+    /// Flag END_STREAM (DATA, HEADERS).
+    pub const END_STREAM: u8 = 0x1;
+    /// Flag ACK (SETTINGS, PING).
+    pub const ACK: u8 = 0x1;
+    /// Flag END_HEADERS (HEADERS).
+    pub const END_HEADERS: u8 = 0x4;
+    /// RST_STREAM error code REFUSED_STREAM.
+    pub const REFUSED_STREAM: u32 = 0x7;
+
+    /// One frame: 9-byte header and payload.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("small frame");
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+
+    /// The preface followed by an empty SETTINGS frame: a complete client handshake.
+    pub fn handshake() -> Vec<u8> {
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        out
+    }
+
+    /// A HEADERS frame opening a gRPC call to `path` on `stream` (odd, increasing).
+    pub fn grpc_headers(stream: u32, path: &str, end_stream: bool) -> Vec<u8> {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            // Literal header field without indexing, new name, no Huffman coding.
+            block.push(0x00);
+            for text in [name, value] {
+                block.push(
+                    u8::try_from(text.len())
+                        .ok()
+                        .filter(|n| *n < 0x7f)
+                        .expect("short header"),
+                );
+                block.extend(text.as_bytes());
+            }
+        }
+        let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+        frame(HEADERS, flags, stream, &block)
+    }
+
+    /// A DATA frame carrying one gRPC message (5-byte prefix and `message`).
+    pub fn grpc_message(stream: u32, message: &[u8], end_stream: bool) -> Vec<u8> {
+        let mut payload = vec![0];
+        payload.extend(u32::try_from(message.len()).expect("small").to_be_bytes());
+        payload.extend(message);
+        frame(
+            DATA,
+            if end_stream { END_STREAM } else { 0 },
+            stream,
+            &payload,
+        )
+    }
+
+    /// A frame as read: type, flags, stream id, payload.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Frame {
+        /// The frame type.
+        pub kind: u8,
+        /// Its flags.
+        pub flags: u8,
+        /// Its stream (0: the connection).
+        pub stream: u32,
+        /// Its payload.
+        pub payload: Vec<u8>,
+    }
+
+    impl Frame {
+        /// The error code of a RST_STREAM frame.
+        pub fn rst_code(&self) -> Option<u32> {
+            (self.kind == RST_STREAM && self.payload.len() == 4)
+                .then(|| u32::from_be_bytes(self.payload[..4].try_into().expect("4 bytes")))
+        }
+    }
+
+    /// Reads the next frame; `None` once the server has closed the connection
+    /// (cleanly, or by resetting it).
+    pub async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Option<Frame> {
+        let mut header = [0u8; 9];
+        io.read_exact(&mut header).await.ok()?;
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0; len];
+        io.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: header[3],
+            flags: header[4],
+            stream: u32::from_be_bytes(header[5..9].try_into().expect("4 bytes")) & 0x7fff_ffff,
+            payload,
+        })
+    }
 }

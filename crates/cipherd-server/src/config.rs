@@ -10,10 +10,12 @@
 //! message naming the option. Every option is documented in
 //! `docs/config.reference.toml`.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use cipherd_core::key_type::RANDOM_96_BIT_NONCE_LIMIT;
 use serde::Deserialize;
+
+use crate::Error;
 
 /// Raw configuration as deserialized from all sources (see the module docs).
 #[derive(Debug, Clone, Deserialize)]
@@ -57,16 +59,38 @@ pub struct RawStorage {
     pub path: Option<PathBuf>,
 }
 
-/// `[limits]`
+/// `[limits]` (each option is described in `docs/config.reference.toml`)
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// Largest plaintext accepted per item, in bytes.
     pub max_plaintext_bytes: usize,
+    /// Largest associated data accepted per item, in bytes.
+    pub max_associated_data_bytes: usize,
+    /// Largest derivation context accepted per item, in bytes.
+    pub max_context_bytes: usize,
     /// Most items in one batch request.
     pub max_batch_items: usize,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Request message bytes all requests together may hold at once.
+    pub max_buffered_request_bytes: usize,
+    /// Requests (streams included) served at once; more are refused.
+    pub max_concurrent_requests: usize,
+    /// Client connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Time to the response, and for each request message, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Time for a new connection to deliver its first request, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Time a connection may sit with no request in flight, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Quiet time after which the server pings a connection, in milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// Time a ping may go unanswered before the connection is closed, in milliseconds.
+    pub keepalive_timeout_ms: u64,
 }
 
 /// `[keys]`
@@ -125,15 +149,126 @@ pub enum StorageParams {
     },
 }
 
-/// Request limits.
+/// Request limits: per item, per message, and the edge's bounds on connections,
+/// streams, concurrency, buffered bytes and time (see `docs/config.reference.toml`
+/// for what each protects against).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest plaintext per item, in bytes.
     pub max_plaintext_bytes: usize,
+    /// Largest associated data per item, in bytes.
+    pub max_associated_data_bytes: usize,
+    /// Largest derivation context per item, in bytes.
+    pub max_context_bytes: usize,
     /// Most items per batch.
     pub max_batch_items: usize,
-    /// Largest gRPC message, in bytes.
+    /// Largest gRPC message, in bytes (at most `u32::MAX`, the gRPC framing's).
     pub max_message_bytes: usize,
+    /// Request message bytes all requests together may hold at once (at least
+    /// `max_message_bytes`).
+    pub max_buffered_request_bytes: usize,
+    /// Requests (streams included) served at once; more are shed.
+    pub max_concurrent_requests: usize,
+    /// Client connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Deadline for a response to start, and for each request message to arrive.
+    pub request_timeout: Duration,
+    /// Deadline for a new connection's first request.
+    pub header_read_timeout: Duration,
+    /// How long a connection may have no request in flight.
+    pub idle_timeout: Duration,
+    /// Quiet time after which the server sends an HTTP/2 PING.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The built-in defaults (the `limits.*` rows of [`DEFAULTS`]).
+    pub const DEFAULT: Limits = Limits {
+        max_plaintext_bytes: 1 << 20,
+        max_associated_data_bytes: 64 << 10,
+        max_context_bytes: 4 << 10,
+        max_batch_items: 10_000,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        max_buffered_request_bytes: 256 << 20,
+        max_concurrent_requests: 1024,
+        max_connections: 512,
+        max_concurrent_streams: 100,
+        request_timeout: Duration::from_secs(30),
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
+        keepalive_interval: Duration::from_secs(60),
+        keepalive_timeout: Duration::from_secs(20),
+    };
+
+    /// Checks one item's variable-length fields against the per-item limits:
+    /// `plaintext` (empty for decrypt and rewrap items), `associated_data` and
+    /// `context`. Rewrap checks its destination context with
+    /// [`check_context`](Self::check_context) as well.
+    ///
+    /// The error is INVALID_ARGUMENT / `TOO_LARGE`, naming the option; in a batch
+    /// it fails only that item.
+    pub fn check_item(
+        &self,
+        plaintext: &[u8],
+        associated_data: &[u8],
+        context: &[u8],
+    ) -> Result<(), Error> {
+        self.check_plaintext(plaintext.len())?;
+        self.check_associated_data(associated_data.len())?;
+        self.check_context(context.len())
+    }
+
+    /// `limits.max_plaintext_bytes` for a plaintext of `len` bytes.
+    pub fn check_plaintext(&self, len: usize) -> Result<(), Error> {
+        too_large(
+            "plaintext",
+            len,
+            self.max_plaintext_bytes,
+            "limits.max_plaintext_bytes",
+        )
+    }
+
+    /// `limits.max_associated_data_bytes` for associated data of `len` bytes.
+    pub fn check_associated_data(&self, len: usize) -> Result<(), Error> {
+        too_large(
+            "associated data",
+            len,
+            self.max_associated_data_bytes,
+            "limits.max_associated_data_bytes",
+        )
+    }
+
+    /// `limits.max_context_bytes` for a derivation context of `len` bytes.
+    pub fn check_context(&self, len: usize) -> Result<(), Error> {
+        too_large(
+            "context",
+            len,
+            self.max_context_bytes,
+            "limits.max_context_bytes",
+        )
+    }
+}
+
+fn too_large(
+    what: &'static str,
+    actual: usize,
+    limit: usize,
+    setting: &'static str,
+) -> Result<(), Error> {
+    if actual <= limit {
+        return Ok(());
+    }
+    Err(Error::TooLarge {
+        what,
+        actual,
+        limit,
+        unit: "bytes",
+        setting,
+    })
 }
 
 /// How encryptions under 96-bit random nonce key types are counted and capped.
@@ -161,8 +296,10 @@ pub enum LimitAction {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// The default `limits.max_message_bytes`: 64 MiB.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The default `limits.max_message_bytes`: 16 MiB, a client's largest batch
+/// (1,000 items of up to 16 KiB, its default chunk) with room for the framing;
+/// larger items go in smaller batches. See `docs/config.reference.toml`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Environment variables `CIPHERD_SERVER_<KEY>` set server options. Distinct from
 /// the `CIPHERD_*` variables of cipherctl and the client library.
@@ -177,8 +314,19 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("log.format", "text"),
     ("storage.backend", "sqlite"),
     ("limits.max_plaintext_bytes", "1048576"),
+    ("limits.max_associated_data_bytes", "65536"),
+    ("limits.max_context_bytes", "4096"),
     ("limits.max_batch_items", "10000"),
-    ("limits.max_message_bytes", "67108864"),
+    ("limits.max_message_bytes", "16777216"),
+    ("limits.max_buffered_request_bytes", "268435456"),
+    ("limits.max_concurrent_requests", "1024"),
+    ("limits.max_connections", "512"),
+    ("limits.max_concurrent_streams", "100"),
+    ("limits.request_timeout_ms", "30000"),
+    ("limits.header_read_timeout_ms", "10000"),
+    ("limits.idle_timeout_ms", "300000"),
+    ("limits.keepalive_interval_ms", "60000"),
+    ("limits.keepalive_timeout_ms", "20000"),
     ("keys.usage_limit", "3865470566"),
     ("keys.usage_reservation_block", "65536"),
     ("keys.usage_limit_action", "rotate"),
@@ -244,12 +392,7 @@ impl TryFrom<RawConfig> for Params {
                 )));
             }
         };
-        let l = &raw.limits;
-        if l.max_plaintext_bytes == 0 || l.max_batch_items == 0 || l.max_message_bytes < 1024 {
-            return Err(ConfigError(
-                "limits.* must be positive (max_message_bytes at least 1024)".into(),
-            ));
-        }
+        let limits = Limits::try_from(&raw.limits)?;
         let k = &raw.keys;
         if k.usage_limit == 0 || k.usage_limit > RANDOM_96_BIT_NONCE_LIMIT {
             return Err(ConfigError(format!(
@@ -275,11 +418,7 @@ impl TryFrom<RawConfig> for Params {
             dev: raw.dev,
             data_dir: raw.data_dir,
             storage,
-            limits: Limits {
-                max_plaintext_bytes: l.max_plaintext_bytes,
-                max_batch_items: l.max_batch_items,
-                max_message_bytes: l.max_message_bytes,
-            },
+            limits,
             usage: UsagePolicy {
                 limit: k.usage_limit,
                 reservation_block: k.usage_reservation_block,
@@ -292,6 +431,78 @@ impl TryFrom<RawConfig> for Params {
     }
 }
 
+impl TryFrom<&RawLimits> for Limits {
+    type Error = ConfigError;
+
+    fn try_from(l: &RawLimits) -> Result<Self, ConfigError> {
+        for (name, value) in [
+            ("max_plaintext_bytes", l.max_plaintext_bytes),
+            ("max_associated_data_bytes", l.max_associated_data_bytes),
+            ("max_context_bytes", l.max_context_bytes),
+            ("max_batch_items", l.max_batch_items),
+            ("max_concurrent_requests", l.max_concurrent_requests),
+            ("max_connections", l.max_connections),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("limits.{name} must be at least 1")));
+            }
+        }
+        if l.max_concurrent_streams == 0 {
+            return Err(ConfigError(
+                "limits.max_concurrent_streams must be at least 1".into(),
+            ));
+        }
+        // The gRPC length prefix is a u32.
+        if !(1024..=u32::MAX as usize).contains(&l.max_message_bytes) {
+            return Err(ConfigError(format!(
+                "limits.max_message_bytes = {}: must be between 1024 and {} (the gRPC length prefix is 32 bits)",
+                l.max_message_bytes,
+                u32::MAX
+            )));
+        }
+        if l.max_buffered_request_bytes < l.max_message_bytes
+            || l.max_buffered_request_bytes > MAX_BUFFER_BUDGET
+        {
+            return Err(ConfigError(format!(
+                "limits.max_buffered_request_bytes = {}: must be at least limits.max_message_bytes ({}), or a message of the largest size could never be read, and at most {MAX_BUFFER_BUDGET}",
+                l.max_buffered_request_bytes, l.max_message_bytes
+            )));
+        }
+        let millis = |name: &str, ms: u64| {
+            if ms == 0 || ms > MAX_TIMEOUT_MS {
+                Err(ConfigError(format!(
+                    "limits.{name} = {ms}: must be between 1 and {MAX_TIMEOUT_MS} (milliseconds)"
+                )))
+            } else {
+                Ok(Duration::from_millis(ms))
+            }
+        };
+        Ok(Limits {
+            max_plaintext_bytes: l.max_plaintext_bytes,
+            max_associated_data_bytes: l.max_associated_data_bytes,
+            max_context_bytes: l.max_context_bytes,
+            max_batch_items: l.max_batch_items,
+            max_message_bytes: l.max_message_bytes,
+            max_buffered_request_bytes: l.max_buffered_request_bytes,
+            max_concurrent_requests: l.max_concurrent_requests,
+            max_connections: l.max_connections,
+            max_concurrent_streams: l.max_concurrent_streams,
+            request_timeout: millis("request_timeout_ms", l.request_timeout_ms)?,
+            header_read_timeout: millis("header_read_timeout_ms", l.header_read_timeout_ms)?,
+            idle_timeout: millis("idle_timeout_ms", l.idle_timeout_ms)?,
+            keepalive_interval: millis("keepalive_interval_ms", l.keepalive_interval_ms)?,
+            keepalive_timeout: millis("keepalive_timeout_ms", l.keepalive_timeout_ms)?,
+        })
+    }
+}
+
+/// The largest `limits.max_buffered_request_bytes`: what tokio's semaphore,
+/// which holds the budget, can count.
+const MAX_BUFFER_BUDGET: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The longest timeout accepted: one day. Longer is a typo, not a policy.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
 impl Params {
     /// Parameters for a server whose data lives in `data_dir`, all else default.
     /// Convenient for tests and embedding.
@@ -303,11 +514,7 @@ impl Params {
                 path: data_dir.join("cipherd.db"),
             },
             data_dir,
-            limits: Limits {
-                max_plaintext_bytes: 1 << 20,
-                max_batch_items: 10_000,
-                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            },
+            limits: Limits::DEFAULT,
             usage: UsagePolicy {
                 limit: RANDOM_96_BIT_NONCE_LIMIT,
                 reservation_block: 65_536,
@@ -371,6 +578,115 @@ mod tests {
         }
         let p = Params::try_from(from_file).unwrap();
         assert_eq!(p.limits, Params::for_data_dir("x", false).limits);
+    }
+
+    #[test]
+    fn edge_limits_are_validated_naming_the_option() {
+        for (key, value, named) in [
+            (
+                "limits.max_message_bytes",
+                "4294967296",
+                "limits.max_message_bytes",
+            ),
+            (
+                "limits.max_message_bytes",
+                "100",
+                "limits.max_message_bytes",
+            ),
+            // Smaller than a message of the largest size: it could never be read.
+            (
+                "limits.max_buffered_request_bytes",
+                "1048576",
+                "limits.max_buffered_request_bytes",
+            ),
+            (
+                "limits.max_concurrent_requests",
+                "0",
+                "limits.max_concurrent_requests",
+            ),
+            ("limits.max_connections", "0", "limits.max_connections"),
+            (
+                "limits.max_concurrent_streams",
+                "0",
+                "limits.max_concurrent_streams",
+            ),
+            (
+                "limits.max_associated_data_bytes",
+                "0",
+                "limits.max_associated_data_bytes",
+            ),
+            ("limits.max_context_bytes", "0", "limits.max_context_bytes"),
+            (
+                "limits.request_timeout_ms",
+                "0",
+                "limits.request_timeout_ms",
+            ),
+            (
+                "limits.header_read_timeout_ms",
+                "0",
+                "limits.header_read_timeout_ms",
+            ),
+            (
+                "limits.idle_timeout_ms",
+                "86400001",
+                "limits.idle_timeout_ms",
+            ),
+            (
+                "limits.keepalive_interval_ms",
+                "0",
+                "limits.keepalive_interval_ms",
+            ),
+            (
+                "limits.keepalive_timeout_ms",
+                "0",
+                "limits.keepalive_timeout_ms",
+            ),
+        ] {
+            let raw = RawConfig::load(None, &[(key, value.into())]).unwrap();
+            let err = Params::try_from(raw).unwrap_err().to_string();
+            assert!(err.contains(named), "{key} = {value}: {err}");
+        }
+        let raw = RawConfig::load(
+            None,
+            &[
+                ("limits.request_timeout_ms", "250".into()),
+                ("limits.max_concurrent_streams", "7".into()),
+            ],
+        )
+        .unwrap();
+        let limits = Params::try_from(raw).unwrap().limits;
+        assert_eq!(limits.request_timeout, Duration::from_millis(250));
+        assert_eq!(limits.max_concurrent_streams, 7);
+    }
+
+    #[test]
+    fn check_item_names_the_limit_an_item_exceeds() {
+        let limits = Limits {
+            max_plaintext_bytes: 10,
+            max_associated_data_bytes: 5,
+            max_context_bytes: 3,
+            ..Limits::DEFAULT
+        };
+        assert!(limits.check_item(&[0; 10], &[0; 5], &[0; 3]).is_ok());
+        for (plaintext, aad, context, setting) in [
+            (11, 0, 0, "limits.max_plaintext_bytes"),
+            (0, 6, 0, "limits.max_associated_data_bytes"),
+            (0, 0, 4, "limits.max_context_bytes"),
+        ] {
+            let err = limits
+                .check_item(&vec![0; plaintext], &vec![0; aad], &vec![0; context])
+                .unwrap_err();
+            let c = err.classify();
+            assert_eq!(
+                (c.code, c.reason),
+                (tonic::Code::InvalidArgument, "TOO_LARGE")
+            );
+            assert!(c.message.contains(setting), "{}", c.message);
+        }
+        // The defaults hold a 60 MB associated data or context far off.
+        let big = vec![0; 60 << 20];
+        assert!(Limits::DEFAULT.check_associated_data(big.len()).is_err());
+        assert!(Limits::DEFAULT.check_item(b"", b"", &big).is_err());
     }
 
     #[test]

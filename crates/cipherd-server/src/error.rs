@@ -67,6 +67,37 @@ pub enum Error {
         /// The config option that sets the limit.
         setting: &'static str,
     },
+    /// A request message declared a length over `limits.max_message_bytes`; refused
+    /// from its 5-byte gRPC prefix, before any of it was buffered.
+    #[error(
+        "request message is {declared} bytes; the limit is {limit} bytes (limits.max_message_bytes)"
+    )]
+    MessageTooLarge {
+        /// The length the message's prefix declared.
+        declared: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The server is serving `limits.max_concurrent_requests` requests already; this
+    /// one was shed rather than queued. Retry with backoff.
+    #[error(
+        "the server is at its limit of {limit} concurrent requests (limits.max_concurrent_requests); retry with backoff"
+    )]
+    Overloaded {
+        /// The limit.
+        limit: usize,
+    },
+    /// A request took longer than `limits.request_timeout_ms` for `waiting_for`.
+    #[error(
+        "request timed out after {timeout_ms} ms waiting for {waiting_for} (limits.request_timeout_ms)"
+    )]
+    RequestTimeout {
+        /// What the server waited for: the response, the next request message,
+        /// or request buffer space.
+        waiting_for: &'static str,
+        /// The limit, in milliseconds.
+        timeout_ms: u64,
+    },
     /// The ciphertext does not authenticate under this key, version, context and
     /// associated data, or is malformed. Deliberately one opaque error.
     #[error(
@@ -104,6 +135,18 @@ pub struct Classified {
     pub reason: &'static str,
     /// The client-facing message (generic for internal errors).
     pub message: String,
+    /// For a limit that was exceeded, the config option that sets it; sent as the
+    /// `ErrorInfo` metadata entry `setting`.
+    pub setting: Option<&'static str>,
+}
+
+impl Classified {
+    /// The `ErrorInfo.metadata` of this error.
+    fn metadata(&self) -> HashMap<String, String> {
+        self.setting
+            .map(|s| HashMap::from([("setting".to_owned(), s.to_owned())]))
+            .unwrap_or_default()
+    }
 }
 
 impl Error {
@@ -121,6 +164,9 @@ impl Error {
             KeyExists(_) => (Code::AlreadyExists, "KEY_EXISTS"),
             InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             TooLarge { .. } => (Code::InvalidArgument, "TOO_LARGE"),
+            MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
+            Overloaded { .. } => (Code::ResourceExhausted, "OVERLOADED"),
+            RequestTimeout { .. } => (Code::DeadlineExceeded, "REQUEST_TIMEOUT"),
             DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
             FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
             UsageExhausted(_) => (Code::ResourceExhausted, "KEY_USAGE_EXHAUSTED"),
@@ -142,6 +188,18 @@ impl Error {
             code,
             reason,
             message,
+            setting: self.setting(),
+        }
+    }
+
+    /// The config option whose limit this error reports, if any.
+    fn setting(&self) -> Option<&'static str> {
+        match self {
+            Error::TooLarge { setting, .. } => Some(setting),
+            Error::MessageTooLarge { .. } => Some("limits.max_message_bytes"),
+            Error::Overloaded { .. } => Some("limits.max_concurrent_requests"),
+            Error::RequestTimeout { .. } => Some("limits.request_timeout_ms"),
+            _ => None,
         }
     }
 
@@ -154,7 +212,7 @@ impl Error {
         let info = tonic_types::pb::ErrorInfo {
             reason: c.reason.to_owned(),
             domain: ERROR_DOMAIN.to_owned(),
-            metadata: HashMap::new(),
+            metadata: c.metadata(),
         };
         tonic_types::pb::Status {
             code: c.code as i32,
@@ -184,10 +242,11 @@ fn truncate_at_char(s: &mut String, max: usize) {
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         let c = err.classify();
+        let metadata = c.metadata();
         tonic::Status::with_error_details(
             c.code,
             c.message,
-            ErrorDetails::with_error_info(c.reason, ERROR_DOMAIN, HashMap::new()),
+            ErrorDetails::with_error_info(c.reason, ERROR_DOMAIN, metadata),
         )
     }
 }
@@ -258,6 +317,56 @@ mod tests {
         assert!(long.encode_to_vec().len() <= 2 * MAX_ITEM_MESSAGE);
         let short = Error::DecryptionFailed.to_rpc_status();
         assert_eq!(short.message, Error::DecryptionFailed.to_string());
+    }
+
+    #[test]
+    fn limit_errors_name_their_setting_in_error_info() {
+        for (err, code, reason, setting) in [
+            (
+                Error::MessageTooLarge {
+                    declared: 1 << 26,
+                    limit: 1 << 24,
+                },
+                Code::ResourceExhausted,
+                "MESSAGE_TOO_LARGE",
+                "limits.max_message_bytes",
+            ),
+            (
+                Error::Overloaded { limit: 8 },
+                Code::ResourceExhausted,
+                "OVERLOADED",
+                "limits.max_concurrent_requests",
+            ),
+            (
+                Error::RequestTimeout {
+                    waiting_for: "the response",
+                    timeout_ms: 5,
+                },
+                Code::DeadlineExceeded,
+                "REQUEST_TIMEOUT",
+                "limits.request_timeout_ms",
+            ),
+        ] {
+            let status: tonic::Status = err.into();
+            assert_eq!(status.code(), code);
+            assert!(status.message().contains(setting), "{}", status.message());
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(info.reason, reason);
+            assert_eq!(
+                info.metadata.get("setting").map(String::as_str),
+                Some(setting)
+            );
+        }
+        // The metadata keeps a batch item's status within its bound.
+        let item = Error::TooLarge {
+            what: "associated data",
+            actual: usize::MAX,
+            limit: usize::MAX - 1,
+            unit: "bytes",
+            setting: "limits.max_associated_data_bytes",
+        }
+        .to_rpc_status();
+        assert!(item.encode_to_vec().len() <= 2 * MAX_ITEM_MESSAGE);
     }
 
     #[test]

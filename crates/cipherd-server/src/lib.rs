@@ -19,6 +19,7 @@
 
 mod admin;
 pub mod config;
+mod edge;
 mod error;
 pub mod keys;
 pub mod memory;

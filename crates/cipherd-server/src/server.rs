@@ -8,12 +8,13 @@ use cipherd_proto::v1::{
 };
 use cipherd_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, transport::server::TcpIncoming};
+use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 
 use crate::{
     admin::KeyAdminHandler,
     config::{Params, StorageParams},
+    edge::Edge,
     seal::{self, Core},
     system::SystemHandler,
     transit::TransitHandler,
@@ -50,6 +51,8 @@ pub enum RunError {
 ///
 /// Opens the storage named in `params`; in dev mode initializes and unseals from
 /// the data dir. Health (`grpc.health.v1`) reports NOT_SERVING while sealed.
+/// Every connection and request passes the edge (`edge` module) first, which
+/// enforces `params.limits`.
 pub async fn run(
     listener: TcpListener,
     params: Params,
@@ -93,25 +96,30 @@ pub async fn run(
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(%addr, dev = params.dev, "cipherd listening");
     log_lifecycle(&core).await;
+    let limits = &params.limits;
+    let edge = Edge::new(limits);
+    let layers = tower::ServiceBuilder::new()
+        .layer(edge.request_id_layer())
+        // Identity, policy and audit (a later issue) go here, in that order.
+        .layer(edge.limits_layer())
+        .into_inner();
     tonic::transport::Server::builder()
         // Batches are megabytes: the HTTP/2 default 64 KiB windows would cost a
         // round trip per 64 KiB. Bounded, so a slow reader cannot pin much memory.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(system)
         .add_service(admin)
         .add_service(transit)
-        // `Server::tcp_nodelay` applies only to listeners tonic binds itself; a
-        // caller's listener needs it on the incoming stream, or small replies wait
-        // ~40 ms for the peer's delayed ACK.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(edge.incoming(listener), shutdown)
         .await?;
     tracing::info!("cipherd stopped");
     Ok(())

@@ -36,16 +36,16 @@
 //!   verdict was reached against state that never became durable), and nothing is
 //!   announced. The revision counter rolls back with the rest, so those revisions
 //!   are issued again later; nobody ever saw them.
-//! - Cancellation: a write enters the queue synchronously, during the first poll
-//!   of its future; from then on this task owns it, so dropping the caller's
-//!   future neither loses nor half-applies it. It is committed and announced as
-//!   usual; only its answer is discarded.
+//! - Cancellation: a write enters the queue as soon as there is room in it
+//!   (during the first poll of its future, unless the queue is full); from then
+//!   on this task owns it, so dropping the caller's future neither loses nor
+//!   half-applies it. It is committed and announced as usual; only its answer is
+//!   discarded. A write dropped while still waiting for room never happens.
 //!
-//! The queue is unbounded on purpose: each queued write belongs to a caller that
-//! is waiting for it (or was, before being cancelled) and already held its value
-//! in memory, so the queue holds no more than the callers in flight, exactly as
-//! the one-task-per-write design it replaces did. Limiting callers is the server's
-//! job (its concurrency limits), not the store's.
+//! The queue is bounded ([`MAX_QUEUED_WRITES`]): in a write storm, callers beyond
+//! it wait for room (backpressure, in queue order) instead of piling their
+//! values up in memory. A cancelled caller's write, once queued, still counts
+//! until it has run, so the bound holds however many callers give up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +67,14 @@ pub(super) const MAX_GROUP_OPS: usize = 256;
 /// that crosses the limit (a single larger value is a group of its own). Bounds
 /// how much one transaction adds to the WAL before it is committed.
 pub(super) const MAX_GROUP_BYTES: usize = 4 << 20;
+
+/// The most writes (and close requests) waiting in the queue for the writer task.
+///
+/// Four full groups: enough that the writer always finds a full group queued
+/// while it commits the previous one, so a storm still commits [`MAX_GROUP_OPS`]
+/// writes per fsync; small enough that the queued values stay in the low
+/// megabytes for typical records. Callers beyond it wait for room.
+pub(super) const MAX_QUEUED_WRITES: usize = 4 * MAX_GROUP_OPS;
 
 /// One write, owned so that the writer task can run it after its caller is gone.
 pub(super) enum WriteOp {
@@ -157,7 +165,7 @@ struct Counters {
 /// The store's handle on its writer task. Dropping it lets the task finish the
 /// writes already queued and then stop.
 pub(super) struct Writer {
-    queue: mpsc::UnboundedSender<Message>,
+    queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
 }
 
@@ -172,7 +180,7 @@ impl Writer {
         changes: broadcast::Sender<Change>,
         recycle_broken: bool,
     ) -> Self {
-        let (queue, inbox) = mpsc::unbounded_channel();
+        let (queue, inbox) = mpsc::channel(MAX_QUEUED_WRITES);
         let counters = Arc::new(Counters::default());
         let task = WriterTask {
             pool,
@@ -185,13 +193,14 @@ impl Writer {
         Self { queue, counters }
     }
 
-    /// Queues `op` and waits for its outcome. The op is queued before the first
-    /// `.await`, so from the first poll on it will run even if this future is
-    /// dropped.
+    /// Queues `op`, waiting for room if the queue is full, and waits for its
+    /// outcome. Once queued (on the first poll if there is room) the op will run
+    /// even if this future is dropped; dropped before that, it never runs.
     pub(super) async fn write(&self, op: WriteOp) -> Outcome {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Message::Write(Request { op, reply }))
+            .await
             .map_err(|_| stopped())?;
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         answer.await.map_err(|_| stopped())?
@@ -200,7 +209,7 @@ impl Writer {
     /// Lets every write queued so far finish, then closes `pool`.
     pub(super) async fn close(&self, pool: &SqlitePool) {
         let (done, closed) = oneshot::channel();
-        if self.queue.send(Message::Close(done)).is_ok() && closed.await.is_ok() {
+        if self.queue.send(Message::Close(done)).await.is_ok() && closed.await.is_ok() {
             return;
         }
         // The task is gone (its runtime shut down): nothing is queued any more.
@@ -229,7 +238,7 @@ fn stopped() -> Error {
 struct WriterTask {
     pool: SqlitePool,
     changes: broadcast::Sender<Change>,
-    inbox: mpsc::UnboundedReceiver<Message>,
+    inbox: mpsc::Receiver<Message>,
     counters: Arc<Counters>,
     recycle_broken: bool,
 }
@@ -649,6 +658,8 @@ mod tests {
     use std::future::Future;
     use std::path::Path;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Poll;
     use std::time::{Duration, Instant};
 
     use sqlx::Sqlite;
@@ -656,7 +667,7 @@ mod tests {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     use tokio::task::JoinHandle;
 
-    use super::MAX_GROUP_OPS;
+    use super::{MAX_GROUP_OPS, MAX_QUEUED_WRITES};
     use crate::{Change, Error, Record, SqliteStore, Store};
 
     /// How long any wait for a condition may take before the test fails.
@@ -1000,6 +1011,62 @@ mod tests {
         assert_eq!(
             drain(&mut feed),
             [change("a", Some(1)), change("b", Some(2))]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_storm_waits_for_room_instead_of_growing_the_queue() {
+        const EXTRA: usize = 50;
+        let store = memory_store().await;
+        let held = hold_connections(&store).await;
+        // The writer takes one write and waits for a connection for it; the queue
+        // then holds MAX_QUEUED_WRITES more, and every caller after that waits.
+        let storm = MAX_QUEUED_WRITES + 1 + EXTRA;
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..storm {
+            let store = Arc::clone(&store);
+            let started = Arc::clone(&started);
+            tasks.push(tokio::spawn(async move {
+                let path = format!("storm/{i:05}");
+                let mut write = std::pin::pin!(store.create(&path, b"v"));
+                // A write that finds room is queued during its first poll.
+                let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+                started.fetch_add(1, Ordering::SeqCst);
+                match first {
+                    Poll::Ready(done) => done,
+                    Poll::Pending => write.await,
+                }
+            }));
+        }
+        wait_for("every write to have been polled once", || {
+            started.load(Ordering::SeqCst) == storm
+        })
+        .await;
+        wait_for("the queue to fill", || {
+            store.write_stats().submitted == (MAX_QUEUED_WRITES + 1) as u64
+        })
+        .await;
+        tokio::task::yield_now().await;
+        assert_eq!(
+            store.write_stats().submitted,
+            (MAX_QUEUED_WRITES + 1) as u64,
+            "writes beyond the queue's capacity must wait, not queue"
+        );
+
+        drop(held);
+        for task in tasks {
+            outcome(task)
+                .await
+                .expect("every write of the storm succeeds");
+        }
+        let stats = store.write_stats();
+        assert_eq!(stats.committed_ops, storm as u64, "{stats:?}");
+        // Still group-committed: full groups, far fewer commits than writes.
+        assert_eq!(stats.largest_group, MAX_GROUP_OPS as u64, "{stats:?}");
+        assert!(
+            stats.commits <= storm.div_ceil(MAX_GROUP_OPS) as u64 + 4,
+            "{stats:?}"
         );
     }
 
