@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 const MAX_PLAINTEXT: usize = 7000;
 const MAX_BATCH: usize = 8;
 const MAX_MESSAGE: usize = 64 << 10;
+const MAX_AAD: usize = 1024;
+const MAX_CONTEXT: usize = 256;
 
 /// What the rows work on: keys and ciphertexts made before the digest is taken.
 struct Fixture {
@@ -670,6 +672,83 @@ const ROWS: &[Row] = &[
         ResourceExhausted,
         "MESSAGE_TOO_LARGE",
     ),
+    row(
+        "encrypt: associated data over the limit",
+        |_| {
+            Req::Encrypt(pb::EncryptRequest {
+                associated_data: bytes(MAX_AAD + 1),
+                ..enc("xaes", b"x")
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
+    row(
+        "decrypt: associated data over the limit",
+        |f| {
+            Req::Decrypt(pb::DecryptRequest {
+                associated_data: bytes(MAX_AAD + 1),
+                ..dec("xaes", f.ct_aad.clone())
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
+    row(
+        "encrypt: context over the limit",
+        |_| {
+            Req::Encrypt(pb::EncryptRequest {
+                context: bytes(MAX_CONTEXT + 1),
+                ..enc("derived", b"x")
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
+    row(
+        "batch decrypt item: context over the limit",
+        |f| {
+            Req::BatchDecrypt(pb::BatchDecryptRequest {
+                key: "derived".into(),
+                items: vec![pb::DecryptItem {
+                    ciphertext: f.ct_derived.clone(),
+                    context: bytes(MAX_CONTEXT + 1),
+                    ..Default::default()
+                }],
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
+    row(
+        "batch rewrap item: destination context over the limit",
+        |f| {
+            Req::BatchRewrap(pb::BatchRewrapRequest {
+                key: "derived".into(),
+                items: vec![pb::RewrapItem {
+                    ciphertext: f.ct_derived.clone(),
+                    context: Bytes::from_static(b"tenant-1"),
+                    destination_context: bytes(MAX_CONTEXT + 1),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
+    row(
+        "data key: associated data over the limit",
+        |_| {
+            Req::DataKey(pb::GenerateDataKeyRequest {
+                key: "xaes".into(),
+                associated_data: bytes(MAX_AAD + 1),
+                ..Default::default()
+            })
+        },
+        InvalidArgument,
+        TL,
+    ),
     // Enumerations and numbers.
     row(
         "encrypt: unknown encoding",
@@ -959,6 +1038,8 @@ async fn the_hostile_catalogue_is_refused_and_changes_nothing() {
     params.limits.max_plaintext_bytes = MAX_PLAINTEXT;
     params.limits.max_batch_items = MAX_BATCH;
     params.limits.max_message_bytes = MAX_MESSAGE;
+    params.limits.max_associated_data_bytes = MAX_AAD;
+    params.limits.max_context_bytes = MAX_CONTEXT;
     let db = dir.path().join("cipherd.db");
     let server = TestServer::start(params).await;
     let client = server.client().await;

@@ -31,6 +31,7 @@ use rayon::iter::{IntoParallelIterator as _, ParallelIterator as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use zeroize::Zeroizing;
 
@@ -115,7 +116,7 @@ impl TransitHandler {
             items.iter().map(|i| i.ciphertext.as_ref()),
         )
         .await?;
-        Ok(DecryptJob { key })
+        Ok(DecryptJob { key, limits })
     }
 
     /// The source key (as for decryption) and the destination key and version
@@ -158,6 +159,7 @@ impl TransitHandler {
             dest,
             version,
             encoding,
+            limits,
         })
     }
 
@@ -392,7 +394,9 @@ where
     Fut: Future<Output = Result<Resp>> + Send,
 {
     let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT);
-    tokio::spawn(async move {
+    // The reader outlives this call: it carries the request's span (and with it
+    // the request id) along.
+    let task = async move {
         loop {
             let chunk = match requests.message().await {
                 Ok(Some(chunk)) => chunk,
@@ -408,7 +412,8 @@ where
                 return;
             }
         }
-    });
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
     ReceiverStream::new(rx)
 }
 
@@ -441,11 +446,11 @@ fn check_reply(limits: &Limits, items: impl Iterator<Item = (usize, usize)>) -> 
     });
     if bound > limits.max_message_bytes {
         return Err(Error::TooLarge {
-            what: "the reply to this request",
+            what: "the largest possible reply",
             actual: bound,
             limit: limits.max_message_bytes,
-            unit: "bytes at most",
-            setting: "limits.max_message_bytes; split the batch",
+            unit: "bytes",
+            setting: "limits.max_message_bytes",
         });
     }
     Ok(())
@@ -607,7 +612,8 @@ impl BatchJob for EncryptJob {
         sealer: &mut Option<Sealer<'a>>,
         item: &pb::EncryptItem,
     ) -> Result<Vec<u8>> {
-        check_plaintext(&item.plaintext, self.limits.max_plaintext_bytes)?;
+        self.limits
+            .check_item(&item.plaintext, &item.associated_data, &item.context)?;
         seal_item(
             sealer,
             &self.key,
@@ -626,6 +632,7 @@ impl BatchJob for EncryptJob {
 
 struct DecryptJob {
     key: Arc<LoadedKey>,
+    limits: Limits,
 }
 
 impl BatchJob for DecryptJob {
@@ -647,6 +654,8 @@ impl BatchJob for DecryptJob {
         openers: &mut Openers<'a>,
         item: &pb::DecryptItem,
     ) -> Result<(Bytes, KeyVersion)> {
+        self.limits
+            .check_item(b"", &item.associated_data, &item.context)?;
         let ct = Ciphertext::parse(&item.ciphertext).map_err(Error::from)?;
         let plaintext = openers.open(&self.key, &ct, &item.context, &item.associated_data)?;
         Ok((zeroizing_bytes(plaintext), ct.version()))
@@ -682,6 +691,7 @@ struct RewrapJob {
     dest: Arc<LoadedKey>,
     version: KeyVersion,
     encoding: Encoding,
+    limits: Limits,
 }
 
 impl BatchJob for RewrapJob {
@@ -704,6 +714,9 @@ impl BatchJob for RewrapJob {
         (openers, sealer): &mut (Openers<'a>, Option<Sealer<'a>>),
         item: &pb::RewrapItem,
     ) -> Result<Vec<u8>> {
+        self.limits
+            .check_item(b"", &item.associated_data, &item.context)?;
+        self.limits.check_context(item.destination_context.len())?;
         let ct = Ciphertext::parse(&item.ciphertext).map_err(Error::from)?;
         let plain = SecretBytes::new(openers.open(
             &self.source,
@@ -730,19 +743,6 @@ impl BatchJob for RewrapJob {
     fn output(&self, item: pb::RewrapItem, outcome: Result<Vec<u8>>) -> pb::CiphertextResult {
         ciphertext_result(item.reference, outcome, self.version)
     }
-}
-
-fn check_plaintext(plaintext: &[u8], limit: usize) -> Result<()> {
-    if plaintext.len() > limit {
-        return Err(Error::TooLarge {
-            what: "plaintext",
-            actual: plaintext.len(),
-            limit,
-            unit: "bytes",
-            setting: "limits.max_plaintext_bytes",
-        });
-    }
-    Ok(())
 }
 
 /// A batch sealer for a non-derived key's version (derived keys seal per item:
