@@ -204,7 +204,7 @@ impl Error {
     }
 
     /// The error as a `google.rpc.Status`, for one item of a batch reply. The
-    /// message is cut to [`MAX_ITEM_MESSAGE`] bytes so that the size of a batch
+    /// message is cut to `MAX_ITEM_MESSAGE` (256) bytes so that the size of a batch
     /// reply can be bounded before the work is done.
     pub fn to_rpc_status(&self) -> tonic_types::pb::Status {
         let mut c = self.classify();

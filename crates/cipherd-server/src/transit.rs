@@ -73,8 +73,7 @@ impl TransitHandler {
         let name = key_name(key)?;
         let encoding = parse_encoding(encoding)?;
         let limits = *self.limits();
-        check_batch(&limits, items.len())?;
-        check_reply(
+        check_request(
             &limits,
             items
                 .iter()
@@ -102,9 +101,8 @@ impl TransitHandler {
         let unsealed = self.core.unsealed()?;
         let name = key_name(key)?;
         let limits = *self.limits();
-        check_batch(&limits, items.len())?;
         // A plaintext is never longer than its ciphertext.
-        check_reply(
+        check_request(
             &limits,
             items
                 .iter()
@@ -137,8 +135,7 @@ impl TransitHandler {
         };
         let encoding = parse_encoding(encoding)?;
         let limits = *self.limits();
-        check_batch(&limits, items.len())?;
-        check_reply(
+        check_request(
             &limits,
             items
                 .iter()
@@ -417,26 +414,25 @@ where
     ReceiverStream::new(rx)
 }
 
-/// Refuses a batch with more items than `limits.max_batch_items`.
-fn check_batch(limits: &Limits, items: usize) -> Result<()> {
-    if items > limits.max_batch_items {
+/// Refuses a request whose items are more than `limits.max_batch_items`, or whose
+/// reply could exceed `limits.max_message_bytes`, before any work is done, so that
+/// a batch is never computed and then lost on the size of its own reply. `items`
+/// yields each item's reference length and the largest value (ciphertext or
+/// plaintext) its result can carry; an error result is bounded by
+/// [`ITEM_ERROR_BOUND`].
+fn check_request(
+    limits: &Limits,
+    items: impl ExactSizeIterator<Item = (usize, usize)>,
+) -> Result<()> {
+    if items.len() > limits.max_batch_items {
         return Err(Error::TooLarge {
             what: "batch",
-            actual: items,
+            actual: items.len(),
             limit: limits.max_batch_items,
             unit: "items",
             setting: "limits.max_batch_items",
         });
     }
-    Ok(())
-}
-
-/// Refuses a request whose reply could exceed `limits.max_message_bytes`, before
-/// any work is done, so that a batch is never computed and then lost on the size
-/// of its own reply. `items` yields each item's reference length and the largest
-/// value (ciphertext or plaintext) its result can carry; an error result is
-/// bounded by [`ITEM_ERROR_BOUND`].
-fn check_reply(limits: &Limits, items: impl Iterator<Item = (usize, usize)>) -> Result<()> {
     let bound = items.fold(GRPC_FRAME_PREFIX, |total, (reference, value)| {
         total.saturating_add(
             reference
