@@ -179,7 +179,7 @@ pub struct KeyListArgs {
     ArgGroup::new("change")
         .required(true)
         .multiple(true)
-        .args(["min_decryption_version", "min_encryption_version", "deletion_allowed", "exportable"])
+        .args(["min_decryption_version", "min_encryption_version", "deletion_allowed"])
 ))]
 pub struct KeyConfigArgs {
     /// The key's name.
@@ -190,13 +190,10 @@ pub struct KeyConfigArgs {
     /// Encrypt under at least this version (0: always the latest).
     #[arg(long, value_name = "N")]
     pub min_encryption_version: Option<u32>,
-    /// Allow or forbid `key delete`.
+    /// Allow or forbid `key delete`. (Exportability is not here: it is fixed when
+    /// a key is created, `key create --exportable`.)
     #[arg(long, value_name = "BOOL")]
     pub deletion_allowed: Option<bool>,
-    /// Ask for exportable; refused (FAILED_PRECONDITION) unless the key was created
-    /// exportable: exportability is fixed at creation.
-    #[arg(long)]
-    pub exportable: bool,
 }
 
 /// `key trim`.
@@ -554,7 +551,6 @@ mod tests {
         };
         assert_eq!(a.deletion_allowed, Some(false));
         assert_eq!(a.min_decryption_version, None);
-        assert!(!a.exportable);
         let cli = ok(&[
             "key",
             "config",
@@ -563,14 +559,14 @@ mod tests {
             "2",
             "--min-encryption-version",
             "0",
-            "--exportable",
         ]);
         let Command::Key(KeyCommand::Config(a)) = cli.command else {
             panic!("config")
         };
         assert_eq!(a.min_decryption_version, Some(2));
         assert_eq!(a.min_encryption_version, Some(0));
-        assert!(a.exportable);
+        // Exportability is fixed at creation, so `key config` has no flag for it.
+        usage_error(&["key", "config", "k", "--exportable"]);
         usage_error(&["key", "config", "k", "--min-decryption-version", "0"]);
         usage_error(&["key", "config", "k", "--deletion-allowed", "maybe"]);
     }

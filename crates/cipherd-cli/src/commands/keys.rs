@@ -135,8 +135,8 @@ fn config_request(args: KeyConfigArgs) -> pb::UpdateKeyConfigRequest {
         min_decryption_version: args.min_decryption_version,
         min_encryption_version: args.min_encryption_version,
         deletion_allowed: args.deletion_allowed,
-        // A flag that can only turn exportability on: absent means "unchanged".
-        exportable: args.exportable.then_some(true),
+        // Fixed at creation: never changed from here.
+        exportable: None,
     }
 }
 
@@ -180,13 +180,12 @@ mod tests {
             (None, None, None)
         );
 
-        let KeyCommand::Config(args) =
-            key_cmd(&["config", "k", "--exportable", "--deletion-allowed", "true"])
+        let KeyCommand::Config(args) = key_cmd(&["config", "k", "--deletion-allowed", "true"])
         else {
             panic!("config")
         };
         let r = config_request(args);
-        assert_eq!((r.exportable, r.deletion_allowed), (Some(true), Some(true)));
+        assert_eq!((r.exportable, r.deletion_allowed), (None, Some(true)));
     }
 
     #[test]
