@@ -234,7 +234,11 @@ impl EdgeIo {
         loop {
             match self.deadline() {
                 Some((deadline, _)) => {
-                    if self.timer.deadline() != deadline {
+                    // Only ever bring the timer forward: a later deadline (the
+                    // usual case, after each request) is noticed when the earlier
+                    // one fires, so a busy connection does not re-arm a timer per
+                    // request.
+                    if self.timer.is_elapsed() || deadline < self.timer.deadline() {
                         self.timer.as_mut().reset(deadline);
                     }
                 }
