@@ -602,6 +602,8 @@ def command_line(args: argparse.Namespace) -> str:
         extra.append(f"--many-keys {args.many_keys}")
     if args.targets != ",".join(t["id"] for t in TARGETS):
         extra.append(f"--targets {args.targets}")
+    if args.baseline:
+        extra.append(f"--baseline {args.baseline}")
     if extra:
         parts.append(f"BENCH_ARGS='{' '.join(extra)}'")
     return " ".join(parts)
