@@ -38,7 +38,7 @@ use std::sync::{
 use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use body::RequestBody;
-pub use conn::{ConnInfo, Incoming};
+pub use conn::Incoming;
 pub use limits::LimitsLayer;
 pub use request_id::RequestIdLayer;
 
