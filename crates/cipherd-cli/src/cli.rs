@@ -112,7 +112,8 @@ pub enum KeyCommand {
     Trim(KeyTrimArgs),
     /// Delete a key (only if created or configured with deletion allowed).
     Delete(KeyNameArg),
-    /// Print an exportable key's material (base64).
+    /// Print an exportable key's material (base64). For a derived key this is the
+    /// base material, which opens the data of every context, not of one.
     Export(KeyExportArgs),
 }
 
