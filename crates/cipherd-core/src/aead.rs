@@ -28,29 +28,6 @@
 //!   snapshot.
 //! - 192-bit-nonce types: a sealer draws 24 bytes per subkey (see below).
 //!
-//! # Where nonces come from
-//!
-//! Every random byte this module uses (single-message nonces, a [`Sealer`]'s
-//! draws) comes straight from aws-lc-rs's generator (`aws_lc_rs::rand::fill`) at
-//! the moment it is needed. aws-lc reseeds that generator when the process forks
-//! and when the VM it runs in is restored from a snapshot, so a restored or forked
-//! copy never repeats the parent's nonces. No random bytes are kept ahead of time:
-//! not in a thread-local or process-wide pool (one would survive a fork or a
-//! snapshot restore and be handed out again, which for AES-GCM under the same key
-//! reveals the authentication key), and not across calls or requests.
-//!
-//! The cost is one fill call (about 0.4 µs, nearly independent of length) per
-//! single seal, and for batches:
-//!
-//! - 96-bit-nonce types: a [`Sealer`] fills [`NONCES_PER_FILL`] nonces with one
-//!   call when it seals its first message, and again each time those run out, and
-//!   drops what it did not use. A sealer lives for one batch (one worker of one
-//!   request), so the bytes are drawn while that batch is being sealed and are
-//!   gone with it; a snapshot taken mid-batch can repeat at most the rest of one
-//!   chunk, exactly like a single seal whose nonce was drawn just before the
-//!   snapshot.
-//! - 192-bit-nonce types: a sealer draws 24 bytes per subkey (see below).
-//!
 //! Backends (all AEAD work runs on aws-lc-rs):
 //!
 //! | key type | implementation |
