@@ -152,6 +152,7 @@ async fn batch_encrypt_fails_only_the_oversized_items() {
     let request = pb::BatchDecryptRequest {
         key: "patients".into(),
         items,
+        ..Default::default()
     };
     let decrypted = reply(transit.batch_decrypt(request).await).unwrap().results;
     assert_eq!(decrypted.len(), good.len());
@@ -239,6 +240,7 @@ async fn batch_decrypt_fails_only_the_bad_items() {
     let request = pb::BatchDecryptRequest {
         key: "patients".into(),
         items,
+        ..Default::default()
     };
     let results = reply(transit.batch_decrypt(request).await).unwrap().results;
     assert_eq!(results.len(), ITEMS);
@@ -318,6 +320,7 @@ async fn batch_rewrap_fails_only_the_bad_items() {
         items,
         destination_key: String::new(),
         encoding: pb::CiphertextEncoding::Text as i32,
+        ..Default::default()
     };
     let results = reply(transit.batch_rewrap(request).await).unwrap().results;
     assert_eq!(results.len(), ITEMS);
@@ -352,6 +355,7 @@ async fn batch_rewrap_fails_only_the_bad_items() {
     let request = pb::BatchDecryptRequest {
         key: "patients".into(),
         items: to_check,
+        ..Default::default()
     };
     for result in reply(transit.batch_decrypt(request).await).unwrap().results {
         let i: usize = result.reference["ref-".len()..].parse().unwrap();
@@ -428,6 +432,7 @@ async fn batch_contexts_and_whole_request_limits() {
     let request = pb::BatchDecryptRequest {
         key: "tenants".into(),
         items: decrypt_items,
+        ..Default::default()
     };
     for result in reply(transit.batch_decrypt(request).await).unwrap().results {
         let (i, which) = result.reference.split_once('-').unwrap();
@@ -472,6 +477,7 @@ async fn batch_contexts_and_whole_request_limits() {
     let request = pb::BatchDecryptRequest {
         key: "no-such-key".into(),
         items: vec![pb::DecryptItem::default()],
+        ..Default::default()
     };
     expect_err(
         reply(transit.batch_decrypt(request).await),

@@ -70,6 +70,7 @@ async fn unknown_key_is_key_not_found_on_every_rpc() {
                 ciphertext: ct.clone(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await;
     not_found(reply(r).map(drop), "BatchDecrypt");
@@ -459,6 +460,7 @@ async fn garbage_input_never_crashes_the_server() {
                 .batch_decrypt(pb::BatchDecryptRequest {
                     key: key.into(),
                     items,
+                    ..Default::default()
                 })
                 .await,
         )

@@ -240,6 +240,7 @@ const ROWS: &[Row] = &[
                     ciphertext: f.ct.clone(),
                     ..Default::default()
                 }],
+                ..Default::default()
             })
         },
         NotFound,
@@ -507,6 +508,7 @@ const ROWS: &[Row] = &[
                     ciphertext: flip(&f.ct, 10),
                     ..Default::default()
                 }],
+                ..Default::default()
             })
         },
         InvalidArgument,
@@ -619,6 +621,7 @@ const ROWS: &[Row] = &[
                     };
                     MAX_BATCH + 1
                 ],
+                ..Default::default()
             })
         },
         InvalidArgument,
@@ -715,6 +718,7 @@ const ROWS: &[Row] = &[
                     context: bytes(MAX_CONTEXT + 1),
                     ..Default::default()
                 }],
+                ..Default::default()
             })
         },
         InvalidArgument,

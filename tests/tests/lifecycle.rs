@@ -545,6 +545,7 @@ async fn sealed_calls(client: &Client, ct: &Bytes) -> Vec<(&'static str, Result<
                         ciphertext: ct.clone(),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })
                 .await,
             )

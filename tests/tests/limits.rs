@@ -344,6 +344,7 @@ async fn check_all_distinct_and_decrypt(
             .batch_decrypt(pb::BatchDecryptRequest {
                 key: key.into(),
                 items,
+                ..Default::default()
             })
             .await,
     )

@@ -113,6 +113,7 @@ async fn etl_round_trip_through_streams_keeps_order() {
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let mut replies = client
@@ -155,6 +156,7 @@ async fn item_errors_stay_in_their_item_and_chunk_errors_end_the_stream() {
                 ..Default::default()
             },
         ],
+        ..Default::default()
     };
     let requests = vec![chunk("etl"), chunk("no-such-key"), chunk("etl")];
     let mut replies = client

@@ -331,6 +331,7 @@ impl Plan {
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -346,6 +347,7 @@ impl Plan {
                 .collect(),
             destination_key: String::new(),
             encoding: self.encoding,
+            ..Default::default()
         }
     }
 }

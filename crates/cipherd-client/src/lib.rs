@@ -219,6 +219,7 @@ impl Client {
             ciphertext: ciphertext.into(),
             associated_data: associated_data.into(),
             context: context.into(),
+            ..Default::default()
         };
         self.retrying(|| async { self.transit().decrypt(request.clone()).await })
             .await
@@ -264,6 +265,7 @@ impl Client {
             let request = pb::BatchDecryptRequest {
                 key: key.to_owned(),
                 items: chunk.to_vec(),
+                ..Default::default()
             };
             let reply = self
                 .retrying(|| async { self.transit().batch_decrypt(request.clone()).await })
@@ -294,6 +296,7 @@ impl Client {
                 items: chunk.to_vec(),
                 destination_key: destination.unwrap_or_default().to_owned(),
                 encoding: encoding(text),
+                ..Default::default()
             };
             let reply = self
                 .retrying(|| async { self.transit().batch_rewrap(request.clone()).await })

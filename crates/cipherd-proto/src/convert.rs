@@ -56,15 +56,35 @@ impl From<EncryptStreamResponse> for BatchEncryptResponse {
 
 impl From<DecryptStreamRequest> for BatchDecryptRequest {
     fn from(r: DecryptStreamRequest) -> Self {
-        let DecryptStreamRequest { key, items } = r;
-        Self { key, items }
+        let DecryptStreamRequest {
+            key,
+            items,
+            purpose,
+            reason,
+        } = r;
+        Self {
+            key,
+            items,
+            purpose,
+            reason,
+        }
     }
 }
 
 impl From<BatchDecryptRequest> for DecryptStreamRequest {
     fn from(r: BatchDecryptRequest) -> Self {
-        let BatchDecryptRequest { key, items } = r;
-        Self { key, items }
+        let BatchDecryptRequest {
+            key,
+            items,
+            purpose,
+            reason,
+        } = r;
+        Self {
+            key,
+            items,
+            purpose,
+            reason,
+        }
     }
 }
 
@@ -87,12 +107,16 @@ impl From<RewrapStreamRequest> for BatchRewrapRequest {
             items,
             destination_key,
             encoding,
+            purpose,
+            reason,
         } = r;
         Self {
             key,
             items,
             destination_key,
             encoding,
+            purpose,
+            reason,
         }
     }
 }
@@ -104,12 +128,16 @@ impl From<BatchRewrapRequest> for RewrapStreamRequest {
             items,
             destination_key,
             encoding,
+            purpose,
+            reason,
         } = r;
         Self {
             key,
             items,
             destination_key,
             encoding,
+            purpose,
+            reason,
         }
     }
 }
@@ -156,6 +184,8 @@ mod tests {
             key: "k".into(),
             destination_key: "d".into(),
             encoding: CiphertextEncoding::Text.into(),
+            purpose: "treatment".into(),
+            reason: "r".into(),
             ..Default::default()
         };
         let stream = RewrapStreamRequest::from(rewrap.clone());

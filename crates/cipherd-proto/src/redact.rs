@@ -8,8 +8,9 @@
 use std::fmt;
 
 use crate::v1::{
-    DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse, ExportedKeyVersion,
-    GenerateDataKeyResponse, InitResponse, PlaintextResult, UnsealRequest, plaintext_result,
+    CreateTokenResponse, DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse,
+    ExportedKeyVersion, GenerateDataKeyResponse, InitResponse, PlaintextResult, UnsealRequest,
+    plaintext_result,
 };
 
 /// Formats a secret byte field as its length only.
@@ -102,6 +103,16 @@ impl fmt::Debug for InitResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InitResponse")
             .field("shares", &Redacted(self.shares.len()))
+            .field("root_token", &Redacted(self.root_token.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for CreateTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateTokenResponse")
+            .field("token", &Redacted(self.token.len()))
+            .field("info", &self.info)
             .finish()
     }
 }
@@ -174,7 +185,15 @@ mod tests {
             format!(
                 "{:?}",
                 InitResponse {
-                    shares: vec![String::from_utf8_lossy(SECRET).into_owned()]
+                    shares: vec![String::from_utf8_lossy(SECRET).into_owned()],
+                    root_token: String::from_utf8_lossy(SECRET).into_owned(),
+                }
+            ),
+            format!(
+                "{:?}",
+                CreateTokenResponse {
+                    token: String::from_utf8_lossy(SECRET).into_owned(),
+                    info: None,
                 }
             ),
             format!(

@@ -17,6 +17,7 @@ fn generated_code_is_up_to_date() {
         "cipherd/v1/transit.proto",
         "cipherd/v1/keys.proto",
         "cipherd/v1/system.proto",
+        "cipherd/v1/auth.proto",
     ];
     let fds = protox::compile(files, [&proto_root]).expect("protos compile");
 
@@ -65,7 +66,7 @@ fn generated_code_is_up_to_date() {
 }
 
 /// Fully qualified names of messages whose Debug is hand-written and redacting.
-const REDACTED_MESSAGES: [&str; 9] = [
+const REDACTED_MESSAGES: [&str; 10] = [
     "cipherd.v1.EncryptRequest",
     "cipherd.v1.EncryptItem",
     "cipherd.v1.DecryptResponse",
@@ -75,11 +76,19 @@ const REDACTED_MESSAGES: [&str; 9] = [
     "cipherd.v1.ExportedKeyVersion",
     "cipherd.v1.InitResponse",
     "cipherd.v1.UnsealRequest",
+    "cipherd.v1.CreateTokenResponse",
 ];
 
-/// Names of `bytes` or `string` fields that carry plaintext, key material or unseal
-/// shares (a `uint32 shares` is a count, not a secret).
-const SECRET_FIELDS: [&str; 4] = ["plaintext", "material", "share", "shares"];
+/// Names of `bytes` or `string` fields that carry plaintext, key material, unseal
+/// shares or token secrets (a `uint32 shares` is a count, not a secret).
+const SECRET_FIELDS: [&str; 6] = [
+    "plaintext",
+    "material",
+    "share",
+    "shares",
+    "token",
+    "root_token",
+];
 
 /// Every message with a field named in [`SECRET_FIELDS`] (including inside a
 /// oneof) must be in [`REDACTED_MESSAGES`]. Messages that only nest such messages

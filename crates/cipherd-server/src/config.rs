@@ -37,6 +37,27 @@ pub struct RawConfig {
     pub keys: RawKeys,
     /// Process memory hygiene.
     pub memory: RawMemory,
+    /// TLS on the gRPC listener (`[tls]`).
+    #[serde(default)]
+    pub tls: crate::edge::tls::RawTls,
+    /// Audit sinks (`[[audit]]` tables).
+    #[serde(default)]
+    pub audit: Vec<crate::audit::RawAuditSink>,
+    /// Tokens (`[auth]`).
+    pub auth: RawAuth,
+    /// JWT/OIDC access tokens (`[jwt]`).
+    #[serde(default)]
+    pub jwt: crate::auth::jwt::RawJwt,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Lifetime of a token created without a TTL, in seconds.
+    pub default_token_ttl_s: u64,
+    /// Longest lifetime a token may be created with, in seconds.
+    pub max_token_ttl_s: u64,
 }
 
 /// `[log]`
@@ -128,6 +149,33 @@ pub struct Params {
     pub usage: UsagePolicy,
     /// Process memory hygiene, applied by the binary (see [`crate::memory`]).
     pub memory: MemoryParams,
+    /// TLS on the listener; `None` serves plaintext (dev on loopback, or
+    /// `tls.disable = true` behind a TLS-terminating sidecar).
+    pub tls: Option<crate::edge::tls::TlsParams>,
+    /// Audit sinks.
+    pub audit: crate::audit::AuditParams,
+    /// Token lifetimes.
+    pub auth: AuthParams,
+    /// JWT verification; `None` when JWTs are not accepted.
+    pub jwt: Option<crate::auth::jwt::JwtParams>,
+}
+
+/// Token lifetimes (`[auth]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthParams {
+    /// Lifetime of a token created without a TTL.
+    pub default_token_ttl: Duration,
+    /// Longest lifetime a token may be created with.
+    pub max_token_ttl: Duration,
+}
+
+impl AuthParams {
+    /// The built-in defaults: tokens live 8 hours (a shift) unless asked for
+    /// longer, and at most 32 days.
+    pub const DEFAULT: AuthParams = AuthParams {
+        default_token_ttl: Duration::from_secs(8 * 3600),
+        max_token_ttl: Duration::from_secs(32 * 24 * 3600),
+    };
 }
 
 /// Process memory hygiene (`[memory]`). The `cipherd` binary applies it at start;
@@ -331,6 +379,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("keys.usage_reservation_block", "65536"),
     ("keys.usage_limit_action", "rotate"),
     ("memory.lock", "false"),
+    ("auth.default_token_ttl_s", "28800"),
+    ("auth.max_token_ttl_s", "2764800"),
 ];
 
 impl RawConfig {
@@ -414,6 +464,8 @@ impl TryFrom<RawConfig> for Params {
                 )));
             }
         };
+        let tls = crate::edge::tls::TlsParams::from_raw(&raw.tls, raw.dev, &raw.listen)?;
+        let audit = crate::audit::AuditParams::from_raw(&raw.audit, raw.dev, &raw.data_dir)?;
         Ok(Params {
             dev: raw.dev,
             data_dir: raw.data_dir,
@@ -427,8 +479,30 @@ impl TryFrom<RawConfig> for Params {
             memory: MemoryParams {
                 lock: raw.memory.lock,
             },
+            tls,
+            audit,
+            auth: auth_params(&raw.auth)?,
+            jwt: crate::auth::jwt::JwtParams::from_raw(&raw.jwt)?,
         })
     }
+}
+
+fn auth_params(raw: &RawAuth) -> Result<AuthParams, ConfigError> {
+    if raw.max_token_ttl_s == 0 || raw.default_token_ttl_s == 0 {
+        return Err(ConfigError(
+            "auth.default_token_ttl_s and auth.max_token_ttl_s must be at least 1".into(),
+        ));
+    }
+    if raw.default_token_ttl_s > raw.max_token_ttl_s {
+        return Err(ConfigError(format!(
+            "auth.default_token_ttl_s = {} exceeds auth.max_token_ttl_s = {}",
+            raw.default_token_ttl_s, raw.max_token_ttl_s
+        )));
+    }
+    Ok(AuthParams {
+        default_token_ttl: Duration::from_secs(raw.default_token_ttl_s),
+        max_token_ttl: Duration::from_secs(raw.max_token_ttl_s),
+    })
 }
 
 impl TryFrom<&RawLimits> for Limits {
@@ -521,6 +595,10 @@ impl Params {
                 on_limit: LimitAction::Rotate,
             },
             memory: MemoryParams::default(),
+            tls: None,
+            audit: crate::audit::AuditParams::default(),
+            auth: AuthParams::DEFAULT,
+            jwt: None,
         }
     }
 }

@@ -98,6 +98,26 @@ pub enum Error {
         /// The limit, in milliseconds.
         timeout_ms: u64,
     },
+    /// No credential, or one that is malformed, expired, revoked or forged. The
+    /// message never says which (it is logged on the server).
+    #[error("authentication required: {0}")]
+    Unauthenticated(&'static str),
+    /// The caller's policies do not allow this operation on this key. Identical
+    /// whether the key exists or not.
+    #[error("permission denied")]
+    PermissionDenied,
+    /// No audit sink accepted the call's record, so the call was refused (fail
+    /// closed) or its reply withheld.
+    #[error("the audit log cannot be written; calls are refused until it can")]
+    AuditUnavailable,
+    /// The caller exceeded its per-principal rate limit (`limits.principal_rate`).
+    #[error(
+        "rate limit of {per_second} requests per second exceeded (limits.principal_rate); retry with backoff"
+    )]
+    RateLimited {
+        /// The configured rate.
+        per_second: u32,
+    },
     /// The ciphertext does not authenticate under this key, version, context and
     /// associated data, or is malformed. Deliberately one opaque error.
     #[error(
@@ -167,6 +187,10 @@ impl Error {
             MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             Overloaded { .. } => (Code::ResourceExhausted, "OVERLOADED"),
             RequestTimeout { .. } => (Code::DeadlineExceeded, "REQUEST_TIMEOUT"),
+            Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
+            AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
+            RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
             FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
             UsageExhausted(_) => (Code::ResourceExhausted, "KEY_USAGE_EXHAUSTED"),
@@ -199,6 +223,7 @@ impl Error {
             Error::MessageTooLarge { .. } => Some("limits.max_message_bytes"),
             Error::Overloaded { .. } => Some("limits.max_concurrent_requests"),
             Error::RequestTimeout { .. } => Some("limits.request_timeout_ms"),
+            Error::RateLimited { .. } => Some("limits.principal_rate"),
             _ => None,
         }
     }

@@ -18,6 +18,8 @@
 #![warn(missing_docs)]
 
 mod admin;
+pub mod audit;
+pub mod auth;
 pub mod config;
 mod edge;
 mod error;

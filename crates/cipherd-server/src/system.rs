@@ -49,7 +49,10 @@ impl SystemService for SystemHandler {
     ) -> Result<Response<pb::InitResponse>, Status> {
         let r = request.into_inner();
         let shares = self.core.init(r.shares, r.threshold).await?;
-        Ok(Response::new(pb::InitResponse { shares }))
+        Ok(Response::new(pb::InitResponse {
+            shares,
+            root_token: String::new(),
+        }))
     }
 
     async fn unseal(

@@ -82,6 +82,7 @@ pub(super) async fn rewrap(ctx: &Ctx, args: RewrapArgs) -> anyhow::Result<()> {
             destination_key: args.to.clone().unwrap_or_default(),
             destination_context: args.dest_context().into(),
             encoding: encoding(args.binary) as i32,
+            ..Default::default()
         })
         .await
         .map_err(Failure::from)?
@@ -105,6 +106,7 @@ pub(super) async fn datakey(ctx: &Ctx, args: DatakeyArgs) -> anyhow::Result<()> 
             associated_data: args.binding.associated_data().into(),
             context: args.binding.context().into(),
             encoding: encoding(args.binary) as i32,
+            ..Default::default()
         })
         .await
         .map_err(Failure::from)?

@@ -29,6 +29,7 @@ mod body;
 mod conn;
 mod limits;
 mod request_id;
+pub mod tls;
 
 use std::sync::{
     Arc,

@@ -1,0 +1,6 @@
+//! Identity and authorization: who is calling (bearer tokens, JWTs, mTLS
+//! certificates), and what their policies allow.
+
+pub mod glob;
+pub mod jwt;
+pub mod policy;
