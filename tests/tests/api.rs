@@ -140,7 +140,7 @@ async fn malformed_protobuf_is_invalid_argument_with_a_reason() {
     let server = TestServer::dev().await;
     let client = server.client().await;
     create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
-    let mut grpc = tonic::client::Grpc::new(channel(&server).await);
+    let mut grpc = tonic::client::Grpc::new(client.transport());
 
     for rpc in ["Encrypt", "BatchEncrypt"] {
         for (what, body) in MALFORMED {
@@ -187,7 +187,7 @@ async fn malformed_stream_chunk_ends_the_stream_with_invalid_argument() {
     let server = TestServer::dev().await;
     let client = server.client().await;
     create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
-    let mut grpc = tonic::client::Grpc::new(channel(&server).await);
+    let mut grpc = tonic::client::Grpc::new(client.transport());
     grpc.ready().await.expect("channel ready");
 
     // key "k", one item with plaintext "ok"; then a malformed chunk.

@@ -13,7 +13,6 @@ use cipherd_client::Error;
 use cipherd_e2e::{Client, Code, TestServer, create_key_with, encrypt, flip, pb, raw_unary, reply};
 use cipherd_store::{SqliteStore, Store as _};
 use sha2::{Digest as _, Sha256};
-use tonic::transport::Channel;
 
 /// Limits of the catalogue's server, small so that limit rows stay small. A full
 /// batch of the largest plaintexts fits in a message, but its text-form reply
@@ -1048,11 +1047,7 @@ async fn the_hostile_catalogue_is_refused_and_changes_nothing() {
     let server = TestServer::start(params).await;
     let client = server.client().await;
     let fixture = fixture(&client).await;
-    let channel = Channel::from_shared(server.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = client.transport();
 
     let before = digest(&db).await;
     let mut failures = Vec::new();
@@ -1141,7 +1136,11 @@ async fn fixture(client: &Client) -> Fixture {
 }
 
 /// Sends one request; a batch of one whose item failed counts as failed.
-async fn send(client: &Client, channel: &Channel, request: Req) -> Result<(), Error> {
+async fn send(
+    client: &Client,
+    channel: &cipherd_client::Transport,
+    request: Req,
+) -> Result<(), Error> {
     let mut t = client.transit();
     let mut a = client.admin();
     let mut s = client.system();

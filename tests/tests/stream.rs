@@ -188,23 +188,28 @@ async fn item_errors_stay_in_their_item_and_chunk_errors_end_the_stream() {
     );
 }
 
-/// Streams answer SEALED like every data-plane call.
+/// Streams answer SEALED like every data-plane call: a sealed server cannot check
+/// the caller's token, so the stream is refused as it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_server_ends_streams_with_sealed() {
     let server = TestServer::dev().await;
     let client = server.client().await;
     create_key(&client, "etl", pb::KeyType::Xaes256Gcm).await;
     reply(client.system().seal(pb::SealRequest {}).await).expect("seal");
-    let mut replies = client
+    let opened = client
         .transit()
         .encrypt_stream(tokio_stream::iter(vec![pb::EncryptStreamRequest {
             key: "etl".into(),
             items: vec![pb::EncryptItem::default()],
             ..Default::default()
         }]))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    let err = Error::from(replies.next().await.expect("a reply").expect_err("sealed"));
+        .await;
+    let err = match opened {
+        Err(status) => Error::from(status),
+        Ok(replies) => {
+            let mut replies = replies.into_inner();
+            Error::from(replies.next().await.expect("a reply").expect_err("sealed"))
+        }
+    };
     expect_err::<()>(Err(err), Code::Unavailable, "SEALED");
 }

@@ -18,10 +18,16 @@ use std::{future::Future, time::Duration};
 use bytes::Bytes;
 pub use cipherd_proto::v1 as pb;
 use pb::{
-    key_admin_service_client::KeyAdminServiceClient, system_service_client::SystemServiceClient,
-    transit_service_client::TransitServiceClient,
+    audit_service_client::AuditServiceClient, auth_service_client::AuthServiceClient,
+    key_admin_service_client::KeyAdminServiceClient, policy_service_client::PolicyServiceClient,
+    system_service_client::SystemServiceClient, transit_service_client::TransitServiceClient,
 };
-use tonic::{Code, transport::Channel};
+use tonic::{
+    Code,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 use tonic_types::{RpcStatusExt as _, StatusExt as _};
 
 /// Items per batch request the helpers send (the server default allows 10,000).
@@ -107,6 +113,8 @@ pub struct ClientOptions {
     pub retries: u32,
     /// Items per batch request.
     pub batch_chunk: usize,
+    /// Bearer token sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<zeroize::Zeroizing<String>>,
 }
 
 impl Default for ClientOptions {
@@ -116,6 +124,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             retries: 2,
             batch_chunk: DEFAULT_BATCH_CHUNK,
+            token: None,
         }
     }
 }
@@ -123,8 +132,36 @@ impl Default for ClientOptions {
 /// One connection to cipherd with typed helpers.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: Transport,
     options: ClientOptions,
+}
+
+/// The channel every service client of a [`Client`] runs on: the connection with
+/// the credentials added to each call.
+pub type Transport = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer <token>` (never indexed by HPACK) to every call.
+#[derive(Clone)]
+pub struct Credentials {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials([redacted])")
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// Options of one encryption (all empty by default).
@@ -161,24 +198,55 @@ impl Client {
             .initial_connection_window_size(16 << 20)
             .connect()
             .await?;
+        let header = match &options.token {
+            None => None,
+            Some(token) => {
+                let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.as_str())
+                    .parse()
+                    .map_err(|_| Error::Protocol("the token is not valid header text".into()))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let channel = InterceptedService::new(channel, Credentials { header });
         Ok(Self { channel, options })
     }
 
+    /// The connection with this client's credentials, for raw gRPC calls.
+    pub fn transport(&self) -> Transport {
+        self.channel.clone()
+    }
+
     /// The generated `TransitService` client on this connection.
-    pub fn transit(&self) -> TransitServiceClient<Channel> {
+    pub fn transit(&self) -> TransitServiceClient<Transport> {
         TransitServiceClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     /// The generated `KeyAdminService` client on this connection.
-    pub fn admin(&self) -> KeyAdminServiceClient<Channel> {
+    pub fn admin(&self) -> KeyAdminServiceClient<Transport> {
         KeyAdminServiceClient::new(self.channel.clone())
     }
 
     /// The generated `SystemService` client on this connection.
-    pub fn system(&self) -> SystemServiceClient<Channel> {
+    pub fn system(&self) -> SystemServiceClient<Transport> {
         SystemServiceClient::new(self.channel.clone())
+    }
+
+    /// The generated `AuthService` client (tokens, roles) on this connection.
+    pub fn auth(&self) -> AuthServiceClient<Transport> {
+        AuthServiceClient::new(self.channel.clone())
+    }
+
+    /// The generated `PolicyService` client on this connection.
+    pub fn policy(&self) -> PolicyServiceClient<Transport> {
+        PolicyServiceClient::new(self.channel.clone())
+    }
+
+    /// The generated `AuditService` client on this connection.
+    pub fn audit(&self) -> AuditServiceClient<Transport> {
+        AuditServiceClient::new(self.channel.clone())
     }
 
     /// Service status (initialized, sealed, unseal progress, version).

@@ -16,6 +16,7 @@ pub mod ciphertext;
 mod error;
 pub mod key_type;
 pub mod keyring;
+pub mod mac;
 pub mod secret;
 pub mod shamir;
 mod xaes;

@@ -1,5 +1,12 @@
 //! The `cipherd.v1.KeyAdminService` service: the key-management plane.
 //!
+//! Every call is authorized against the key it names (`key.create`, `key.read`,
+//! `key.rotate`, `key.config`, `key.trim`, `key.delete`, `key.export`) before the
+//! key is looked up, so a denied call on a missing key looks exactly like one on an
+//! existing key. Setting `deletion_allowed` needs `key.delete` as well as
+//! `key.config` (or `key.create`); creating an exportable key needs `key.export`.
+//! `ListKeys` lists only the names the caller may `key.read`.
+//!
 //! Metadata only, except `ExportKey`, which returns material for keys created
 //! exportable and nothing else. Exportability is fixed at creation:
 //! `UpdateKeyConfig` can neither turn it on nor off (`FAILED_PRECONDITION`).
@@ -21,6 +28,8 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::{
+    access::CallCtx,
+    auth::policy::Operation,
     error::{Error, Result},
     keys::{KeyManager, LoadedKey},
     seal::Core,
@@ -50,9 +59,17 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let unsealed = self.core.unsealed()?;
         let name = key_name(&r.name)?;
+        ctx.authorize(Operation::KeyCreate, Some(name.as_str()), "", "")?;
+        if r.deletion_allowed {
+            ctx.authorize(Operation::KeyDelete, Some(name.as_str()), "", "")?;
+        }
+        if r.exportable {
+            ctx.authorize(Operation::KeyExport, Some(name.as_str()), "", "")?;
+        }
         let opts = CreateOptions {
             key_type: key_type_from_proto(r.r#type)?,
             derived: r.derived,
@@ -69,8 +86,10 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let unsealed = self.core.unsealed()?;
         let name = key_name(&request.into_inner().name)?;
+        ctx.authorize(Operation::KeyRead, Some(name.as_str()), "", "")?;
         let key = unsealed.keys.reload(&name).await?;
         Ok(Response::new(pb::GetKeyResponse {
             key: Some(key_to_proto(&unsealed.keys, &key).await?),
@@ -81,15 +100,31 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        let caller = Arc::clone(ctx.caller()?);
+        ctx.fields().operation = Operation::KeyRead.as_str();
         let r = request.into_inner();
         let unsealed = self.core.unsealed()?;
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        // The page token is the last name of the previous page.
-        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        let mut names = unsealed.keys.list(after, size + 1).await?;
+        // The page token is the last name of the previous page. Names the caller
+        // may not read are skipped, so a page scans on until it is full.
+        let mut after = (!r.page_token.is_empty()).then(|| r.page_token.clone());
+        let mut names = Vec::with_capacity(size + 1);
+        loop {
+            let page = unsealed.keys.list(after.as_deref(), size + 1).await?;
+            let exhausted = page.len() <= size;
+            after = page.last().cloned();
+            names.extend(
+                page.into_iter()
+                    .filter(|n| caller.may(Operation::KeyRead, Some(n))),
+            );
+            if names.len() > size || exhausted {
+                break;
+            }
+        }
         let next_page_token = if names.len() > size {
             names.truncate(size);
             names.last().cloned().unwrap_or_default()
@@ -106,8 +141,10 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let unsealed = self.core.unsealed()?;
         let name = key_name(&request.into_inner().name)?;
+        ctx.authorize(Operation::KeyRotate, Some(name.as_str()), "", "")?;
         let now = crate::keys::now_ms();
         let key = unsealed
             .keys
@@ -123,9 +160,14 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::UpdateKeyConfigRequest>,
     ) -> Result<Response<pb::UpdateKeyConfigResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let unsealed = self.core.unsealed()?;
         let name = key_name(&r.name)?;
+        ctx.authorize(Operation::KeyConfig, Some(name.as_str()), "", "")?;
+        if r.deletion_allowed == Some(true) {
+            ctx.authorize(Operation::KeyDelete, Some(name.as_str()), "", "")?;
+        }
         let min_decryption_version = r
             .min_decryption_version
             .map(KeyVersion::new)
@@ -153,9 +195,11 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::TrimKeyRequest>,
     ) -> Result<Response<pb::TrimKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let unsealed = self.core.unsealed()?;
         let name = key_name(&r.name)?;
+        ctx.authorize(Operation::KeyTrim, Some(name.as_str()), "", "")?;
         let floor = KeyVersion::new(r.min_available_version).map_err(Error::from)?;
         let key = unsealed
             .keys
@@ -174,8 +218,10 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let unsealed = self.core.unsealed()?;
         let name = key_name(&request.into_inner().name)?;
+        ctx.authorize(Operation::KeyDelete, Some(name.as_str()), "", "")?;
         unsealed.keys.delete(&name).await?;
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
@@ -184,9 +230,11 @@ impl KeyAdminService for KeyAdminHandler {
         &self,
         request: Request<pb::ExportKeyRequest>,
     ) -> Result<Response<pb::ExportKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let unsealed = self.core.unsealed()?;
         let name = key_name(&r.name)?;
+        ctx.authorize(Operation::KeyExport, Some(name.as_str()), "", "")?;
         let loaded = unsealed.keys.reload(&name).await?;
         let key = loaded.key();
         if !key.exportable() {

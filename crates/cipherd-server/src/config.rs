@@ -112,6 +112,10 @@ pub struct RawLimits {
     pub keepalive_interval_ms: u64,
     /// Time a ping may go unanswered before the connection is closed, in milliseconds.
     pub keepalive_timeout_ms: u64,
+    /// Requests per second one principal may make; 0: no per-principal limit.
+    pub principal_rate: u32,
+    /// Requests one principal may make at once above its rate; 0: the rate.
+    pub principal_burst: u32,
 }
 
 /// `[keys]`
@@ -231,6 +235,10 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// Requests per second per principal (0: unlimited).
+    pub principal_rate: u32,
+    /// Burst per principal above the rate (0: the rate).
+    pub principal_burst: u32,
 }
 
 impl Limits {
@@ -250,6 +258,8 @@ impl Limits {
         idle_timeout: Duration::from_secs(300),
         keepalive_interval: Duration::from_secs(60),
         keepalive_timeout: Duration::from_secs(20),
+        principal_rate: 0,
+        principal_burst: 0,
     };
 
     /// Checks one item's variable-length fields against the per-item limits:
@@ -375,6 +385,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("limits.idle_timeout_ms", "300000"),
     ("limits.keepalive_interval_ms", "60000"),
     ("limits.keepalive_timeout_ms", "20000"),
+    ("limits.principal_rate", "0"),
+    ("limits.principal_burst", "0"),
     ("keys.usage_limit", "3865470566"),
     ("keys.usage_reservation_block", "65536"),
     ("keys.usage_limit_action", "rotate"),
@@ -566,6 +578,8 @@ impl TryFrom<&RawLimits> for Limits {
             idle_timeout: millis("idle_timeout_ms", l.idle_timeout_ms)?,
             keepalive_interval: millis("keepalive_interval_ms", l.keepalive_interval_ms)?,
             keepalive_timeout: millis("keepalive_timeout_ms", l.keepalive_timeout_ms)?,
+            principal_rate: l.principal_rate,
+            principal_burst: l.principal_burst,
         })
     }
 }

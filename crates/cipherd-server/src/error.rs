@@ -98,6 +98,12 @@ pub enum Error {
         /// The limit, in milliseconds.
         timeout_ms: u64,
     },
+    /// A named object (token, policy, role) does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A policy document that cannot be used; the message says where and why.
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
     /// No credential, or one that is malformed, expired, revoked or forged. The
     /// message never says which (it is logged on the server).
     #[error("authentication required: {0}")]
@@ -187,6 +193,8 @@ impl Error {
             MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             Overloaded { .. } => (Code::ResourceExhausted, "OVERLOADED"),
             RequestTimeout { .. } => (Code::DeadlineExceeded, "REQUEST_TIMEOUT"),
+            NotFound(_) => (Code::NotFound, "NOT_FOUND"),
+            InvalidPolicy(_) => (Code::InvalidArgument, "INVALID_POLICY"),
             Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
             PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
             AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),

@@ -17,9 +17,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod access;
 mod admin;
 pub mod audit;
 pub mod auth;
+mod auth_service;
 pub mod config;
 mod edge;
 mod error;
@@ -33,6 +35,6 @@ mod transit;
 pub use config::DEFAULT_MAX_MESSAGE_BYTES;
 pub use config::Params;
 pub use error::{Error, Result};
-pub use seal::DEV_SHARE_FILE;
+pub use seal::{DEV_ROOT_TOKEN_FILE, DEV_SHARE_FILE};
 pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run, shutdown_signal};
 pub use transit::STREAM_CHUNKS_IN_FLIGHT;

@@ -44,6 +44,7 @@ use tokio::sync::{Mutex, watch};
 use zeroize::Zeroizing;
 
 use crate::{
+    auth::state::{self as auth_state, AuthState},
     config::Params,
     error::{Error, Result},
     keys::KeyManager,
@@ -87,6 +88,8 @@ pub struct SealStatus {
 pub struct Unsealed {
     /// Named keys and their cache.
     pub keys: KeyManager,
+    /// Tokens, policies, roles and the MAC keys.
+    pub auth: AuthState,
 }
 
 #[derive(Debug)]
@@ -184,12 +187,17 @@ impl Core {
     }
 
     /// Creates the root key and returns `shares` text-encoded unseal shares
-    /// (`cipherd-share:v2:`, bound to this seal), any `threshold` of which unseal.
-    /// Leaves the service sealed.
+    /// (`cipherd-share:v2:`, bound to this seal), any `threshold` of which unseal,
+    /// and a root token (policy `root`, no expiry) created under the new barrier
+    /// while the root key is still in memory. Leaves the service sealed.
     ///
     /// Each text is moved, not copied, out of the zeroizing buffer it was written
     /// in: the returned strings (which become the gRPC reply) are the only copies.
-    pub async fn init(&self, shares: u32, threshold: u32) -> Result<Vec<String>> {
+    pub async fn init(
+        &self,
+        shares: u32,
+        threshold: u32,
+    ) -> Result<(Vec<String>, Zeroizing<String>)> {
         let _guard = self.lifecycle.lock().await;
         let (n, t) = match (u8::try_from(shares), u8::try_from(threshold)) {
             // 1-of-1 (dev and tests), or t-of-n with 2 <= t <= n.
@@ -230,11 +238,14 @@ impl Core {
         }
         self.initialized.store(true, Ordering::Relaxed);
         tracing::info!(shares = n, threshold = t, "initialized");
+        let barrier = Barrier::new(&root, record.root_generation, Derivation::V2)?;
+        let root_token = auth_state::bootstrap(&*self.store, &barrier).await?;
         let binding = ShareBinding::Seal(&seal_id);
-        Ok(split
+        let shares = split
             .iter()
             .map(|s| std::mem::take(&mut *s.to_text(binding)))
-            .collect())
+            .collect();
+        Ok((shares, root_token))
     }
 
     /// Submits one share. Unseals once `threshold` distinct shares are in; a set
@@ -325,13 +336,14 @@ impl Core {
                     "the shares do not reconstruct the unseal key; start over".into(),
                 )
             })?;
-        let barrier = Barrier::new(&root, seal.record.root_generation, seal.derivation)?;
-        let keys = KeyManager::new(
-            Arc::clone(&self.store),
-            Arc::new(barrier),
-            self.params.usage,
-        );
-        Ok(Unsealed { keys })
+        let barrier = Arc::new(Barrier::new(
+            &root,
+            seal.record.root_generation,
+            seal.derivation,
+        )?);
+        let auth = AuthState::load(Arc::clone(&self.store), Arc::clone(&barrier)).await?;
+        let keys = KeyManager::new(Arc::clone(&self.store), barrier, self.params.usage);
+        Ok(Unsealed { keys, auth })
     }
 
     async fn seal_record(&self) -> Result<Option<Seal>> {
@@ -399,13 +411,12 @@ async fn warm_cache(unsealed: std::sync::Weak<Unsealed>) {
 pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     let path = core.params.data_dir.join(DEV_SHARE_FILE);
     let status = core.status().await?;
+    let token_path = core.params.data_dir.join(DEV_ROOT_TOKEN_FILE);
+    let mut root_token = None;
     if !status.initialized {
-        let shares: Vec<Zeroizing<String>> = core
-            .init(1, 1)
-            .await?
-            .into_iter()
-            .map(Zeroizing::new)
-            .collect();
+        let (shares, token) = core.init(1, 1).await?;
+        root_token = Some(token);
+        let shares: Vec<Zeroizing<String>> = shares.into_iter().map(Zeroizing::new).collect();
         let mut body = Zeroizing::new(String::with_capacity(DEV_SHARE_HEADER.len() + 128));
         body.push_str(DEV_SHARE_HEADER);
         body.push_str(&shares[0]);
@@ -429,8 +440,37 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
         .unwrap_or_default();
     core.unseal(Zeroizing::new(share.to_owned()), true).await?;
     tracing::warn!("dev mode: unsealed automatically; do not use for real data");
+    // The root token file: written at init, and again with a new root token if it
+    // was deleted since (dev mode only: whoever reads the data dir is root).
+    if root_token.is_none() && !token_path.exists() {
+        let unsealed = core.unsealed()?;
+        let (token, _) = unsealed
+            .auth
+            .create_token(
+                vec![auth_state::ROOT_POLICY.to_owned()],
+                None,
+                "root (dev)".to_owned(),
+                "dev mode".to_owned(),
+            )
+            .await?;
+        root_token = Some(token);
+    }
+    if let Some(token) = root_token {
+        let mut body = Zeroizing::new(String::with_capacity(token.len() + 1));
+        body.push_str(&token);
+        body.push('\n');
+        write_private(&token_path, body.as_bytes())
+            .map_err(|e| Error::Internal(format!("writing {}: {e}", token_path.display())))?;
+    }
+    tracing::warn!(
+        path = %token_path.display(),
+        "dev mode: the root token is in this file (export CIPHERD_TOKEN=$(cat PATH))"
+    );
     Ok(())
 }
+
+/// File name of the dev-mode root token inside the data dir.
+pub const DEV_ROOT_TOKEN_FILE: &str = "root-token.INSECURE";
 
 /// File name of the dev-mode unseal share inside the data dir.
 pub const DEV_SHARE_FILE: &str = "dev-unseal-share.INSECURE";
@@ -500,7 +540,7 @@ mod tests {
     #[tokio::test]
     async fn shares_of_another_seal_are_refused_without_touching_progress() {
         let core = core().await;
-        let shares = core.init(3, 2).await.unwrap();
+        let shares = core.init(3, 2).await.unwrap().0;
         assert!(shares.iter().all(|s| s.starts_with("cipherd-share:v2:")));
         let foreign = core_init_elsewhere().await;
         assert_eq!(
@@ -543,7 +583,7 @@ mod tests {
     }
 
     async fn core_init_elsewhere() -> Vec<String> {
-        core().await.init(3, 2).await.unwrap()
+        core().await.init(3, 2).await.unwrap().0
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -3,8 +3,9 @@
 use std::{future::Future, sync::Arc};
 
 use cipherd_proto::v1::{
-    key_admin_service_server::KeyAdminServiceServer, system_service_server::SystemServiceServer,
-    transit_service_server::TransitServiceServer,
+    audit_service_server::AuditServiceServer, auth_service_server::AuthServiceServer,
+    key_admin_service_server::KeyAdminServiceServer, policy_service_server::PolicyServiceServer,
+    system_service_server::SystemServiceServer, transit_service_server::TransitServiceServer,
 };
 use cipherd_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
@@ -12,7 +13,11 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 
 use crate::{
+    access::AccessLayer,
     admin::KeyAdminHandler,
+    audit::Auditor,
+    auth::{jwt::JwtVerifier, rate::PrincipalLimiter},
+    auth_service::AuthHandler,
     config::{Params, StorageParams},
     edge::Edge,
     seal::{self, Core},
@@ -44,6 +49,12 @@ pub enum RunError {
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The audit log could not be set up.
+    #[error("audit: {0}")]
+    Audit(crate::Error),
+    /// The JWKS file could not be loaded.
+    #[error("jwt: {0}")]
+    Jwt(#[from] crate::auth::jwt::JwtError),
 }
 
 /// Runs cipherd on `listener` until `shutdown` completes, then drains in-flight
@@ -62,6 +73,16 @@ pub async fn run(
         path: params.data_dir.display().to_string(),
         source,
     })?;
+    // The audit log first: a call must never be served before it can be recorded.
+    let auditor = Auditor::open(&params.audit)
+        .await
+        .map_err(RunError::Audit)?;
+    let jwt = params
+        .jwt
+        .as_ref()
+        .map(JwtVerifier::new)
+        .transpose()?
+        .map(Arc::new);
     let store: Arc<dyn Store> = match &params.storage {
         StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
     };
@@ -90,6 +111,10 @@ pub async fn run(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let system = SystemServiceServer::new(SystemHandler::new(Arc::clone(&core)));
+    let auth = AuthHandler::new(Arc::clone(&core));
+    let auth_service = AuthServiceServer::new(auth.clone());
+    let policy_service = PolicyServiceServer::new(auth.clone());
+    let audit_service = AuditServiceServer::new(auth);
 
     let addr = listener
         .local_addr()
@@ -100,7 +125,13 @@ pub async fn run(
     let edge = Edge::new(limits);
     let layers = tower::ServiceBuilder::new()
         .layer(edge.request_id_layer())
-        // Identity, policy and audit (a later issue) go here, in that order.
+        // Identity and audit; services authorize against the keys they touch.
+        .layer(AccessLayer::new(
+            Arc::clone(&core),
+            auditor.clone(),
+            jwt,
+            PrincipalLimiter::new(limits.principal_rate, limits.principal_burst),
+        ))
         .layer(edge.limits_layer())
         .into_inner();
     tonic::transport::Server::builder()
@@ -119,8 +150,12 @@ pub async fn run(
         .add_service(system)
         .add_service(admin)
         .add_service(transit)
+        .add_service(auth_service)
+        .add_service(policy_service)
+        .add_service(audit_service)
         .serve_with_incoming_shutdown(edge.incoming(listener), shutdown)
         .await?;
+    auditor.close().await;
     tracing::info!("cipherd stopped");
     Ok(())
 }
@@ -153,10 +188,13 @@ pub const MAX_FRAME: u32 = 1 << 20;
 
 /// The health service names that follow the seal state. `""` is the whole server.
 /// Taken from the generated servers so they cannot drift from the proto names.
-const SEAL_GATED_SERVICES: [&str; 3] = [
+const SEAL_GATED_SERVICES: [&str; 6] = [
     "",
     <TransitServiceServer<TransitHandler> as NamedService>::NAME,
     <KeyAdminServiceServer<KeyAdminHandler> as NamedService>::NAME,
+    <AuthServiceServer<AuthHandler> as NamedService>::NAME,
+    <PolicyServiceServer<AuthHandler> as NamedService>::NAME,
+    <AuditServiceServer<AuthHandler> as NamedService>::NAME,
 ];
 
 /// The health service name of the always-served lifecycle service.

@@ -1,11 +1,19 @@
 //! The `cipherd.v1.SystemService` service: status, init, unseal, seal.
+//!
+//! `Status`, `Init` and `Unseal` need no credential (a sealed server cannot check
+//! one, and `Init` creates the first); they are audited like every call. `Seal`
+//! needs the `system` operation.
 
 use std::sync::Arc;
 
 use cipherd_proto::v1::{self as pb, system_service_server::SystemService};
 use tonic::{Request, Response, Status};
 
-use crate::seal::{Core, SealStatus};
+use crate::{
+    access::CallCtx,
+    auth::policy::Operation,
+    seal::{Core, SealStatus},
+};
 
 /// The implementation of the `SystemService` gRPC service.
 #[derive(Debug, Clone)]
@@ -48,10 +56,11 @@ impl SystemService for SystemHandler {
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::InitResponse>, Status> {
         let r = request.into_inner();
-        let shares = self.core.init(r.shares, r.threshold).await?;
+        let (shares, root_token) = self.core.init(r.shares, r.threshold).await?;
         Ok(Response::new(pb::InitResponse {
             shares,
-            root_token: String::new(),
+            // The reply is the one copy handed out; ours is wiped on drop.
+            root_token: root_token.as_str().to_owned(),
         }))
     }
 
@@ -70,8 +79,10 @@ impl SystemService for SystemHandler {
 
     async fn seal(
         &self,
-        _request: Request<pb::SealRequest>,
+        request: Request<pb::SealRequest>,
     ) -> Result<Response<pb::SealResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        ctx.authorize(Operation::System, None, "", "")?;
         self.core.seal().await?;
         Ok(Response::new(pb::SealResponse {}))
     }

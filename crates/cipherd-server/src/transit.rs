@@ -36,6 +36,8 @@ use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::{
+    access::{self, CallCtx},
+    auth::{policy::Operation, state::AuthState},
     config::Limits,
     error::{Error, Result},
     keys::{KeyManager, LoadedKey},
@@ -62,8 +64,11 @@ impl TransitHandler {
     /// the version with `items.len()` encryptions reserved under it, and the checks
     /// that concern the whole request. Single calls, batches, streams and data keys
     /// all come through here.
+    #[allow(clippy::too_many_arguments)]
     async fn encrypt_job(
         &self,
+        ctx: &CallCtx,
+        access: (Operation, &str, &str),
         key: &str,
         key_version: Option<u32>,
         encoding: i32,
@@ -71,6 +76,13 @@ impl TransitHandler {
     ) -> Result<EncryptJob> {
         let unsealed = self.core.unsealed()?;
         let name = key_name(key)?;
+        let (operation, purpose, reason) = access;
+        ctx.authorize(operation, Some(name.as_str()), purpose, reason)?;
+        note_inputs(
+            ctx,
+            &unsealed.auth,
+            items.iter().map(|i| (i.reference.as_str(), &i.context[..])),
+        );
         let encoding = parse_encoding(encoding)?;
         let limits = *self.limits();
         check_request(
@@ -97,9 +109,21 @@ impl TransitHandler {
 
     /// The source key of a decryption of `items`, reloaded once if any item names
     /// a version newer than the cached copy knows.
-    async fn decrypt_job(&self, key: &str, items: &[pb::DecryptItem]) -> Result<DecryptJob> {
+    async fn decrypt_job(
+        &self,
+        ctx: &CallCtx,
+        (purpose, reason): (&str, &str),
+        key: &str,
+        items: &[pb::DecryptItem],
+    ) -> Result<DecryptJob> {
         let unsealed = self.core.unsealed()?;
         let name = key_name(key)?;
+        ctx.authorize(Operation::Decrypt, Some(name.as_str()), purpose, reason)?;
+        note_inputs(
+            ctx,
+            &unsealed.auth,
+            items.iter().map(|i| (i.reference.as_str(), &i.context[..])),
+        );
         let limits = *self.limits();
         // A plaintext is never longer than its ciphertext.
         check_request(
@@ -119,8 +143,15 @@ impl TransitHandler {
 
     /// The source key (as for decryption) and the destination key and version
     /// (as for encryption) of a rewrap of `items`.
+    ///
+    /// Needs `rewrap` on the source and, for another destination, `encrypt` on it;
+    /// into an exportable destination also `decrypt` on the source (else rewrap
+    /// would move data under material the caller can export).
+    #[allow(clippy::too_many_arguments)]
     async fn rewrap_job(
         &self,
+        ctx: &CallCtx,
+        (purpose, reason): (&str, &str),
         key: &str,
         destination_key: &str,
         encoding: i32,
@@ -133,6 +164,20 @@ impl TransitHandler {
         } else {
             key_name(destination_key)?
         };
+        ctx.authorize(
+            Operation::Rewrap,
+            Some(source_name.as_str()),
+            purpose,
+            reason,
+        )?;
+        if dest_name != source_name {
+            ctx.authorize(Operation::Encrypt, Some(dest_name.as_str()), "", "")?;
+        }
+        note_inputs(
+            ctx,
+            &unsealed.auth,
+            items.iter().map(|i| (i.reference.as_str(), &i.context[..])),
+        );
         let encoding = parse_encoding(encoding)?;
         let limits = *self.limits();
         check_request(
@@ -147,6 +192,22 @@ impl TransitHandler {
             items.iter().map(|i| i.ciphertext.as_ref()),
         )
         .await?;
+        let caller = ctx.caller()?;
+        if dest_name != source_name
+            && unsealed.keys.get(&dest_name).await?.key().exportable()
+            && !caller.may_with(Operation::Decrypt, source_name.as_str(), purpose, reason)
+        {
+            tracing::warn!(
+                principal = %caller.principal,
+                source = %source_name,
+                destination = %dest_name,
+                "refused a rewrap into an exportable key without decrypt on the source"
+            );
+            return Err(Error::PermissionDenied);
+        }
+        // "Version below the minimum" is told only to callers who may decrypt.
+        let may_decrypt =
+            caller.may_with(Operation::Decrypt, source_name.as_str(), purpose, reason);
         let (dest, version) = unsealed
             .keys
             .reserve_encryptions(&dest_name, None, items.len() as u64)
@@ -157,37 +218,68 @@ impl TransitHandler {
             version,
             encoding,
             limits,
+            may_decrypt,
         })
     }
 
     async fn batch_encrypt_chunk(
         &self,
+        ctx: &CallCtx,
         r: pb::BatchEncryptRequest,
     ) -> Result<pb::BatchEncryptResponse> {
         let job = self
-            .encrypt_job(&r.key, r.key_version, r.encoding, &r.items)
+            .encrypt_job(
+                ctx,
+                (Operation::Encrypt, "", ""),
+                &r.key,
+                r.key_version,
+                r.encoding,
+                &r.items,
+            )
             .await?;
         let results = map_items(job, r.items).await?;
+        note_ciphertexts(ctx, &results);
         Ok(pb::BatchEncryptResponse { results })
     }
 
     async fn batch_decrypt_chunk(
         &self,
+        ctx: &CallCtx,
         r: pb::BatchDecryptRequest,
     ) -> Result<pb::BatchDecryptResponse> {
-        let job = self.decrypt_job(&r.key, &r.items).await?;
+        let job = self
+            .decrypt_job(ctx, (&r.purpose, &r.reason), &r.key, &r.items)
+            .await?;
         let results = map_items(job, r.items).await?;
+        note_outputs(
+            ctx,
+            results.iter().map(|r| {
+                (
+                    matches!(r.result, Some(plaintext_result::Result::Plaintext(_))),
+                    r.key_version,
+                )
+            }),
+        );
         Ok(pb::BatchDecryptResponse { results })
     }
 
     async fn batch_rewrap_chunk(
         &self,
+        ctx: &CallCtx,
         r: pb::BatchRewrapRequest,
     ) -> Result<pb::BatchRewrapResponse> {
         let job = self
-            .rewrap_job(&r.key, &r.destination_key, r.encoding, &r.items)
+            .rewrap_job(
+                ctx,
+                (&r.purpose, &r.reason),
+                &r.key,
+                &r.destination_key,
+                r.encoding,
+                &r.items,
+            )
             .await?;
         let results = map_items(job, r.items).await?;
+        note_ciphertexts(ctx, &results);
         Ok(pb::BatchRewrapResponse { results })
     }
 }
@@ -198,6 +290,7 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let item = pb::EncryptItem {
             plaintext: r.plaintext,
@@ -206,8 +299,16 @@ impl TransitService for TransitHandler {
             reference: String::new(),
         };
         let job = self
-            .encrypt_job(&r.key, r.key_version, r.encoding, slice::from_ref(&item))
+            .encrypt_job(
+                &ctx,
+                (Operation::Encrypt, "", ""),
+                &r.key,
+                r.key_version,
+                r.encoding,
+                slice::from_ref(&item),
+            )
             .await?;
+        ctx.fields().versions.push(job.version.get());
         let ciphertext = job.run_one(item)?;
         Ok(Response::new(pb::EncryptResponse {
             ciphertext: ciphertext.into(),
@@ -219,6 +320,7 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let item = pb::DecryptItem {
             ciphertext: r.ciphertext,
@@ -226,7 +328,17 @@ impl TransitService for TransitHandler {
             context: r.context,
             reference: String::new(),
         };
-        let job = self.decrypt_job(&r.key, slice::from_ref(&item)).await?;
+        let job = self
+            .decrypt_job(
+                &ctx,
+                (&r.purpose, &r.reason),
+                &r.key,
+                slice::from_ref(&item),
+            )
+            .await?;
+        if let Some(v) = ciphertext::claimed_version(&item.ciphertext) {
+            ctx.fields().versions.push(v.get());
+        }
         let (plaintext, version) = job.run_one(item)?;
         Ok(Response::new(pb::DecryptResponse {
             plaintext,
@@ -238,6 +350,7 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let item = pb::RewrapItem {
             ciphertext: r.ciphertext,
@@ -248,12 +361,20 @@ impl TransitService for TransitHandler {
         };
         let job = self
             .rewrap_job(
+                &ctx,
+                (&r.purpose, &r.reason),
                 &r.key,
                 &r.destination_key,
                 r.encoding,
                 slice::from_ref(&item),
             )
             .await?;
+        {
+            let mut f = ctx.fields();
+            f.versions
+                .extend(ciphertext::claimed_version(&item.ciphertext).map(KeyVersion::get));
+            f.versions.push(job.version.get());
+        }
         let ciphertext = job.run_one(item)?;
         Ok(Response::new(pb::RewrapResponse {
             ciphertext: ciphertext.into(),
@@ -265,8 +386,9 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         Ok(Response::new(
-            self.batch_encrypt_chunk(request.into_inner()).await?,
+            self.batch_encrypt_chunk(&ctx, request.into_inner()).await?,
         ))
     }
 
@@ -274,8 +396,9 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         Ok(Response::new(
-            self.batch_decrypt_chunk(request.into_inner()).await?,
+            self.batch_decrypt_chunk(&ctx, request.into_inner()).await?,
         ))
     }
 
@@ -283,8 +406,9 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::BatchRewrapRequest>,
     ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         Ok(Response::new(
-            self.batch_rewrap_chunk(request.into_inner()).await?,
+            self.batch_rewrap_chunk(&ctx, request.into_inner()).await?,
         ))
     }
 
@@ -297,10 +421,17 @@ impl TransitService for TransitHandler {
         request: Request<Streaming<pb::EncryptStreamRequest>>,
     ) -> Result<Response<Self::EncryptStreamStream>, Status> {
         // A chunk has the batch message's fields: one implementation for both.
+        let ctx = CallCtx::of(&request)?;
+        ctx.fields().operation = Operation::Encrypt.as_str();
         Ok(Response::new(serve_chunks(
             self.clone(),
+            ctx,
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_encrypt_chunk(chunk.into()).await.map(Into::into) },
+            |svc, ctx, chunk| async move {
+                svc.batch_encrypt_chunk(&ctx, chunk.into())
+                    .await
+                    .map(Into::into)
+            },
         )))
     }
 
@@ -308,10 +439,17 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<Streaming<pb::DecryptStreamRequest>>,
     ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        ctx.fields().operation = Operation::Decrypt.as_str();
         Ok(Response::new(serve_chunks(
             self.clone(),
+            ctx,
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_decrypt_chunk(chunk.into()).await.map(Into::into) },
+            |svc, ctx, chunk| async move {
+                svc.batch_decrypt_chunk(&ctx, chunk.into())
+                    .await
+                    .map(Into::into)
+            },
         )))
     }
 
@@ -319,10 +457,17 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<Streaming<pb::RewrapStreamRequest>>,
     ) -> Result<Response<Self::RewrapStreamStream>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        ctx.fields().operation = Operation::Rewrap.as_str();
         Ok(Response::new(serve_chunks(
             self.clone(),
+            ctx,
             request.into_inner(),
-            |svc, chunk| async move { svc.batch_rewrap_chunk(chunk.into()).await.map(Into::into) },
+            |svc, ctx, chunk| async move {
+                svc.batch_rewrap_chunk(&ctx, chunk.into())
+                    .await
+                    .map(Into::into)
+            },
         )))
     }
 
@@ -332,6 +477,7 @@ impl TransitService for TransitHandler {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
         let r = request.into_inner();
         let bytes = match r.bits {
             0 | 256 => 32,
@@ -355,8 +501,16 @@ impl TransitService for TransitHandler {
             reference: String::new(),
         };
         let job = self
-            .encrypt_job(&r.key, None, r.encoding, slice::from_ref(&item))
+            .encrypt_job(
+                &ctx,
+                (Operation::Datakey, &r.purpose, &r.reason),
+                &r.key,
+                None,
+                r.encoding,
+                slice::from_ref(&item),
+            )
             .await?;
+        ctx.fields().versions.push(job.version.get());
         let wrapped = job.run_one(item)?;
         Ok(Response::new(pb::GenerateDataKeyResponse {
             plaintext: if r.wrapped_only {
@@ -379,15 +533,20 @@ pub const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Processes a request stream chunk by chunk, in order, answering each chunk with
 /// one response. A chunk-level error ends the stream with that status.
+///
+/// Each chunk is authorized and audited on its own (a `chunk` record, written
+/// before the chunk's reply is sent); a chunk whose record no sink takes ends the
+/// stream with UNAVAILABLE / `AUDIT_UNAVAILABLE`.
 fn serve_chunks<Req, Resp, F, Fut>(
     service: TransitHandler,
+    call: Arc<CallCtx>,
     mut requests: Streaming<Req>,
     handle: F,
 ) -> ChunkStream<Resp>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
-    F: Fn(TransitHandler, Req) -> Fut + Send + 'static,
+    F: Fn(TransitHandler, Arc<CallCtx>, Req) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Resp>> + Send,
 {
     let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT);
@@ -403,7 +562,19 @@ where
                     return;
                 }
             };
-            let reply = handle(service.clone(), chunk).await.map_err(Status::from);
+            let ctx = Arc::new(call.child());
+            let reply = match ctx.auditor().ready() {
+                Ok(()) => handle(service.clone(), Arc::clone(&ctx), chunk).await,
+                Err(e) => Err(e),
+            };
+            let outcome = match &reply {
+                Ok(_) => access::OK,
+                Err(e) => access::outcome_of(e),
+            };
+            let reply = match ctx.auditor().record(ctx.record("chunk", outcome)).await {
+                Ok(()) => reply.map_err(Status::from),
+                Err(e) => Err(Status::from(e)),
+            };
             let failed = reply.is_err();
             if tx.send(reply).await.is_err() || failed {
                 return;
@@ -688,6 +859,9 @@ struct RewrapJob {
     version: KeyVersion,
     encoding: Encoding,
     limits: Limits,
+    /// Whether the caller may decrypt with the source key: if not, an item under
+    /// a version below the minimum is PERMISSION_DENIED like any denied call.
+    may_decrypt: bool,
 }
 
 impl BatchJob for RewrapJob {
@@ -714,12 +888,14 @@ impl BatchJob for RewrapJob {
             .check_item(b"", &item.associated_data, &item.context)?;
         self.limits.check_context(item.destination_context.len())?;
         let ct = Ciphertext::parse(&item.ciphertext).map_err(Error::from)?;
-        let plain = SecretBytes::new(openers.open(
-            &self.source,
-            &ct,
-            &item.context,
-            &item.associated_data,
-        )?);
+        let plain = SecretBytes::new(
+            openers
+                .open(&self.source, &ct, &item.context, &item.associated_data)
+                .map_err(|e| match e {
+                    Error::FailedPrecondition(_) if !self.may_decrypt => Error::PermissionDenied,
+                    e => e,
+                })?,
+        );
         let context = if item.destination_context.is_empty() {
             &item.context
         } else {
@@ -881,4 +1057,65 @@ fn ciphertext_result(
             key_version: 0,
         },
     }
+}
+
+/// Records the HMACs of a request's non-empty references (in item order) and of
+/// its distinct non-empty derivation contexts.
+fn note_inputs<'a>(
+    ctx: &CallCtx,
+    auth: &AuthState,
+    items: impl Iterator<Item = (&'a str, &'a [u8])>,
+) {
+    let mut references = Vec::new();
+    let mut contexts: Vec<&[u8]> = Vec::new();
+    for (reference, context) in items {
+        if !reference.is_empty() {
+            references.push(auth.audit_hash(reference.as_bytes()));
+        }
+        if !context.is_empty() && !contexts.contains(&context) {
+            contexts.push(context);
+        }
+    }
+    if references.is_empty() && contexts.is_empty() {
+        return;
+    }
+    let contexts = contexts.into_iter().map(|c| auth.audit_hash(c)).collect();
+    let mut f = ctx.fields();
+    f.references = references;
+    f.contexts = contexts;
+}
+
+/// Records a batch's item counts and the distinct versions of its good items.
+fn note_outputs(ctx: &CallCtx, results: impl ExactSizeIterator<Item = (bool, u32)>) {
+    let total = results.len() as u64;
+    let mut ok = 0;
+    let mut versions: Vec<u32> = Vec::new();
+    for (good, version) in results {
+        if good {
+            ok += 1;
+            if !versions.contains(&version) {
+                versions.push(version);
+            }
+        }
+    }
+    versions.sort_unstable();
+    let mut f = ctx.fields();
+    f.items = Some(crate::audit::ItemCounts {
+        total,
+        ok,
+        failed: total - ok,
+    });
+    f.versions = versions;
+}
+
+fn note_ciphertexts(ctx: &CallCtx, results: &[pb::CiphertextResult]) {
+    note_outputs(
+        ctx,
+        results.iter().map(|r| {
+            (
+                matches!(r.result, Some(ciphertext_result::Result::Ciphertext(_))),
+                r.key_version,
+            )
+        }),
+    );
 }

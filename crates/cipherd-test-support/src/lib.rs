@@ -59,9 +59,36 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
-    /// A connected client.
+    /// A connected client with the dev root token, when the data dir has one
+    /// (`root-token.INSECURE`, written by dev mode), else without a token.
     pub async fn client(&self) -> Client {
+        match self.root_token() {
+            Some(token) => self.client_with_token(&token).await,
+            None => Client::connect(self.endpoint()).await.expect("connect"),
+        }
+    }
+
+    /// A connected client that sends `token`.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        let options = cipherd_client::ClientOptions {
+            token: Some(zeroize::Zeroizing::new(token.to_owned())),
+            ..Default::default()
+        };
+        Client::connect_with(self.endpoint(), options)
+            .await
+            .expect("connect")
+    }
+
+    /// A connected client that sends no credential.
+    pub async fn anonymous_client(&self) -> Client {
         Client::connect(self.endpoint()).await.expect("connect")
+    }
+
+    /// The dev-mode root token from the data dir, if there is one.
+    pub fn root_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join(cipherd_server::DEV_ROOT_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_owned())
     }
 
     /// Stops the server, waits for it to drain, and returns the temp dir (if this

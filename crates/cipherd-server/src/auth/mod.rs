@@ -4,3 +4,5 @@
 pub mod glob;
 pub mod jwt;
 pub mod policy;
+pub mod rate;
+pub mod state;

@@ -121,6 +121,8 @@ impl Stream for Incoming {
 pub struct ConnInfo {
     /// The peer's address (for logs now, for audit records later).
     pub remote_addr: SocketAddr,
+    /// The identity in the client's TLS certificate (mTLS), if one was presented.
+    pub peer_identity: Option<Arc<str>>,
     pub(super) tracker: Arc<ConnTracker>,
 }
 
@@ -193,6 +195,7 @@ impl EdgeIo {
         Self {
             info: ConnInfo {
                 remote_addr,
+                peer_identity: None,
                 tracker: Arc::new(ConnTracker {
                     accepted,
                     in_flight: AtomicUsize::new(0),

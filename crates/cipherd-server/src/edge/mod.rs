@@ -39,9 +39,9 @@ use std::sync::{
 use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use body::RequestBody;
-pub use conn::Incoming;
+pub use conn::{ConnInfo, Incoming};
 pub use limits::LimitsLayer;
-pub use request_id::RequestIdLayer;
+pub use request_id::{REQUEST_ID_HEADER, RequestIdLayer};
 
 use crate::config::Limits;
 
