@@ -8,7 +8,6 @@ use cipherd_e2e::{
     Code, HEADER_LEN, Params, TestRng, TestServer, binary_version, create_key, create_key_with,
     encrypt, expect_err, flip, item_error, pb, plaintext_item, reply, rotate, text_version,
 };
-use tonic::transport::Channel;
 
 const ITEMS: usize = 1000;
 const MAX_PLAINTEXT: usize = 256;
@@ -47,7 +46,7 @@ fn reference(i: usize) -> String {
 }
 
 async fn batch_encrypt(
-    transit: &mut pb::transit_service_client::TransitServiceClient<Channel>,
+    transit: &mut cipherd_client::TransitClient,
     key: &str,
     items: Vec<pb::EncryptItem>,
     encoding: pb::CiphertextEncoding,
