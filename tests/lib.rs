@@ -305,7 +305,7 @@ impl tonic::codec::Decoder for RawCodec {
 /// Sends `body` as the raw request message of the unary RPC at `path` (e.g.
 /// `/cipherd.v1.TransitService/Encrypt`) and returns the raw reply message.
 pub async fn raw_unary(
-    channel: cipherd_client::Transport,
+    channel: cipherd_client::AuthChannel,
     path: &'static str,
     body: Bytes,
 ) -> Result<Bytes, Error> {

@@ -46,7 +46,7 @@ fn reference(i: usize) -> String {
 }
 
 async fn batch_encrypt(
-    transit: &mut pb::transit_service_client::TransitServiceClient<cipherd_client::Transport>,
+    transit: &mut cipherd_client::TransitClient,
     key: &str,
     items: Vec<pb::EncryptItem>,
     encoding: pb::CiphertextEncoding,

@@ -81,17 +81,22 @@ fn grpc_message(message: &[u8]) -> Bytes {
 struct H2 {
     send: SendRequest<Bytes>,
     ping: h2::PingPong,
+    /// Sent as `authorization: Bearer`, so calls reach the edge's body limits.
+    token: Option<String>,
 }
 
 impl H2 {
-    async fn connect(addr: SocketAddr) -> Result<Self, Box<dyn std::error::Error>> {
+    async fn connect(
+        addr: SocketAddr,
+        token: Option<String>,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
         let tcp = TcpStream::connect(addr).await?;
         let (send, mut conn) = h2::client::handshake(tcp).await?;
         let ping = conn.ping_pong().unwrap();
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut h2 = Self { send, ping };
+        let mut h2 = Self { send, ping, token };
         // A PING answered means the server took the connection.
         h2.sync().await?;
         Ok(h2)
@@ -105,11 +110,13 @@ impl H2 {
         body: Bytes,
         end: bool,
     ) -> (ResponseFuture, h2::SendStream<Bytes>) {
-        let request = http::Request::post(format!("http://localhost{path}"))
+        let mut request = http::Request::post(format!("http://localhost{path}"))
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+            .header("te", "trailers");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(()).unwrap();
         let mut send = self.send.clone().ready().await.unwrap();
         let (response, mut stream) = send.send_request(request, false).unwrap();
         stream.send_data(body, end).unwrap();
@@ -194,7 +201,7 @@ async fn declared_oversized_messages_are_refused_from_the_prefix() {
     assert_eq!(Limits::DEFAULT.max_message_bytes, 16 << 20);
     let mut calls = Vec::new();
     for _ in 0..3 {
-        let mut h2 = H2::connect(server.addr).await.unwrap();
+        let mut h2 = H2::connect(server.addr, server.root_token()).await.unwrap();
         for i in 0..40 {
             // 64 MiB declared, 5 bytes sent, to Transit and (its own decoder has a
             // smaller limit) to health alike.
@@ -285,7 +292,7 @@ async fn the_buffer_budget_holds_declared_messages_to_its_size() {
     create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
     encrypt(&client, "k", b"before").await;
 
-    let mut holders = H2::connect(server.addr).await.unwrap();
+    let mut holders = H2::connect(server.addr, server.root_token()).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
         // Exactly the message limit declared, nothing more sent.
@@ -330,15 +337,25 @@ async fn the_binary_survives_a_declared_message_flood_under_a_memory_cap() {
     const CAP: u64 = 2 << 30;
     let dir = tempfile::tempdir().unwrap();
     let daemon = CappedDaemon::start(dir.path(), CAP).await;
+    let token = std::fs::read_to_string(
+        dir.path()
+            .join("data")
+            .join(cipherd_server::DEV_ROOT_TOKEN_FILE),
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
     let client = Client::connect(format!("http://{}", daemon.addr))
         .await
+        .unwrap()
+        .with_token(&cipherd_client::Token::from(token.as_str()))
         .unwrap();
     create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
 
     let mut connections = Vec::new();
     let mut calls = Vec::new();
     for c in 0..5 {
-        let mut h2 = match H2::connect(daemon.addr).await {
+        let mut h2 = match H2::connect(daemon.addr, Some(token.clone())).await {
             Ok(h2) => h2,
             Err(e) => panic!(
                 "connection {c} of the flood failed ({e}); alive: {}\n{}",
@@ -427,7 +444,7 @@ async fn a_connection_flood_is_closed_at_once_beyond_the_limit() {
     // four of ours are served.
     let mut open = Vec::new();
     while open.len() < 4 {
-        if let Ok(h2) = H2::connect(server.addr).await {
+        if let Ok(h2) = H2::connect(server.addr, server.root_token()).await {
             open.push(h2);
         }
     }
@@ -567,7 +584,7 @@ async fn the_concurrency_limit_sheds_load_at_once() {
     let client = server.client().await;
     client.status().await.unwrap();
 
-    let mut h2 = H2::connect(server.addr).await.unwrap();
+    let mut h2 = H2::connect(server.addr, server.root_token()).await.unwrap();
     let mut streams = Vec::new();
     for _ in 0..2 {
         let (response, stream) = h2
@@ -612,7 +629,7 @@ async fn the_concurrency_limit_sheds_load_at_once() {
 async fn a_request_whose_body_never_completes_times_out() {
     let timeout = Duration::from_millis(300);
     let (server, _dir) = server(|l| l.request_timeout = timeout).await;
-    let mut h2 = H2::connect(server.addr).await.unwrap();
+    let mut h2 = H2::connect(server.addr, server.root_token()).await.unwrap();
     let mut partial = prefix(10).to_vec();
     partial.extend([0x0a, 0x08]); // two of the ten bytes
     let start = Instant::now();

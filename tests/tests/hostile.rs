@@ -1138,7 +1138,7 @@ async fn fixture(client: &Client) -> Fixture {
 /// Sends one request; a batch of one whose item failed counts as failed.
 async fn send(
     client: &Client,
-    channel: &cipherd_client::Transport,
+    channel: &cipherd_client::AuthChannel,
     request: Req,
 ) -> Result<(), Error> {
     let mut t = client.transit();

@@ -111,7 +111,8 @@ async fn init_and_unseal_with_shamir_shares_across_a_restart() {
         "NOT_INITIALIZED",
     );
 
-    let shares = init(&client, 5, 3).await.unwrap();
+    let (shares, root) = init_with_root(&client, 5, 3).await;
+    let client = client.with_token(&root).unwrap();
     assert_eq!(shares.len(), 5);
     let distinct: std::collections::BTreeSet<_> = shares.iter().collect();
     assert_eq!(distinct.len(), 5, "shares are distinct");
@@ -160,7 +161,7 @@ async fn init_and_unseal_with_shamir_shares_across_a_restart() {
     // Restart on the same data: sealed again, with no progress.
     server.stop().await;
     let server = TestServer::start(Params::for_data_dir(dir.path(), false)).await;
-    let client = server.client().await;
+    let client = server.client().await.with_token(&root).unwrap();
     let status = client.status().await.unwrap();
     assert!(status.initialized && status.sealed, "{status:?}");
     assert_eq!(
@@ -435,6 +436,26 @@ async fn init(client: &Client, shares: u32, threshold: u32) -> Result<Vec<String
             .await,
     )
     .map(|r| r.shares)
+}
+
+/// Init, returning the shares and the root token it hands out once.
+async fn init_with_root(
+    client: &Client,
+    shares: u32,
+    threshold: u32,
+) -> (Vec<String>, cipherd_client::Token) {
+    let r = reply(
+        client
+            .system()
+            .init(pb::InitRequest { shares, threshold })
+            .await,
+    )
+    .unwrap();
+    assert!(
+        r.root_token.starts_with("cdt_"),
+        "Init returns a root token"
+    );
+    (r.shares, r.root_token.into())
 }
 
 async fn unseal(client: &Client, share: &str) -> Result<pb::UnsealResponse, Error> {

@@ -159,7 +159,7 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
         !status.initialized && status.sealed && !status.dev_mode,
         "{status:?}"
     );
-    let shares = reply(
+    let init = reply(
         client
             .system()
             .init(pb::InitRequest {
@@ -168,8 +168,10 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
             })
             .await,
     )
-    .unwrap()
-    .shares;
+    .unwrap();
+    let root = cipherd_client::Token::from(init.root_token.as_str());
+    let client = client.with_token(&root).unwrap();
+    let shares = init.shares;
     assert_eq!(shares.len(), 3);
     unseal(&client, &[&shares[0], &shares[2]]).await;
     create_key_with(
@@ -185,7 +187,7 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
     let first_log = first.terminate().await;
 
     let second = Daemon::start(dir.path(), &data, &[]).await;
-    let client = second.client().await;
+    let client = second.client().await.with_token(&root).unwrap();
     let status = client.status().await.unwrap();
     assert!(status.initialized && status.sealed, "{status:?}");
     expect_err(
@@ -212,6 +214,10 @@ async fn binary_without_dev_mode_needs_init_and_unseal() {
     for log in [first_log, second_log] {
         for share in &shares {
             assert!(!log.contains(share.as_str()), "an unseal share in the log");
+            assert!(
+                !log.contains(root.expose_secret()),
+                "the root token in the log"
+            );
         }
         assert!(!log.contains(MARKER), "plaintext in the log");
     }
@@ -381,6 +387,7 @@ async fn binary_names_itself_cipherd() {
 struct Daemon {
     child: Child,
     addr: SocketAddr,
+    data: std::path::PathBuf,
     log: Arc<Mutex<String>>,
     log_reader: tokio::task::JoinHandle<()>,
 }
@@ -402,7 +409,12 @@ impl Daemon {
         config: &str,
         env: &[(&str, &str)],
     ) -> Self {
-        let config_text = format!("[log]\nformat = \"json\"\n{config}");
+        // Non-dev servers need an audit sink; every daemon here gets one.
+        let audit = work.join("audit.log");
+        let config_text = format!(
+            "[log]\nformat = \"json\"\n{config}\n[[audit]]\ntype = \"file\"\npath = {:?}\n",
+            audit.display().to_string()
+        );
         let config = work.join("cipherd.toml");
         std::fs::write(&config, config_text).unwrap();
         let mut child = command()
@@ -459,6 +471,7 @@ impl Daemon {
         let daemon = Self {
             child,
             addr,
+            data: data.to_owned(),
             log,
             log_reader,
         };
@@ -466,10 +479,17 @@ impl Daemon {
         daemon
     }
 
+    /// A client with the dev root token when the data dir has one.
     async fn client(&self) -> Client {
-        Client::connect(format!("http://{}", self.addr))
+        let client = Client::connect(format!("http://{}", self.addr))
             .await
-            .unwrap()
+            .unwrap();
+        match std::fs::read_to_string(self.data.join(cipherd_server::DEV_ROOT_TOKEN_FILE)) {
+            Ok(token) => client
+                .with_token(&cipherd_client::Token::from(token.trim()))
+                .unwrap(),
+            Err(_) => client,
+        }
     }
 
     /// Polls Status until the server answers (it binds before it logs, so this is

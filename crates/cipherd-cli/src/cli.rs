@@ -4,10 +4,10 @@
 //! groups); clap turns any violation into a usage error with exit code 2. It does
 //! no I/O and talks to no server: `commands` does that.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use base64::Engine as _;
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum, builder::NonEmptyStringValueParser};
 
 /// Where cipherctl connects when neither `--addr` nor `CIPHERD_ADDR` is set.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:8210";
@@ -45,6 +45,18 @@ pub struct GlobalArgs {
     /// Deadline of each call (and of connecting), in seconds; fractions allowed.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, global = true, help_heading = GLOBAL)]
     pub timeout: Option<Duration>,
+    /// Bearer token sent with every call. Prefer the environment variable or
+    /// --token-file: a flag's value shows in `ps` and the shell history.
+    #[arg(long, value_name = "TOKEN", env = "CIPHERD_TOKEN", hide_env_values = true,
+          global = true, help_heading = GLOBAL)]
+    pub token: Option<SecretArg>,
+    /// Read the bearer token from FILE (its one line that is not blank or a `#`
+    /// comment, such as a dev server's root-token.INSECURE); wins over --token
+    /// and CIPHERD_TOKEN. Keep the file private (mode 0600).
+    // No `conflicts_with = "token"`: clap counts CIPHERD_TOKEN from the
+    // environment as given, and an exported variable must not break the flag.
+    #[arg(long, value_name = "FILE", global = true, help_heading = GLOBAL)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The top-level commands.
@@ -69,6 +81,156 @@ pub enum Command {
     Rewrap(RewrapArgs),
     /// Generate a data key for envelope encryption (plaintext and wrapped).
     Datakey(DatakeyArgs),
+    /// Create, list, look up and revoke bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Bind mTLS and JWT identities (principals, groups) to policies.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Write, read, list and delete access policies (TOML documents of rules).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret, this once, with its accessor.
+    Create(TokenCreateArgs),
+    /// List tokens by accessor (never their secrets).
+    List,
+    /// Show one token by accessor, or without ACCESSOR the token this command runs
+    /// with.
+    Lookup(TokenLookupArgs),
+    /// Revoke a token by accessor; it is refused from the next call on.
+    Revoke(TokenAccessorArg),
+}
+
+/// `token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// A policy the token holds (repeat the flag for several; the token may do
+    /// what any of them allows). Unless you may administer policies, only
+    /// policies you hold yourself.
+    #[arg(long = "policy", value_name = "NAME", required = true,
+          value_parser = NonEmptyStringValueParser::new())]
+    pub policies: Vec<String>,
+    /// Lifetime, e.g. `15m`, `1h`, `7d` (default: the server's
+    /// `auth.default_token_ttl_s`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Option<Duration>,
+    /// Shown in listings and audit records, e.g. "ehr-api (prod)".
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub display_name: String,
+}
+
+/// `token lookup`.
+#[derive(Debug, Args)]
+pub struct TokenLookupArgs {
+    /// The token's accessor (omit it for the token in use).
+    pub accessor: Option<String>,
+}
+
+/// `token revoke`.
+#[derive(Debug, Args)]
+pub struct TokenAccessorArg {
+    /// The token's accessor (from `token create` or `token list`), not its secret.
+    pub accessor: String,
+}
+
+/// `role …`.
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Create or replace a role.
+    Write(RoleWriteArgs),
+    /// Show one role.
+    Read(RoleNameArg),
+    /// List every role.
+    List,
+    /// Delete a role: callers it matched lose its policies at once.
+    Delete(RoleNameArg),
+}
+
+/// `role write`.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("who")
+        .required(true)
+        .multiple(true)
+        .args(["principals", "groups"])
+))]
+pub struct RoleWriteArgs {
+    /// The role's name.
+    pub name: String,
+    /// An mTLS identity (URI SAN, DNS SAN or CN) or JWT principal, exact or a glob
+    /// (`*`, `?`), e.g. `spiffe://hospital/ns/ehr/*`. Repeat for several.
+    #[arg(long = "principal", value_name = "GLOB", value_parser = NonEmptyStringValueParser::new())]
+    pub principals: Vec<String>,
+    /// A JWT group, exact or a glob. Repeat for several.
+    #[arg(long = "group", value_name = "GLOB", value_parser = NonEmptyStringValueParser::new())]
+    pub groups: Vec<String>,
+    /// A policy the role grants. Repeat for several.
+    #[arg(long = "policy", value_name = "NAME", required = true,
+          value_parser = NonEmptyStringValueParser::new())]
+    pub policies: Vec<String>,
+}
+
+/// A command that takes only a role name.
+#[derive(Debug, Args)]
+pub struct RoleNameArg {
+    /// The role's name.
+    pub name: String,
+}
+
+/// `policy …`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create or replace a policy from a TOML file of `[[rule]]` tables (the server
+    /// checks it).
+    #[command(
+        after_help = "A policy file:\n\n  [[rule]]\n  keys = [\"patients\", \"clinic-*\"]\n  \
+                            operations = [\"encrypt\", \"decrypt\"]\n  \
+                            purposes = [\"treatment\"]       # optional\n\n  \
+                            [[rule]]\n  keys = [\"patients\"]\n  operations = [\"decrypt\"]\n  \
+                            break_glass = true             # purpose emergency with a reason"
+    )]
+    Write(PolicyWriteArgs),
+    /// Print a policy's document as written.
+    Read(PolicyNameArg),
+    /// List policy names.
+    List,
+    /// Delete a policy: tokens and roles naming it lose what it allowed at once.
+    Delete(PolicyNameArg),
+}
+
+/// `policy write`.
+#[derive(Debug, Args)]
+pub struct PolicyWriteArgs {
+    /// The policy's name.
+    pub name: String,
+    /// The TOML document; `-` reads it from stdin.
+    pub file: PathBuf,
+}
+
+/// A command that takes only a policy name.
+#[derive(Debug, Args)]
+pub struct PolicyNameArg {
+    /// The policy's name.
+    pub name: String,
+}
+
+/// Purpose of use, for the commands that reveal or move data.
+#[derive(Debug, Args)]
+pub struct PurposeArgs {
+    /// Purpose of use: treatment, payment, operations, research, emergency, or a
+    /// word your site defines. Policies may allow a key only for some purposes;
+    /// the audit log records it.
+    #[arg(long, value_name = "WORD", value_parser = NonEmptyStringValueParser::new())]
+    pub purpose: Option<String>,
+    /// Why (free text, recorded in the audit log; keep PHI out of it). Required
+    /// with `--purpose emergency` under a break-glass rule.
+    #[arg(long, value_name = "TEXT", requires = "purpose")]
+    pub reason: Option<String>,
 }
 
 /// `init`.
@@ -287,6 +449,9 @@ pub struct DecryptArgs {
     /// Associated data and context (as given at encryption).
     #[command(flatten)]
     pub binding: BindingArgs,
+    /// Purpose of use and reason.
+    #[command(flatten)]
+    pub purpose: PurposeArgs,
     /// Decrypt every line of stdin; print one plaintext (or error) per line, in order.
     #[arg(long)]
     pub lines: bool,
@@ -306,6 +471,9 @@ pub struct RewrapArgs {
     /// Associated data (kept) and the source context.
     #[command(flatten)]
     pub binding: BindingArgs,
+    /// Purpose of use and reason.
+    #[command(flatten)]
+    pub purpose: PurposeArgs,
     /// Context for a derived destination key (UTF-8; default: the source context).
     #[arg(long, value_name = "TEXT", conflicts_with = "dest_context_base64")]
     pub dest_context: Option<String>,
@@ -341,6 +509,9 @@ pub struct DatakeyArgs {
     /// Associated data and context for the wrapping.
     #[command(flatten)]
     pub binding: BindingArgs,
+    /// Purpose of use and reason.
+    #[command(flatten)]
+    pub purpose: PurposeArgs,
     /// Print base64 of the binary wrapped key instead of the text form.
     #[arg(long)]
     pub binary: bool,
@@ -416,6 +587,15 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         return Err("the timeout must be positive".into());
     }
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 30m, 1h or 7d: {e}"))?;
+    if ttl < Duration::from_secs(1) {
+        return Err("the TTL must be at least one second".into());
+    }
+    Ok(ttl)
 }
 
 fn pick(text: &Option<String>, b64: &Option<Base64Bytes>) -> Vec<u8> {
@@ -708,6 +888,182 @@ mod tests {
         assert_eq!(
             usage_error(&["datakey", "k", "--bits", "192"]),
             ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn token_flags_are_global_redacted_and_exclusive() {
+        let cli = ok(&["status", "--token", "s.SECRET"]);
+        assert_eq!(
+            cli.global.token.as_ref().map(SecretArg::expose),
+            Some("s.SECRET")
+        );
+        assert!(!format!("{cli:?}").contains("s.SECRET"), "Debug redacts it");
+        let cli = ok(&["--token-file", "/run/secrets/t", "key", "list"]);
+        assert_eq!(
+            cli.global.token_file.as_deref(),
+            Some(std::path::Path::new("/run/secrets/t"))
+        );
+        // Both given (as with CIPHERD_TOKEN exported): the file wins, in `commands`.
+        let cli = ok(&["--token", "a", "--token-file", "f", "status"]);
+        assert!(cli.global.token.is_some() && cli.global.token_file.is_some());
+        // `--help` must never print the environment's token.
+        let command = Cli::command();
+        let token = command
+            .get_arguments()
+            .find(|a| a.get_id() == "token")
+            .expect("--token");
+        assert!(token.is_hide_env_values_set());
+        assert_eq!(token.get_env(), Some(std::ffi::OsStr::new("CIPHERD_TOKEN")));
+        let help = token.get_help().expect("help").to_string();
+        assert!(
+            help.contains("ps") && help.contains("--token-file"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn token_commands() {
+        let cli = ok(&[
+            "token",
+            "create",
+            "--policy",
+            "etl",
+            "--policy",
+            "audit",
+            "--ttl",
+            "1h 30m",
+            "--display-name",
+            "nightly etl",
+            "--json",
+        ]);
+        assert!(cli.global.json);
+        let Command::Token(TokenCommand::Create(a)) = cli.command else {
+            panic!("token create")
+        };
+        assert_eq!(a.policies, ["etl", "audit"]);
+        assert_eq!(a.ttl, Some(Duration::from_secs(5400)));
+        assert_eq!(a.display_name, "nightly etl");
+        let Command::Token(TokenCommand::Create(a)) =
+            ok(&["token", "create", "--policy", "p", "--ttl", "7d"]).command
+        else {
+            panic!("token create")
+        };
+        assert_eq!(a.ttl, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(a.display_name, "");
+        assert_eq!(
+            usage_error(&["token", "create"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        for bad in ["soon", "0s", "500ms", "-1h"] {
+            usage_error(&["token", "create", "--policy", "p", "--ttl", bad]);
+        }
+        usage_error(&["token", "create", "--policy", ""]);
+
+        assert!(matches!(
+            ok(&["token", "list"]).command,
+            Command::Token(TokenCommand::List)
+        ));
+        let Command::Token(TokenCommand::Lookup(a)) = ok(&["token", "lookup"]).command else {
+            panic!("lookup")
+        };
+        assert_eq!(a.accessor, None);
+        let Command::Token(TokenCommand::Lookup(a)) = ok(&["token", "lookup", "acc"]).command
+        else {
+            panic!("lookup")
+        };
+        assert_eq!(a.accessor.as_deref(), Some("acc"));
+        usage_error(&["token", "revoke"]);
+        let Command::Token(TokenCommand::Revoke(a)) = ok(&["token", "revoke", "acc"]).command
+        else {
+            panic!("revoke")
+        };
+        assert_eq!(a.accessor, "acc");
+    }
+
+    #[test]
+    fn role_commands() {
+        // Whom the role matches and what it grants are both required.
+        assert_eq!(
+            usage_error(&["role", "write", "r", "--policy", "p"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error(&["role", "write", "r", "--group", "g"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        let Command::Role(RoleCommand::Write(a)) =
+            ok(&["role", "write", "r", "--group", "g", "--policy", "p"]).command
+        else {
+            panic!("role write")
+        };
+        assert_eq!((a.groups, a.principals), (vec!["g".to_owned()], vec![]));
+        for sub in ["read", "delete"] {
+            usage_error(&["role", sub]);
+            ok(&["role", sub, "r"]);
+        }
+        assert!(matches!(
+            ok(&["role", "list"]).command,
+            Command::Role(RoleCommand::List)
+        ));
+    }
+
+    #[test]
+    fn policy_commands() {
+        let Command::Policy(PolicyCommand::Write(a)) = ok(&["policy", "write", "p", "-"]).command
+        else {
+            panic!("policy write")
+        };
+        assert_eq!((a.name.as_str(), a.file.to_str()), ("p", Some("-")));
+        assert_eq!(
+            usage_error(&["policy", "write", "p"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        for sub in ["read", "delete"] {
+            usage_error(&["policy", sub]);
+            ok(&["policy", sub, "p"]);
+        }
+        assert!(matches!(
+            ok(&["policy", "list"]).command,
+            Command::Policy(PolicyCommand::List)
+        ));
+    }
+
+    #[test]
+    fn purpose_and_reason_on_the_commands_that_reveal_or_move_data() {
+        for args in [
+            &["decrypt", "k", "cipherd:v1:A"][..],
+            &["decrypt", "k", "--lines"],
+            &["rewrap", "k", "cipherd:v1:A"],
+            &["rewrap", "k", "--lines", "--to", "k2"],
+            &["datakey", "k"],
+        ] {
+            let mut argv = args.to_vec();
+            argv.extend(["--purpose", "emergency", "--reason", "ER bed 4"]);
+            let purpose = match ok(&argv).command {
+                Command::Decrypt(a) => a.purpose,
+                Command::Rewrap(a) => a.purpose,
+                Command::Datakey(a) => a.purpose,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(purpose.purpose.as_deref(), Some("emergency"), "{argv:?}");
+            assert_eq!(purpose.reason.as_deref(), Some("ER bed 4"), "{argv:?}");
+
+            let mut argv = args.to_vec();
+            argv.extend(["--reason", "why"]);
+            assert_eq!(
+                usage_error(&argv),
+                ErrorKind::MissingRequiredArgument,
+                "a reason needs a purpose: {argv:?}"
+            );
+            let mut argv = args.to_vec();
+            argv.extend(["--purpose", ""]);
+            usage_error(&argv);
+        }
+        // Encrypting reveals nothing: no purpose there.
+        assert_eq!(
+            usage_error(&["encrypt", "k", "x", "--purpose", "treatment"]),
+            ErrorKind::UnknownArgument
         );
     }
 

@@ -2,7 +2,7 @@
 //!
 //! The server's `ErrorInfo` reason is the stable part scripts match on (never the
 //! message). Failures that never reached the server get client-side reasons of the
-//! same UPPER_SNAKE shape (`CONNECT_FAILED`, `INVALID_INPUT`, `IO`, …); a server
+//! same UPPER_SNAKE shape (`CONNECT_FAILED`, `INVALID_INPUT`, `INVALID_TOKEN`, `IO`, …); a server
 //! status without a reason falls back to its gRPC code name (`UNAVAILABLE`,
 //! `DEADLINE_EXCEEDED`). Nothing here prints Rust `Debug` output.
 
@@ -46,6 +46,7 @@ impl Failure {
             },
             ClientError::Connect(e) => Self::new("CONNECT_FAILED", chain(e)),
             ClientError::Protocol(m) => Self::new("PROTOCOL", m.clone()),
+            ClientError::Credentials(m) => Self::new("INVALID_TOKEN", *m),
             other => Self::new("CLIENT", other.to_string()),
         }
     }

@@ -1,5 +1,6 @@
 //! `cipherctl`, the command line for cipherd: lifecycle (init, unseal, seal), key
-//! management, and encrypt/decrypt/rewrap for operators and ETL scripts.
+//! management, tokens, roles and policies, and encrypt/decrypt/rewrap for operators
+//! and ETL scripts.
 //!
 //! This file only parses the command line and maps the outcome to an exit status:
 //! 0 on success, 1 on any failure (printed as `error: <REASON>: <message>` on

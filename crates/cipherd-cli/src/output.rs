@@ -14,6 +14,7 @@ use std::io::{self, Write};
 use base64::Engine as _;
 use cipherd_client::pb;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::error::Failure;
 
@@ -125,13 +126,16 @@ impl View for StatusView {
     }
 }
 
-/// `init`: the shares, shown once. `Debug` redacts them.
+/// `init`: the shares and the root token, shown once. `Debug` redacts them.
 #[derive(Serialize)]
 pub struct InitView {
     /// The text-encoded unseal shares.
     pub shares: Vec<String>,
     /// How many of them unseal.
     pub threshold: u32,
+    /// A token with the built-in `root` policy (`null` from a server that sends
+    /// none).
+    pub root_token: Option<String>,
 }
 
 impl std::fmt::Debug for InitView {
@@ -139,25 +143,32 @@ impl std::fmt::Debug for InitView {
         f.debug_struct("InitView")
             .field("shares", &format_args!("[{} redacted]", self.shares.len()))
             .field("threshold", &self.threshold)
+            .field(
+                "root_token",
+                &self.root_token.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
     }
 }
 
 impl View for InitView {
     fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
-        let rows: Vec<(String, String)> = self
+        let mut rows: Vec<(String, String)> = self
             .shares
             .iter()
             .enumerate()
             .map(|(i, s)| (format!("unseal share {}", i + 1), s.clone()))
             .collect();
+        if let Some(token) = &self.root_token {
+            rows.push(("root token".to_owned(), token.clone()));
+        }
         write_rows(w, &rows)
     }
 }
 
-/// The warning printed (on stderr) with the shares from `init`.
-pub fn init_warning(shares: usize, threshold: u32) -> String {
-    format!(
+/// The warning printed (on stderr) with the shares (and root token) from `init`.
+pub fn init_warning(shares: usize, threshold: u32, root_token: bool) -> String {
+    let mut warning = format!(
         "WARNING: the {shares} unseal share(s) above are shown this once; cipherd does not \
          store them.\nGive each share to a different person and store them separately (never \
          together, never in this terminal's scrollback or a shell history).\nAny {threshold} \
@@ -165,8 +176,18 @@ pub fn init_warning(shares: usize, threshold: u32) -> String {
          decrypted again.\ncipherd is sealed now: run `cipherctl unseal` {threshold} time(s), \
          once per share.",
         lost = shares.saturating_sub(threshold as usize),
-    )
+    );
+    if root_token {
+        warning.push_str(ROOT_TOKEN_WARNING);
+    }
+    warning
 }
+
+/// The line about the root token in [`init_warning`].
+const ROOT_TOKEN_WARNING: &str = "\nThe root token above may do anything and is shown this \
+     once: store it safely (a secret manager, not a file on this host), use it to create \
+     policies and least-privilege tokens, then revoke it (`cipherctl --token-file FILE token \
+     lookup` shows its accessor; `cipherctl token revoke ACCESSOR`).";
 
 /// `unseal`.
 #[derive(Debug, Serialize)]
@@ -430,6 +451,264 @@ impl View for ExportView {
     }
 }
 
+/// A token's description (`token lookup`, rows of `token list`); never its secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenView {
+    /// Non-secret handle for lookup and revocation.
+    pub accessor: String,
+    /// Display name.
+    pub display_name: String,
+    /// The policies it holds.
+    pub policies: Vec<String>,
+    /// Creation time.
+    pub created: Option<String>,
+    /// Expiry time (`null`: never).
+    pub expires: Option<String>,
+    /// The principal that created it.
+    pub created_by: String,
+}
+
+impl From<pb::TokenInfo> for TokenView {
+    fn from(t: pb::TokenInfo) -> Self {
+        Self {
+            accessor: t.accessor,
+            display_name: t.display_name,
+            policies: t.policies,
+            created: (t.created_unix != 0).then(|| rfc3339(t.created_unix, 0)),
+            expires: (t.expires_unix != 0).then(|| rfc3339(t.expires_unix, 0)),
+            created_by: t.created_by,
+        }
+    }
+}
+
+impl TokenView {
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("accessor", self.accessor.clone()),
+            ("display name", dash(&self.display_name)),
+            ("policies", list(&self.policies)),
+            ("created", opt(&self.created)),
+            (
+                "expires",
+                self.expires.clone().unwrap_or_else(|| "never".to_owned()),
+            ),
+            ("created by", dash(&self.created_by)),
+        ]
+    }
+}
+
+impl View for TokenView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(w, &self.rows())
+    }
+}
+
+/// `token create`: the secret, shown once, then the description. `Debug` redacts
+/// the secret.
+#[derive(Serialize)]
+pub struct CreatedTokenView {
+    /// The bearer token.
+    #[serde(serialize_with = "expose")]
+    pub token: Zeroizing<String>,
+    /// Its description.
+    #[serde(flatten)]
+    pub info: TokenView,
+}
+
+impl std::fmt::Debug for CreatedTokenView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedTokenView")
+            .field("token", &"[redacted]")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl View for CreatedTokenView {
+    /// The token alone on the first line (so `| head -1` takes it), then the
+    /// description.
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        writeln!(w, "{}", self.token.as_str())?;
+        write_rows(w, &self.info.rows())
+    }
+}
+
+fn expose<S: serde::Serializer>(secret: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret)
+}
+
+/// The note printed (on stderr) after `token create`.
+pub fn token_warning(accessor: &str) -> String {
+    format!(
+        "The token above is shown this once: hand it to its user through a secret manager \
+         or an environment variable (CIPHERD_TOKEN), never a command line. Revoke it with \
+         `cipherctl token revoke {accessor}`."
+    )
+}
+
+/// `token list`.
+#[derive(Debug, Serialize)]
+pub struct TokenListView {
+    /// Every token's description.
+    pub tokens: Vec<TokenView>,
+}
+
+impl View for TokenListView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let mut table = vec![vec![
+            "ACCESSOR".to_owned(),
+            "DISPLAY NAME".to_owned(),
+            "POLICIES".to_owned(),
+            "EXPIRES".to_owned(),
+        ]];
+        for t in &self.tokens {
+            table.push(vec![
+                t.accessor.clone(),
+                dash(&t.display_name),
+                list(&t.policies),
+                t.expires.clone().unwrap_or_else(|| "never".to_owned()),
+            ]);
+        }
+        write_table(w, &table)
+    }
+}
+
+/// `token revoke`.
+#[derive(Debug, Serialize)]
+pub struct RevokedView {
+    /// The revoked token's accessor.
+    pub accessor: String,
+    /// Always true.
+    pub revoked: bool,
+}
+
+impl View for RevokedView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(w, &[("revoked", self.accessor.clone())])
+    }
+}
+
+/// A role (`role write/read`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleView {
+    /// Name.
+    pub name: String,
+    /// Principal globs.
+    pub principals: Vec<String>,
+    /// Group globs.
+    pub groups: Vec<String>,
+    /// Policies granted.
+    pub policies: Vec<String>,
+}
+
+impl From<pb::Role> for RoleView {
+    fn from(r: pb::Role) -> Self {
+        Self {
+            name: r.name,
+            principals: r.principals,
+            groups: r.groups,
+            policies: r.policies,
+        }
+    }
+}
+
+impl View for RoleView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(
+            w,
+            &[
+                ("name", self.name.clone()),
+                ("principals", list(&self.principals)),
+                ("groups", list(&self.groups)),
+                ("policies", list(&self.policies)),
+            ],
+        )
+    }
+}
+
+/// `role list`.
+#[derive(Debug, Serialize)]
+pub struct RoleListView {
+    /// Every role.
+    pub roles: Vec<RoleView>,
+}
+
+impl View for RoleListView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        if self.roles.is_empty() {
+            return Ok(());
+        }
+        let mut table = vec![vec![
+            "NAME".to_owned(),
+            "PRINCIPALS".to_owned(),
+            "GROUPS".to_owned(),
+            "POLICIES".to_owned(),
+        ]];
+        for r in &self.roles {
+            table.push(vec![
+                r.name.clone(),
+                list(&r.principals),
+                list(&r.groups),
+                list(&r.policies),
+            ]);
+        }
+        write_table(w, &table)
+    }
+}
+
+/// `policy write`.
+#[derive(Debug, Serialize)]
+pub struct PolicyWrittenView {
+    /// The policy written.
+    pub name: String,
+    /// Always true.
+    pub written: bool,
+}
+
+impl View for PolicyWrittenView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(w, &[("written", self.name.clone())])
+    }
+}
+
+/// `policy read`: the document, printed as is so it can be edited and written back.
+#[derive(Debug, Serialize)]
+pub struct PolicyView {
+    /// Name.
+    pub name: String,
+    /// The TOML document as written.
+    pub document: String,
+}
+
+impl View for PolicyView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(self.document.as_bytes())?;
+        if !self.document.is_empty() && !self.document.ends_with('\n') {
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+}
+
+/// `policy list`.
+#[derive(Debug, Serialize)]
+pub struct PolicyListView {
+    /// Policy names, sorted.
+    pub names: Vec<String>,
+}
+
+impl View for PolicyListView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        for name in &self.names {
+            writeln!(w, "{name}")?;
+        }
+        Ok(())
+    }
+}
+
 /// `encrypt`, `rewrap`: one ciphertext.
 #[derive(Debug, Serialize)]
 pub struct CiphertextView {
@@ -688,6 +967,19 @@ fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".to_owned())
 }
 
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-" } else { s }.to_owned()
+}
+
+/// A list as `a, b, c`, or `-` when empty.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
 /// `label: value` lines with the values aligned one space after the longest label.
 fn write_rows<L: AsRef<str>>(w: &mut dyn Write, rows: &[(L, String)]) -> io::Result<()> {
     let width = rows
@@ -890,6 +1182,7 @@ Encryptions are reserved from storage in blocks, so the count is an upper bound 
         let view = InitView {
             shares: vec!["s1".into(), "s2".into(), "s3".into()],
             threshold: 2,
+            root_token: None,
         };
         assert_eq!(
             human(&view),
@@ -897,10 +1190,156 @@ Encryptions are reserved from storage in blocks, so the count is an upper bound 
         );
         let v = json(&view);
         assert_eq!(v["shares"], serde_json::json!(["s1", "s2", "s3"]));
+        assert_eq!(v["root_token"], serde_json::Value::Null);
         assert!(!format!("{view:?}").contains("s1"));
-        let warning = init_warning(3, 2);
+        let warning = init_warning(3, 2, false);
         assert!(warning.starts_with("WARNING"));
         assert!(warning.contains("separately") && warning.contains("Any 2"));
+        assert!(!warning.contains("root token"));
+    }
+
+    #[test]
+    fn init_prints_the_root_token_once_after_the_shares() {
+        let view = InitView {
+            shares: vec!["s1".into(), "s2".into()],
+            threshold: 2,
+            root_token: Some("s.ROOT".into()),
+        };
+        assert_eq!(
+            human(&view),
+            "unseal share 1: s1\nunseal share 2: s2\nroot token:     s.ROOT\n"
+        );
+        let v = json(&view);
+        assert_eq!(v["root_token"], "s.ROOT");
+        assert_eq!(v["shares"], serde_json::json!(["s1", "s2"]));
+        assert!(!format!("{view:?}").contains("s.ROOT"));
+        let warning = init_warning(2, 2, true);
+        assert!(
+            warning.contains("root token") && warning.contains("revoke"),
+            "{warning}"
+        );
+    }
+
+    fn sample_token() -> pb::TokenInfo {
+        pb::TokenInfo {
+            accessor: "acc-1".into(),
+            display_name: "etl (prod)".into(),
+            policies: vec!["read".into(), "write".into()],
+            created_unix: 1_700_000_000,
+            expires_unix: 1_700_003_600,
+            created_by: "root".into(),
+        }
+    }
+
+    #[test]
+    fn created_token_prints_the_secret_alone_first_and_json_flat() {
+        let view = CreatedTokenView {
+            token: Zeroizing::new("s.SECRET".into()),
+            info: TokenView::from(sample_token()),
+        };
+        assert_eq!(
+            human(&view),
+            "s.SECRET\naccessor:     acc-1\ndisplay name: etl (prod)\npolicies:     read, write\n\
+             created:      2023-11-14T22:13:20.000Z\nexpires:      2023-11-14T23:13:20.000Z\n\
+             created by:   root\n"
+        );
+        let v = json(&view);
+        assert_eq!(v["token"], "s.SECRET");
+        assert_eq!(v["accessor"], "acc-1");
+        assert_eq!(v["policies"], serde_json::json!(["read", "write"]));
+        assert_eq!(v["expires"], "2023-11-14T23:13:20.000Z");
+        assert_eq!(v["display_name"], "etl (prod)");
+        assert!(!format!("{view:?}").contains("SECRET"));
+        assert!(token_warning("acc-1").contains("cipherctl token revoke acc-1"));
+    }
+
+    #[test]
+    fn token_lookup_and_list() {
+        let mut never = sample_token();
+        never.expires_unix = 0;
+        never.display_name.clear();
+        never.policies.clear();
+        let view = TokenView::from(never.clone());
+        let text = human(&view);
+        assert!(text.contains("expires:      never\n"), "{text}");
+        assert!(text.contains("display name: -\n") && text.contains("policies:     -\n"));
+        let v = json(&view);
+        assert_eq!(v["expires"], serde_json::Value::Null);
+        assert_eq!(v["policies"], serde_json::json!([]));
+        assert!(v.get("token").is_none(), "a lookup has no secret");
+
+        let list = TokenListView {
+            tokens: vec![TokenView::from(sample_token()), view],
+        };
+        assert_eq!(
+            human(&list),
+            "ACCESSOR  DISPLAY NAME  POLICIES     EXPIRES\n\
+             acc-1     etl (prod)    read, write  2023-11-14T23:13:20.000Z\n\
+             acc-1     -             -            never\n"
+        );
+        assert_eq!(json(&list)["tokens"][0]["accessor"], "acc-1");
+        assert_eq!(human(&TokenListView { tokens: vec![] }), "");
+        let revoked = RevokedView {
+            accessor: "acc-1".into(),
+            revoked: true,
+        };
+        assert_eq!(human(&revoked), "revoked: acc-1\n");
+        assert_eq!(json(&revoked)["revoked"], true);
+    }
+
+    #[test]
+    fn roles_render_as_rows_and_a_table() {
+        let role = RoleView::from(pb::Role {
+            name: "ehr".into(),
+            principals: vec!["spiffe://hospital/ns/ehr/*".into()],
+            groups: vec![],
+            policies: vec!["clinical".into()],
+        });
+        assert_eq!(
+            human(&role),
+            "name:       ehr\nprincipals: spiffe://hospital/ns/ehr/*\ngroups:     -\n\
+             policies:   clinical\n"
+        );
+        let v = json(&role);
+        assert_eq!(v["groups"], serde_json::json!([]));
+        assert_eq!(v["principals"][0], "spiffe://hospital/ns/ehr/*");
+        let list = RoleListView { roles: vec![role] };
+        assert_eq!(
+            human(&list),
+            "NAME  PRINCIPALS                  GROUPS  POLICIES\n\
+             ehr   spiffe://hospital/ns/ehr/*  -       clinical\n"
+        );
+        assert_eq!(json(&list)["roles"][0]["name"], "ehr");
+    }
+
+    #[test]
+    fn policies_print_their_document_as_written() {
+        let doc = "[[rule]]\nkeys = [\"patients\"]\noperations = [\"decrypt\"]\n";
+        let view = PolicyView {
+            name: "p".into(),
+            document: doc.into(),
+        };
+        assert_eq!(human(&view), doc);
+        let unterminated = PolicyView {
+            name: "p".into(),
+            document: "# empty".into(),
+        };
+        assert_eq!(human(&unterminated), "# empty\n");
+        let v = json(&view);
+        assert_eq!(
+            (v["name"].as_str(), v["document"].as_str()),
+            (Some("p"), Some(doc))
+        );
+        let list = PolicyListView {
+            names: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(human(&list), "a\nb\n");
+        assert_eq!(json(&list)["names"], serde_json::json!(["a", "b"]));
+        let written = PolicyWrittenView {
+            name: "p".into(),
+            written: true,
+        };
+        assert_eq!(human(&written), "written: p\n");
     }
 
     #[test]

@@ -10,10 +10,61 @@
 //!
 //! Errors carry the server's `ErrorInfo` reason ([`Error::reason`]); match on that,
 //! never on message text.
+//!
+//! # Credentials
+//!
+//! A bearer token set in [`ClientOptions::token`] is sent on every call of every
+//! service, generated clients included, as gRPC metadata `authorization: Bearer
+//! <token>`, marked sensitive so HTTP/2 header compression never adds it to its
+//! dynamic table. [`Token`] zeroizes its copy on drop and prints `[redacted]`; the
+//! header value built from it lives in tonic's (non-zeroizing) buffers for as long
+//! as the client does.
+//!
+//! ```no_run
+//! # async fn example() -> cipherd_client::Result<()> {
+//! use cipherd_client::{Client, ClientOptions, Purpose, Token};
+//!
+//! let token = std::env::var("CIPHERD_TOKEN").expect("CIPHERD_TOKEN is set");
+//! let options = ClientOptions::default()
+//!     .with_token(Token::from(token))
+//!     // Every decrypt, rewrap and data key of this job is for research.
+//!     .with_purpose(Purpose::new("research"));
+//! let client = Client::connect_with("https://cipherd:8210", options).await?;
+//! # let ciphertext = bytes::Bytes::new();
+//! let row = client.decrypt("patients", ciphertext, "row=1", "").await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Purpose of use
+//!
+//! Decrypt, rewrap and data-key calls may carry a purpose (`treatment`,
+//! `payment`, `operations`, `research`, `emergency`, or a word the site defines)
+//! and a free-text reason; policies may allow a call only for some purposes, and
+//! the audit log records both. A job usually has one purpose, so it is set once,
+//! in [`ClientOptions::purpose`]; a server that acts for many users picks one per
+//! request with [`Client::with_purpose`], a cheap copy sharing the connection:
+//!
+//! ```no_run
+//! # async fn example(client: cipherd_client::Client, ct: bytes::Bytes) -> cipherd_client::Result<()> {
+//! use cipherd_client::Purpose;
+//!
+//! let er = client.with_purpose(Purpose::emergency("patient unconscious, ER bed 4"));
+//! let record = er.decrypt("patients", ct, "", "").await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The helpers here ([`Client::decrypt`], [`Client::rewrap`],
+//! [`Client::generate_data_key`], [`Client::batch_decrypt`],
+//! [`Client::batch_rewrap`]) fill the request's `purpose` and `reason` from the
+//! client's purpose. Requests sent through the generated clients
+//! ([`Client::transit`]) go as built: set their fields with [`Purpose::purpose`]
+//! and [`Purpose::reason`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::{future::Future, time::Duration};
+use std::{fmt, future::Future, time::Duration};
 
 use bytes::Bytes;
 pub use cipherd_proto::v1 as pb;
@@ -29,6 +80,7 @@ use tonic::{
     transport::Channel,
 };
 use tonic_types::{RpcStatusExt as _, StatusExt as _};
+use zeroize::Zeroizing;
 
 /// Items per batch request the helpers send (the server default allows 10,000).
 pub const DEFAULT_BATCH_CHUNK: usize = 1000;
@@ -56,6 +108,10 @@ pub enum Error {
     /// The server's reply broke the protocol (e.g. a batch with the wrong count).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The credentials cannot be sent (e.g. a token with characters a header cannot
+    /// carry). The message never repeats the token.
+    #[error("credentials: {0}")]
+    Credentials(&'static str),
 }
 
 impl Error {
@@ -102,6 +158,9 @@ impl From<tonic::Status> for Error {
 }
 
 /// Connection settings.
+///
+/// Built with `..Default::default()` or the `with_*` methods; `Debug` never shows
+/// the token.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Deadline for each call.
@@ -113,8 +172,12 @@ pub struct ClientOptions {
     pub retries: u32,
     /// Items per batch request.
     pub batch_chunk: usize,
-    /// Bearer token sent as `authorization: Bearer <token>` on every call.
-    pub token: Option<zeroize::Zeroizing<String>>,
+    /// Bearer token sent with every call (`None`: no `authorization` metadata, as
+    /// for `Status`, or when an mTLS certificate identifies the caller).
+    pub token: Option<Token>,
+    /// Purpose of use sent with every decrypt, rewrap and data-key helper call
+    /// (see the crate docs); [`Client::with_purpose`] overrides it per call.
+    pub purpose: Option<Purpose>,
 }
 
 impl Default for ClientOptions {
@@ -125,30 +188,146 @@ impl Default for ClientOptions {
             retries: 2,
             batch_chunk: DEFAULT_BATCH_CHUNK,
             token: None,
+            purpose: None,
         }
     }
 }
 
-/// One connection to cipherd with typed helpers.
-#[derive(Debug, Clone)]
-pub struct Client {
-    channel: Transport,
-    options: ClientOptions,
+impl ClientOptions {
+    /// These options with `token` as the bearer token.
+    pub fn with_token(mut self, token: impl Into<Token>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// These options with `purpose` for decrypt, rewrap and data-key calls.
+    pub fn with_purpose(mut self, purpose: Purpose) -> Self {
+        self.purpose = Some(purpose);
+        self
+    }
 }
 
-/// The channel every service client of a [`Client`] runs on: the connection with
-/// the credentials added to each call.
-pub type Transport = InterceptedService<Channel, Credentials>;
-
-/// Adds `authorization: Bearer <token>` (never indexed by HPACK) to every call.
+/// A bearer token: zeroized on drop, `[redacted]` in `Debug`, and never shown by
+/// anything in this crate.
 #[derive(Clone)]
-pub struct Credentials {
-    header: Option<MetadataValue<Ascii>>,
+pub struct Token(Zeroizing<String>);
+
+impl Token {
+    /// The token text, for a caller that must hand it on (e.g. to store a freshly
+    /// created token); never log it.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
 }
 
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Credentials([redacted])")
+impl From<String> for Token {
+    fn from(token: String) -> Self {
+        Self(Zeroizing::new(token))
+    }
+}
+
+impl From<&str> for Token {
+    fn from(token: &str) -> Self {
+        Self(Zeroizing::new(token.to_owned()))
+    }
+}
+
+impl From<Zeroizing<String>> for Token {
+    fn from(token: Zeroizing<String>) -> Self {
+        Self(token)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token([redacted])")
+    }
+}
+
+/// A purpose of use and its justification, sent with decrypt, rewrap and
+/// data-key calls. The server's policies decide which purposes a caller may
+/// give; the audit log records both fields. Neither is secret, but the reason is
+/// free text: keep PHI out of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Purpose {
+    /// `treatment`, `payment`, `operations`, `research`, `emergency`, or a word
+    /// the site defines.
+    pub purpose: String,
+    /// Free-text justification; required with `emergency` under a break-glass
+    /// rule.
+    pub reason: String,
+}
+
+impl Purpose {
+    /// A purpose without a reason.
+    pub fn new(purpose: impl Into<String>) -> Self {
+        Self {
+            purpose: purpose.into(),
+            reason: String::new(),
+        }
+    }
+
+    /// Purpose `emergency` with its reason: what a break-glass rule allows.
+    pub fn emergency(reason: impl Into<String>) -> Self {
+        Self::new("emergency").with_reason(reason)
+    }
+
+    /// This purpose with `reason` as its justification.
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = reason.into();
+        self
+    }
+
+    /// The request field `purpose` (empty when `purpose` is `None`).
+    pub fn purpose(purpose: Option<&Purpose>) -> String {
+        purpose.map(|p| p.purpose.clone()).unwrap_or_default()
+    }
+
+    /// The request field `reason` (empty when `purpose` is `None`).
+    pub fn reason(purpose: Option<&Purpose>) -> String {
+        purpose.map(|p| p.reason.clone()).unwrap_or_default()
+    }
+}
+
+/// The interceptor that adds `authorization: Bearer <token>` to every call. The
+/// value is marked sensitive (HPACK never indexes it) and `Debug` redacts it. A
+/// request that already carries `authorization` metadata keeps its own.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Credentials {
+    /// No credentials: calls go without `authorization` metadata.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// `Bearer <token>`. Refuses a token that is empty or not visible ASCII (a
+    /// header cannot carry it), without repeating it.
+    pub fn bearer(token: &Token) -> Result<Self> {
+        let token = token.expose_secret();
+        if token.is_empty() {
+            return Err(Error::Credentials("the token is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Credentials(
+                "the token holds characters other than visible ASCII (a stray space or \
+                 line break?)",
+            ));
+        }
+        let header = Zeroizing::new(format!("Bearer {token}"));
+        let mut value = MetadataValue::try_from(header.as_str())
+            .map_err(|_| Error::Credentials("the token cannot be sent as a header"))?;
+        value.set_sensitive(true);
+        Ok(Self {
+            authorization: Some(value),
+        })
+    }
+
+    /// Whether a token is attached.
+    pub fn is_set(&self) -> bool {
+        self.authorization.is_some()
     }
 }
 
@@ -157,11 +336,53 @@ impl Interceptor for Credentials {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(h) = &self.header {
-            request.metadata_mut().insert("authorization", h.clone());
+        if let Some(value) = &self.authorization
+            && !request.metadata().contains_key(AUTHORIZATION)
+        {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
         }
         Ok(request)
     }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = if self.is_set() {
+            "Bearer [redacted]"
+        } else {
+            "none"
+        };
+        f.debug_tuple("Credentials")
+            .field(&format_args!("{shown}"))
+            .finish()
+    }
+}
+
+/// The metadata key of bearer credentials.
+const AUTHORIZATION: &str = "authorization";
+
+/// The transport every service client runs over: the connection, with the
+/// client's [`Credentials`] added to each call.
+pub type AuthChannel = InterceptedService<Channel, Credentials>;
+/// The generated `TransitService` client, as [`Client::transit`] returns it.
+pub type TransitClient = TransitServiceClient<AuthChannel>;
+/// The generated `KeyAdminService` client, as [`Client::admin`] returns it.
+pub type AdminClient = KeyAdminServiceClient<AuthChannel>;
+/// The generated `SystemService` client, as [`Client::system`] returns it.
+pub type SystemClient = SystemServiceClient<AuthChannel>;
+/// The generated `AuthService` client, as [`Client::auth`] returns it.
+pub type AuthClient = AuthServiceClient<AuthChannel>;
+/// The generated `PolicyService` client, as [`Client::policy`] returns it.
+pub type PolicyClient = PolicyServiceClient<AuthChannel>;
+/// The generated `AuditService` client, as [`Client::audit`] returns it.
+pub type AuditClient = AuditServiceClient<AuthChannel>;
+
+/// One connection to cipherd with typed helpers.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    credentials: Credentials,
+    options: ClientOptions,
 }
 
 /// Options of one encryption (all empty by default).
@@ -177,6 +398,45 @@ pub struct EncryptOptions {
     pub text: bool,
 }
 
+/// Options of one rewrap (all empty by default: same key, latest version, binary).
+#[derive(Debug, Clone, Default)]
+pub struct RewrapOptions {
+    /// The associated data the ciphertext was made with (kept).
+    pub associated_data: Bytes,
+    /// The source key's derivation context.
+    pub context: Bytes,
+    /// Re-encrypt under this key instead of the source key.
+    pub destination_key: Option<String>,
+    /// Context for a derived destination key (empty: reuse `context`).
+    pub destination_context: Bytes,
+    /// Return the text form `cipherd:v<N>:<base64>`.
+    pub text: bool,
+}
+
+/// Options of one data key (256 bits, plaintext and wrapped, binary by default).
+#[derive(Debug, Clone, Default)]
+pub struct DataKeyOptions {
+    /// Data key length in bits: 128, 256 or 512 (0: the server's default, 256).
+    pub bits: u32,
+    /// Return only the wrapped key.
+    pub wrapped_only: bool,
+    /// Bound to the wrapped key.
+    pub associated_data: Bytes,
+    /// Required for derived keys.
+    pub context: Bytes,
+    /// Return the wrapped key in the text form.
+    pub text: bool,
+}
+
+/// A token just created: its secret, shown once, and its description.
+#[derive(Debug)]
+pub struct CreatedToken {
+    /// The bearer token.
+    pub token: Token,
+    /// Accessor, policies, expiry.
+    pub info: pb::TokenInfo,
+}
+
 /// One item's outcome in a batch.
 pub type ItemResult = Result<Bytes>;
 
@@ -186,8 +446,13 @@ impl Client {
         Self::connect_with(endpoint, ClientOptions::default()).await
     }
 
-    /// Connects with explicit options.
+    /// Connects with explicit options. A token that cannot be sent is refused
+    /// before connecting ([`Error::Credentials`]).
     pub async fn connect_with(endpoint: impl Into<String>, options: ClientOptions) -> Result<Self> {
+        let credentials = match &options.token {
+            Some(token) => Credentials::bearer(token)?,
+            None => Credentials::none(),
+        };
         let channel = Channel::from_shared(endpoint.into())
             .map_err(|e| Error::Protocol(format!("bad endpoint: {e}")))?
             .connect_timeout(options.connect_timeout)
@@ -198,55 +463,83 @@ impl Client {
             .initial_connection_window_size(16 << 20)
             .connect()
             .await?;
-        let header = match &options.token {
-            None => None,
-            Some(token) => {
-                let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.as_str())
-                    .parse()
-                    .map_err(|_| Error::Protocol("the token is not valid header text".into()))?;
-                value.set_sensitive(true);
-                Some(value)
-            }
+        Ok(Self {
+            channel,
+            credentials,
+            options,
+        })
+    }
+
+    /// This client with another token on the same connection (`None`: none), e.g.
+    /// to act as a token just created.
+    pub fn with_token<'a>(&self, token: impl Into<Option<&'a Token>>) -> Result<Self> {
+        let token = token.into();
+        let credentials = match token {
+            Some(token) => Credentials::bearer(token)?,
+            None => Credentials::none(),
         };
-        let channel = InterceptedService::new(channel, Credentials { header });
-        Ok(Self { channel, options })
+        let mut options = self.options.clone();
+        options.token = token.cloned();
+        Ok(Self {
+            channel: self.channel.clone(),
+            credentials,
+            options,
+        })
+    }
+
+    /// This client with `purpose` for its decrypt, rewrap and data-key helpers, on
+    /// the same connection (`None`: send none). Cheap: clone per request freely.
+    pub fn with_purpose(&self, purpose: impl Into<Option<Purpose>>) -> Self {
+        let mut client = self.clone();
+        client.options.purpose = purpose.into();
+        client
+    }
+
+    /// The purpose of use the helpers send, if any.
+    pub fn purpose(&self) -> Option<&Purpose> {
+        self.options.purpose.as_ref()
     }
 
     /// The connection with this client's credentials, for raw gRPC calls.
-    pub fn transport(&self) -> Transport {
-        self.channel.clone()
+    pub fn transport(&self) -> AuthChannel {
+        self.authed()
     }
 
     /// The generated `TransitService` client on this connection.
-    pub fn transit(&self) -> TransitServiceClient<Transport> {
-        TransitServiceClient::new(self.channel.clone())
+    pub fn transit(&self) -> TransitClient {
+        TransitServiceClient::new(self.authed())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     /// The generated `KeyAdminService` client on this connection.
-    pub fn admin(&self) -> KeyAdminServiceClient<Transport> {
-        KeyAdminServiceClient::new(self.channel.clone())
+    pub fn admin(&self) -> AdminClient {
+        KeyAdminServiceClient::new(self.authed())
     }
 
     /// The generated `SystemService` client on this connection.
-    pub fn system(&self) -> SystemServiceClient<Transport> {
-        SystemServiceClient::new(self.channel.clone())
+    pub fn system(&self) -> SystemClient {
+        SystemServiceClient::new(self.authed())
     }
 
-    /// The generated `AuthService` client (tokens, roles) on this connection.
-    pub fn auth(&self) -> AuthServiceClient<Transport> {
-        AuthServiceClient::new(self.channel.clone())
+    /// The generated `AuthService` client (tokens and roles) on this connection.
+    pub fn auth(&self) -> AuthClient {
+        AuthServiceClient::new(self.authed())
     }
 
     /// The generated `PolicyService` client on this connection.
-    pub fn policy(&self) -> PolicyServiceClient<Transport> {
-        PolicyServiceClient::new(self.channel.clone())
+    pub fn policy(&self) -> PolicyClient {
+        PolicyServiceClient::new(self.authed())
     }
 
     /// The generated `AuditService` client on this connection.
-    pub fn audit(&self) -> AuditServiceClient<Transport> {
-        AuditServiceClient::new(self.channel.clone())
+    pub fn audit(&self) -> AuditClient {
+        AuditServiceClient::new(self.authed())
+    }
+
+    /// The connection with this client's credentials on every call.
+    fn authed(&self) -> AuthChannel {
+        InterceptedService::new(self.channel.clone(), self.credentials.clone())
     }
 
     /// Service status (initialized, sealed, unseal progress, version).
@@ -287,9 +580,55 @@ impl Client {
             ciphertext: ciphertext.into(),
             associated_data: associated_data.into(),
             context: context.into(),
-            ..Default::default()
+            purpose: Purpose::purpose(self.purpose()),
+            reason: Purpose::reason(self.purpose()),
         };
         self.retrying(|| async { self.transit().decrypt(request.clone()).await })
+            .await
+    }
+
+    /// Re-encrypts one ciphertext under the latest version of its key, or of
+    /// `options.destination_key`; the plaintext never reaches the client.
+    pub async fn rewrap(
+        &self,
+        key: &str,
+        ciphertext: impl Into<Bytes>,
+        options: &RewrapOptions,
+    ) -> Result<pb::RewrapResponse> {
+        let request = pb::RewrapRequest {
+            key: key.to_owned(),
+            ciphertext: ciphertext.into(),
+            associated_data: options.associated_data.clone(),
+            context: options.context.clone(),
+            destination_key: options.destination_key.clone().unwrap_or_default(),
+            destination_context: options.destination_context.clone(),
+            encoding: encoding(options.text),
+            purpose: Purpose::purpose(self.purpose()),
+            reason: Purpose::reason(self.purpose()),
+        };
+        self.retrying(|| async { self.transit().rewrap(request.clone()).await })
+            .await
+    }
+
+    /// Generates a data key wrapped under `key` (and in plaintext unless
+    /// `options.wrapped_only`). Repeating it after a lost reply only makes another
+    /// key, so it is retried like the others.
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        options: &DataKeyOptions,
+    ) -> Result<pb::GenerateDataKeyResponse> {
+        let request = pb::GenerateDataKeyRequest {
+            key: key.to_owned(),
+            bits: options.bits,
+            wrapped_only: options.wrapped_only,
+            associated_data: options.associated_data.clone(),
+            context: options.context.clone(),
+            encoding: encoding(options.text),
+            purpose: Purpose::purpose(self.purpose()),
+            reason: Purpose::reason(self.purpose()),
+        };
+        self.retrying(|| async { self.transit().generate_data_key(request.clone()).await })
             .await
     }
 
@@ -333,7 +672,8 @@ impl Client {
             let request = pb::BatchDecryptRequest {
                 key: key.to_owned(),
                 items: chunk.to_vec(),
-                ..Default::default()
+                purpose: Purpose::purpose(self.purpose()),
+                reason: Purpose::reason(self.purpose()),
             };
             let reply = self
                 .retrying(|| async { self.transit().batch_decrypt(request.clone()).await })
@@ -364,7 +704,8 @@ impl Client {
                 items: chunk.to_vec(),
                 destination_key: destination.unwrap_or_default().to_owned(),
                 encoding: encoding(text),
-                ..Default::default()
+                purpose: Purpose::purpose(self.purpose()),
+                reason: Purpose::reason(self.purpose()),
             };
             let reply = self
                 .retrying(|| async { self.transit().batch_rewrap(request.clone()).await })
@@ -377,6 +718,163 @@ impl Client {
             }));
         }
         Ok(out)
+    }
+
+    /// Creates a token with `policies`, a lifetime (`None`: the server's default)
+    /// and a display name. Sent once, never retried: a retry after a lost reply
+    /// would leave a live token whose secret nobody saw.
+    pub async fn create_token(
+        &self,
+        policies: Vec<String>,
+        ttl: Option<Duration>,
+        display_name: &str,
+    ) -> Result<CreatedToken> {
+        let request = pb::CreateTokenRequest {
+            policies,
+            // Whole seconds, rounded up so a sub-second TTL is not "the default".
+            ttl_seconds: ttl.map_or(0, |t| t.as_secs() + u64::from(t.subsec_nanos() > 0)),
+            display_name: display_name.to_owned(),
+        };
+        let reply = self
+            .auth()
+            .create_token(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        let pb::CreateTokenResponse { token, info } = reply;
+        let token = Token::from(token);
+        let info = info.ok_or_else(|| Error::Protocol("token created without its info".into()))?;
+        Ok(CreatedToken { token, info })
+    }
+
+    /// Every token's description (never a secret).
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>> {
+        let reply = self
+            .retrying(|| async { self.auth().list_tokens(pb::ListTokensRequest {}).await })
+            .await?;
+        Ok(reply.tokens)
+    }
+
+    /// One token by accessor, or the caller's own with `None`.
+    pub async fn lookup_token(&self, accessor: Option<&str>) -> Result<pb::TokenInfo> {
+        let request = pb::LookupTokenRequest {
+            accessor: accessor.unwrap_or_default().to_owned(),
+        };
+        let reply = self
+            .retrying(|| async { self.auth().lookup_token(request.clone()).await })
+            .await?;
+        reply
+            .token
+            .ok_or_else(|| Error::Protocol("token lookup answered without a token".into()))
+    }
+
+    /// Revokes a token by accessor. Sent once.
+    pub async fn revoke_token(&self, accessor: &str) -> Result<()> {
+        self.auth()
+            .revoke_token(pb::RevokeTokenRequest {
+                accessor: accessor.to_owned(),
+            })
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// Creates or replaces a role.
+    pub async fn write_role(&self, role: pb::Role) -> Result<()> {
+        let request = pb::WriteRoleRequest { role: Some(role) };
+        self.retrying(|| async { self.auth().write_role(request.clone()).await })
+            .await?;
+        Ok(())
+    }
+
+    /// One role.
+    pub async fn read_role(&self, name: &str) -> Result<pb::Role> {
+        let request = pb::ReadRoleRequest {
+            name: name.to_owned(),
+        };
+        let reply = self
+            .retrying(|| async { self.auth().read_role(request.clone()).await })
+            .await?;
+        reply
+            .role
+            .ok_or_else(|| Error::Protocol("role read answered without a role".into()))
+    }
+
+    /// Every role.
+    pub async fn list_roles(&self) -> Result<Vec<pb::Role>> {
+        let reply = self
+            .retrying(|| async { self.auth().list_roles(pb::ListRolesRequest {}).await })
+            .await?;
+        Ok(reply.roles)
+    }
+
+    /// Deletes a role. Sent once.
+    pub async fn delete_role(&self, name: &str) -> Result<()> {
+        self.auth()
+            .delete_role(pb::DeleteRoleRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// Creates or replaces a policy from its TOML document (the server parses and
+    /// validates it: `INVALID_POLICY`).
+    pub async fn write_policy(&self, name: &str, document: &str) -> Result<()> {
+        let request = pb::WritePolicyRequest {
+            name: name.to_owned(),
+            document: document.to_owned(),
+        };
+        self.retrying(|| async { self.policy().write_policy(request.clone()).await })
+            .await?;
+        Ok(())
+    }
+
+    /// One policy's document, as written.
+    pub async fn read_policy(&self, name: &str) -> Result<String> {
+        let request = pb::ReadPolicyRequest {
+            name: name.to_owned(),
+        };
+        let reply = self
+            .retrying(|| async { self.policy().read_policy(request.clone()).await })
+            .await?;
+        Ok(reply.document)
+    }
+
+    /// Every policy's name, sorted.
+    pub async fn list_policies(&self) -> Result<Vec<String>> {
+        let reply = self
+            .retrying(|| async {
+                self.policy()
+                    .list_policies(pb::ListPoliciesRequest {})
+                    .await
+            })
+            .await?;
+        Ok(reply.names)
+    }
+
+    /// Deletes a policy. Sent once.
+    pub async fn delete_policy(&self, name: &str) -> Result<()> {
+        self.policy()
+            .delete_policy(pb::DeletePolicyRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// HMAC-SHA256 of `value` under the server's audit key, as audit records show
+    /// batch references and derivation contexts (`hmac-sha256:<hex>`).
+    pub async fn audit_hash(&self, value: impl Into<Bytes>) -> Result<String> {
+        let request = pb::HashRequest {
+            value: value.into(),
+        };
+        let reply = self
+            .retrying(|| async { self.audit().hash(request.clone()).await })
+            .await?;
+        Ok(reply.hmac)
     }
 
     /// Runs `call`, retrying UNAVAILABLE answers other than SEALED and
@@ -424,5 +922,89 @@ fn check_count(sent: usize, got: usize) -> Result<()> {
         Err(Error::Protocol(format!(
             "batch of {sent} items answered with {got} results"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intercept(credentials: &Credentials, request: tonic::Request<()>) -> tonic::Request<()> {
+        credentials
+            .clone()
+            .call(request)
+            .expect("the interceptor never refuses")
+    }
+
+    #[test]
+    fn bearer_credentials_add_a_sensitive_authorization_header() {
+        let credentials = Credentials::bearer(&Token::from("s.abc123")).expect("valid token");
+        let request = intercept(&credentials, tonic::Request::new(()));
+        let value = request
+            .metadata()
+            .get("authorization")
+            .expect("authorization set");
+        assert_eq!(value.to_str().expect("ascii"), "Bearer s.abc123");
+        assert!(value.is_sensitive(), "HPACK must never index the token");
+    }
+
+    #[test]
+    fn no_credentials_add_nothing_and_a_request_keeps_its_own() {
+        let request = intercept(&Credentials::none(), tonic::Request::new(()));
+        assert!(request.metadata().get("authorization").is_none());
+
+        let credentials = Credentials::bearer(&Token::from("mine")).expect("valid token");
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert("authorization", MetadataValue::from_static("Bearer other"));
+        let request = intercept(&credentials, request);
+        let values: Vec<_> = request.metadata().get_all("authorization").iter().collect();
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0].to_str().expect("ascii"), "Bearer other");
+    }
+
+    #[test]
+    fn tokens_that_a_header_cannot_carry_are_refused_without_echo() {
+        for bad in ["", "has space", "line\nbreak", "tab\t", "caf\u{e9}"] {
+            let err = Credentials::bearer(&Token::from(bad)).expect_err(bad);
+            assert!(matches!(err, Error::Credentials(_)), "{bad:?}: {err}");
+            if !bad.is_empty() {
+                assert!(!err.to_string().contains(bad), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let token = Token::from("s.TOPSECRET");
+        assert!(!format!("{token:?}").contains("TOPSECRET"));
+        let credentials = Credentials::bearer(&token).expect("valid");
+        let shown = format!("{credentials:?}");
+        assert!(
+            !shown.contains("TOPSECRET") && shown.contains("redacted"),
+            "{shown}"
+        );
+        let options = ClientOptions::default()
+            .with_token(token)
+            .with_purpose(Purpose::new("research"));
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+        assert!(shown.contains("research"), "{shown}");
+    }
+
+    #[test]
+    fn purposes_fill_request_fields() {
+        let p = Purpose::emergency("ER bed 4");
+        assert_eq!(
+            (p.purpose.as_str(), p.reason.as_str()),
+            ("emergency", "ER bed 4")
+        );
+        assert_eq!(Purpose::purpose(Some(&p)), "emergency");
+        assert_eq!(Purpose::reason(Some(&p)), "ER bed 4");
+        assert_eq!(Purpose::purpose(None), "");
+        assert_eq!(Purpose::reason(None), "");
+        let p = Purpose::new("treatment");
+        assert!(p.reason.is_empty());
     }
 }

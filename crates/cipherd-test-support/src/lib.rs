@@ -70,10 +70,7 @@ impl TestServer {
 
     /// A connected client that sends `token`.
     pub async fn client_with_token(&self, token: &str) -> Client {
-        let options = cipherd_client::ClientOptions {
-            token: Some(zeroize::Zeroizing::new(token.to_owned())),
-            ..Default::default()
-        };
+        let options = cipherd_client::ClientOptions::default().with_token(token);
         Client::connect_with(self.endpoint(), options)
             .await
             .expect("connect")

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use cipherd_client::{DEFAULT_BATCH_CHUNK, ItemResult, pb};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
-use super::{Ctx, ciphertext_input, ciphertext_output, decode_base64_input};
+use super::{Ctx, ciphertext_input, ciphertext_output, decode_base64_input, purpose};
 use crate::{
     cli::{DecryptArgs, EncryptArgs, RewrapArgs},
     error::Failure,
@@ -64,7 +64,8 @@ pub(super) async fn encrypt(ctx: &Ctx, args: EncryptArgs) -> anyhow::Result<()> 
 pub(super) async fn decrypt(ctx: &Ctx, args: DecryptArgs) -> anyhow::Result<()> {
     let associated_data = Bytes::from(args.binding.associated_data());
     let context = Bytes::from(args.binding.context());
-    let (client, key) = (&ctx.client, args.key.as_str());
+    let client = ctx.client.with_purpose(purpose(&args.purpose));
+    let (client, key) = (&client, args.key.as_str());
     drive(
         ctx,
         args.base64,
@@ -87,12 +88,8 @@ pub(super) async fn rewrap(ctx: &Ctx, args: RewrapArgs) -> anyhow::Result<()> {
     let associated_data = Bytes::from(args.binding.associated_data());
     let context = Bytes::from(args.binding.context());
     let destination_context = Bytes::from(args.dest_context());
-    let (client, key, to, binary) = (
-        &ctx.client,
-        args.key.as_str(),
-        args.to.as_deref(),
-        args.binary,
-    );
+    let client = ctx.client.with_purpose(purpose(&args.purpose));
+    let (client, key, to, binary) = (&client, args.key.as_str(), args.to.as_deref(), args.binary);
     drive(
         ctx,
         false,

@@ -2,24 +2,34 @@
 //! hand the result to `output`.
 //!
 //! One submodule per area: `system` (lifecycle), `keys` (key management), `transit`
-//! (one value at a time), `lines` (`--lines` streaming batches). Helpers shared by
-//! them (stdin, ciphertext input and output forms) live here. Rendering decisions
-//! belong to `output`, syntax to `cli`.
+//! (one value at a time), `lines` (`--lines` streaming batches), `auth` (tokens and
+//! roles), `policy` (policies). Helpers shared by them (credentials, stdin,
+//! ciphertext input and output forms) live here. Rendering decisions belong to
+//! `output`, syntax to `cli`.
+//!
+//! The bearer token (`--token`, `CIPHERD_TOKEN` or `--token-file`) goes to the
+//! client library and nowhere else: no message here ever contains it.
 
+mod auth;
 mod keys;
 mod lines;
+mod policy;
 mod system;
 mod transit;
 
-use std::io::{IsTerminal as _, Write as _};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use cipherd_client::{Client, ClientOptions};
+use cipherd_client::{Client, ClientOptions, Purpose, Token};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+use zeroize::Zeroizing;
 
 use crate::{
-    cli::{Cli, Command, GlobalArgs},
+    cli::{Cli, Command, GlobalArgs, PurposeArgs},
     error::Failure,
     output::{self, ErasedView, Format},
 };
@@ -49,6 +59,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rewrap(args) if args.lines => lines::rewrap(&ctx, args).await?,
         Command::Rewrap(args) => transit::rewrap(&ctx, args).await?,
         Command::Datakey(args) => transit::datakey(&ctx, args).await?,
+        Command::Token(cmd) => auth::token(&ctx, cmd).await?,
+        Command::Role(cmd) => auth::role(&ctx, cmd).await?,
+        Command::Policy(cmd) => policy::run(&ctx, cmd).await?,
     }
     Ok(())
 }
@@ -72,7 +85,10 @@ impl Ctx {
 /// Connects with the global flags applied.
 async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
     let addr = endpoint(&global.addr);
-    let mut options = ClientOptions::default();
+    let mut options = ClientOptions {
+        token: token(global)?,
+        ..ClientOptions::default()
+    };
     if let Some(timeout) = global.timeout {
         options.timeout = timeout;
         options.connect_timeout = timeout;
@@ -81,6 +97,14 @@ async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
         .await
         .map_err(|e| {
             let mut f = Failure::from_client(&e);
+            if matches!(e, cipherd_client::Error::Credentials(_)) {
+                // Refused before connecting: nothing about the address to say.
+                f.message = format!(
+                    "{}; check --token, CIPHERD_TOKEN or --token-file",
+                    f.message
+                );
+                return f;
+            }
             // The only protocol error before any call is an unparsable endpoint.
             if matches!(e, cipherd_client::Error::Protocol(_)) {
                 f.reason = "INVALID_ADDRESS".to_owned();
@@ -91,6 +115,84 @@ async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
             }
         })
         .map_err(anyhow::Error::from)
+}
+
+/// The bearer token: from `--token-file`, else `--token` / `CIPHERD_TOKEN` (an
+/// empty value, such as an exported but empty variable, means none).
+fn token(global: &GlobalArgs) -> Result<Option<Token>, Failure> {
+    if let Some(path) = &global.token_file {
+        return read_token_file(path).map(Some);
+    }
+    Ok(global
+        .token
+        .as_ref()
+        .map(|t| t.expose())
+        .filter(|t| !t.is_empty())
+        .map(Token::from))
+}
+
+/// The one line of `path` that is neither blank nor a `#` comment. Warns (on
+/// stderr) when others may read the file. Errors name the file, never its content.
+fn read_token_file(path: &Path) -> Result<Token, Failure> {
+    let shown = path.display();
+    let text = std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|e| Failure::new("IO", format!("reading the token file {shown}: {e}")))?;
+    let text = std::str::from_utf8(&text).map_err(|_| {
+        Failure::new(
+            "INVALID_TOKEN",
+            format!("the token file {shown} is not UTF-8"),
+        )
+    })?;
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let token = match (lines.next(), lines.next()) {
+        (Some(token), None) => Token::from(token),
+        (None, _) => {
+            return Err(Failure::new(
+                "INVALID_TOKEN",
+                format!("the token file {shown} holds no token"),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(Failure::new(
+                "INVALID_TOKEN",
+                format!(
+                    "the token file {shown} holds more than one line besides `#` comments; \
+                     put only the token in it"
+                ),
+            ));
+        }
+    };
+    warn_if_shared(path);
+    Ok(token)
+}
+
+#[cfg(unix)]
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "warning: the token file {} may be read by other users (mode {:o}); \
+             `chmod 600` it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_shared(_: &Path) {}
+
+/// The purpose of use the flags give, if any.
+fn purpose(args: &PurposeArgs) -> Option<Purpose> {
+    args.purpose
+        .as_ref()
+        .map(|p| Purpose::new(p.clone()).with_reason(args.reason.clone().unwrap_or_default()))
 }
 
 /// `host:port` means `http://host:port`; a scheme given is kept. Without a port
@@ -196,6 +298,86 @@ mod tests {
         assert_eq!(endpoint("[::1]"), "http://[::1]:8210");
         assert_eq!(endpoint("[::1]:9"), "http://[::1]:9");
         assert_eq!(endpoint("kms:1/base"), "http://kms:1/base");
+    }
+
+    fn token_file(content: &str) -> (tempfile::NamedTempFile, Result<Token, Failure>) {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(content.as_bytes()).expect("write");
+        let token = read_token_file(file.path());
+        (file, token)
+    }
+
+    #[test]
+    fn token_files_hold_one_line_besides_comments() {
+        for content in [
+            "s.abc\n",
+            "s.abc",
+            "  s.abc  \r\n",
+            "# INSECURE: dev-mode root token\n# a comment s.zzz\n\ns.abc\n",
+        ] {
+            let (_file, token) = token_file(content);
+            assert_eq!(
+                token.expect(content).expose_secret(),
+                "s.abc",
+                "{content:?}"
+            );
+        }
+        for content in ["", "# only a comment\n", "s.one\ns.two\n"] {
+            let (_file, token) = token_file(content);
+            let err = token.expect_err(content);
+            assert_eq!(err.reason, "INVALID_TOKEN", "{content:?}");
+            assert!(!err.message.contains("s.one"), "{}", err.message);
+        }
+        let err = read_token_file(Path::new("/nonexistent/token")).expect_err("missing");
+        assert_eq!(err.reason, "IO");
+        assert!(
+            err.message.contains("/nonexistent/token"),
+            "{}",
+            err.message
+        );
+    }
+
+    fn global(args: &[&str]) -> GlobalArgs {
+        use clap::Parser as _;
+        Cli::try_parse_from(["cipherctl"].iter().chain(args).chain(&["status"]))
+            .expect("parses")
+            .global
+    }
+
+    #[test]
+    fn the_token_file_is_read_and_an_empty_token_means_none() {
+        let (file, _) = token_file("s.fromfile\n");
+        let path = file.path().to_str().expect("utf-8 path");
+        let from_file = token(&global(&["--token-file", path])).expect("read");
+        assert_eq!(from_file.expect("some").expose_secret(), "s.fromfile");
+        let both = token(&global(&["--token", "s.flag", "--token-file", path])).expect("read");
+        assert_eq!(
+            both.expect("some").expose_secret(),
+            "s.fromfile",
+            "the file wins"
+        );
+        assert!(token(&global(&["--token", ""])).expect("ok").is_none());
+        let from_flag = token(&global(&["--token", "s.flag"])).expect("ok");
+        assert_eq!(from_flag.expect("some").expose_secret(), "s.flag");
+    }
+
+    #[test]
+    fn purpose_flags_become_a_purpose() {
+        let none = PurposeArgs {
+            purpose: None,
+            reason: None,
+        };
+        assert_eq!(purpose(&none), None);
+        let er = PurposeArgs {
+            purpose: Some("emergency".into()),
+            reason: Some("ER bed 4".into()),
+        };
+        assert_eq!(purpose(&er), Some(Purpose::emergency("ER bed 4")));
+        let plain = PurposeArgs {
+            purpose: Some("treatment".into()),
+            reason: None,
+        };
+        assert_eq!(purpose(&plain), Some(Purpose::new("treatment")));
     }
 
     #[test]

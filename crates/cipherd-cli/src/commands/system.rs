@@ -1,8 +1,8 @@
 //! Lifecycle commands: `status`, `init`, `unseal`, `seal` (the `SystemService` service).
 //!
 //! Unseal shares are secrets: `unseal` reads them from stdin when no argument is
-//! given so they stay out of shell history, and `init` prints them exactly once with
-//! a warning on stderr.
+//! given so they stay out of shell history, and `init` prints them and the root
+//! token exactly once with a warning on stderr.
 
 use cipherd_client::pb;
 
@@ -23,7 +23,7 @@ pub(super) async fn status(ctx: &Ctx) -> anyhow::Result<()> {
     ctx.emit(&StatusView::from(status))
 }
 
-/// `init`: prints the shares on stdout and the warning on stderr.
+/// `init`: prints the shares and the root token on stdout, the warning on stderr.
 pub(super) async fn init(ctx: &Ctx, args: InitArgs) -> anyhow::Result<()> {
     let reply = ctx
         .client
@@ -36,11 +36,15 @@ pub(super) async fn init(ctx: &Ctx, args: InitArgs) -> anyhow::Result<()> {
         .map_err(Failure::from)?
         .into_inner();
     let count = reply.shares.len();
+    let pb::InitResponse { shares, root_token } = reply;
+    let root_token = (!root_token.is_empty()).then_some(root_token);
+    let has_root_token = root_token.is_some();
     ctx.emit(&InitView {
-        shares: reply.shares,
+        shares,
         threshold: args.threshold,
+        root_token,
     })?;
-    eprintln!("\n{}", init_warning(count, args.threshold));
+    eprintln!("\n{}", init_warning(count, args.threshold, has_root_token));
     Ok(())
 }
 

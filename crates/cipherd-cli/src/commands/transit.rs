@@ -8,12 +8,13 @@
 
 use std::io::IsTerminal as _;
 
-use cipherd_client::{EncryptOptions, pb};
+use cipherd_client::{DataKeyOptions, EncryptOptions, RewrapOptions};
 
-use super::{Ctx, ciphertext_input, ciphertext_output, decode_base64_input, read_stdin_all};
+use super::{
+    Ctx, ciphertext_input, ciphertext_output, decode_base64_input, purpose, read_stdin_all,
+};
 use crate::{
     cli::{DatakeyArgs, DecryptArgs, EncryptArgs, RewrapArgs},
-    error::Failure,
     output::{CiphertextView, DataKeyView, PlaintextView},
 };
 
@@ -49,6 +50,7 @@ pub(super) async fn decrypt(ctx: &Ctx, args: DecryptArgs) -> anyhow::Result<()> 
     };
     let reply = ctx
         .client
+        .with_purpose(purpose(&args.purpose))
         .decrypt(
             &args.key,
             ciphertext_input(&input),
@@ -71,22 +73,18 @@ pub(super) async fn rewrap(ctx: &Ctx, args: RewrapArgs) -> anyhow::Result<()> {
         Some(c) => c.clone().into_bytes(),
         None => read_stdin_all("ciphertext").await?,
     };
+    let options = RewrapOptions {
+        associated_data: args.binding.associated_data().into(),
+        context: args.binding.context().into(),
+        destination_key: args.to.clone(),
+        destination_context: args.dest_context().into(),
+        text: !args.binary,
+    };
     let reply = ctx
         .client
-        .transit()
-        .rewrap(pb::RewrapRequest {
-            key: args.key.clone(),
-            ciphertext: ciphertext_input(&input).into(),
-            associated_data: args.binding.associated_data().into(),
-            context: args.binding.context().into(),
-            destination_key: args.to.clone().unwrap_or_default(),
-            destination_context: args.dest_context().into(),
-            encoding: encoding(args.binary) as i32,
-            ..Default::default()
-        })
-        .await
-        .map_err(Failure::from)?
-        .into_inner();
+        .with_purpose(purpose(&args.purpose))
+        .rewrap(&args.key, ciphertext_input(&input), &options)
+        .await?;
     ctx.emit(&CiphertextView {
         ciphertext: ciphertext_output(&reply.ciphertext, args.binary)?,
         key_version: reply.key_version,
@@ -96,33 +94,21 @@ pub(super) async fn rewrap(ctx: &Ctx, args: RewrapArgs) -> anyhow::Result<()> {
 /// `datakey KEY`: a fresh data key, in plaintext (unless `--wrapped-only`) and
 /// wrapped under KEY.
 pub(super) async fn datakey(ctx: &Ctx, args: DatakeyArgs) -> anyhow::Result<()> {
+    let options = DataKeyOptions {
+        bits: args.bits.get(),
+        wrapped_only: args.wrapped_only,
+        associated_data: args.binding.associated_data().into(),
+        context: args.binding.context().into(),
+        text: !args.binary,
+    };
     let reply = ctx
         .client
-        .transit()
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key: args.key,
-            bits: args.bits.get(),
-            wrapped_only: args.wrapped_only,
-            associated_data: args.binding.associated_data().into(),
-            context: args.binding.context().into(),
-            encoding: encoding(args.binary) as i32,
-            ..Default::default()
-        })
-        .await
-        .map_err(Failure::from)?
-        .into_inner();
+        .with_purpose(purpose(&args.purpose))
+        .generate_data_key(&args.key, &options)
+        .await?;
     ctx.emit(&DataKeyView {
         plaintext: (!args.wrapped_only).then(|| reply.plaintext.to_vec()),
         ciphertext: ciphertext_output(&reply.ciphertext, args.binary)?,
         key_version: reply.key_version,
     })
-}
-
-/// The wire encoding to ask for: text unless the user wants the binary form.
-pub(super) fn encoding(binary: bool) -> pb::CiphertextEncoding {
-    if binary {
-        pb::CiphertextEncoding::Binary
-    } else {
-        pb::CiphertextEncoding::Text
-    }
 }
