@@ -54,7 +54,7 @@ pub enum RunError {
     Audit(crate::Error),
     /// The JWKS file could not be loaded.
     #[error("jwt: {0}")]
-    Jwt(#[from] crate::auth::jwt::JwtError),
+    Jwt(#[from] crate::auth::jwt::JwksError),
 }
 
 /// Runs cipherd on `listener` until `shutdown` completes, then drains in-flight
@@ -83,6 +83,9 @@ pub async fn run(
         .map(JwtVerifier::new)
         .transpose()?
         .map(Arc::new);
+    let _jwks_watcher = jwt
+        .as_ref()
+        .map(|v| v.spawn_watcher(crate::auth::jwt::JWKS_POLL_INTERVAL));
     let store: Arc<dyn Store> = match &params.storage {
         StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
     };

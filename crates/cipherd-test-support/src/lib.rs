@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod jwt;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use cipherd_client::Client;

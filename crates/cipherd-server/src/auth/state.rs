@@ -251,7 +251,9 @@ impl AuthState {
             .iter()
             .filter_map(|n| {
                 if n == ROOT_POLICY {
-                    Some(Arc::new(Policy::root()))
+                    static ROOT: std::sync::LazyLock<Arc<Policy>> =
+                        std::sync::LazyLock::new(|| Arc::new(Policy::root().clone()));
+                    Some(Arc::clone(&ROOT))
                 } else {
                     self.inner.policies.get(n).map(|p| Arc::clone(&p.policy))
                 }
