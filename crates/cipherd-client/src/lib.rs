@@ -18,8 +18,8 @@ use std::{future::Future, time::Duration};
 use bytes::Bytes;
 pub use cipherd_proto::v1 as pb;
 use pb::{
-    key_admin_service_client::KeyAdminServiceClient, system_service_client::SystemServiceClient,
-    transit_service_client::TransitServiceClient,
+    audit_service_client::AuditServiceClient, key_admin_service_client::KeyAdminServiceClient,
+    system_service_client::SystemServiceClient, transit_service_client::TransitServiceClient,
 };
 use tonic::{Code, transport::Channel};
 use tonic_types::{RpcStatusExt as _, StatusExt as _};
@@ -174,6 +174,11 @@ impl Client {
     /// The generated `KeyAdminService` client on this connection.
     pub fn admin(&self) -> KeyAdminServiceClient<Channel> {
         KeyAdminServiceClient::new(self.channel.clone())
+    }
+
+    /// The generated `AuditService` client on this connection.
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
     }
 
     /// The generated `SystemService` client on this connection.

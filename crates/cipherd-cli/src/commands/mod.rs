@@ -2,10 +2,12 @@
 //! hand the result to `output`.
 //!
 //! One submodule per area: `system` (lifecycle), `keys` (key management), `transit`
-//! (one value at a time), `lines` (`--lines` streaming batches). Helpers shared by
+//! (one value at a time), `lines` (`--lines` streaming batches), `audit` (offline
+//! log verification, audit hashes). Helpers shared by
 //! them (stdin, ciphertext input and output forms) live here. Rendering decisions
 //! belong to `output`, syntax to `cli`.
 
+mod audit;
 mod keys;
 mod lines;
 mod system;
@@ -19,7 +21,7 @@ use cipherd_client::{Client, ClientOptions};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 
 use crate::{
-    cli::{Cli, Command, GlobalArgs},
+    cli::{AuditCommand, Cli, Command, GlobalArgs},
     error::Failure,
     output::{self, ErasedView, Format},
 };
@@ -32,11 +34,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Format::Human
     };
+    // Offline: no connection.
+    let command = match cli.command {
+        Command::Audit(AuditCommand::Verify(args)) => return audit::verify(format, &args),
+        other => other,
+    };
     let ctx = Ctx {
         client: connect(&cli.global).await?,
         format,
     };
-    match cli.command {
+    match command {
         Command::Status => system::status(&ctx).await?,
         Command::Init(args) => system::init(&ctx, args).await?,
         Command::Unseal(args) => system::unseal(&ctx, args).await?,
@@ -49,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rewrap(args) if args.lines => lines::rewrap(&ctx, args).await?,
         Command::Rewrap(args) => transit::rewrap(&ctx, args).await?,
         Command::Datakey(args) => transit::datakey(&ctx, args).await?,
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await?,
     }
     Ok(())
 }
