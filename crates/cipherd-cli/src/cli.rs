@@ -90,6 +90,9 @@ pub enum Command {
     /// Write, read, list and delete access policies (TOML documents of rules).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Verify audit log files (offline), or hash a value as audit records show it.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// `token …`.
@@ -231,6 +234,38 @@ pub struct PurposeArgs {
     /// with `--purpose emergency` under a break-glass rule.
     #[arg(long, value_name = "TEXT", requires = "purpose")]
     pub reason: Option<String>,
+}
+
+/// `audit …`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit log files, offline (no server is contacted).
+    /// Give a rotated series oldest first: `audit.log.2 audit.log.1 audit.log`.
+    /// Exits 0 with a summary, or 1 naming the first line removed, reordered or
+    /// edited.
+    Verify(AuditVerifyArgs),
+    /// HMAC-SHA256 of VALUE under the server's audit key: the form
+    /// (`hmac-sha256:<hex>`) in which batch references and derivation contexts
+    /// appear in audit records, to find a value's records.
+    Hash(AuditHashArgs),
+}
+
+/// `audit verify`.
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The files, oldest first.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+/// `audit hash`.
+#[derive(Debug, Args)]
+pub struct AuditHashArgs {
+    /// The value (UTF-8, or base64 of binary data with --base64).
+    pub value: String,
+    /// VALUE is base64 of binary data.
+    #[arg(long)]
+    pub base64: bool,
 }
 
 /// `init`.
@@ -1074,5 +1109,24 @@ mod tests {
         if std::env::var_os("CIPHERD_ADDR").is_none() {
             assert_eq!(ok(&["status"]).global.addr, DEFAULT_ADDR);
         }
+    }
+
+    #[test]
+    fn audit_verbs_parse() {
+        let cli = ok(&["audit", "verify", "audit.log.1", "audit.log"]);
+        let Command::Audit(AuditCommand::Verify(a)) = cli.command else {
+            panic!("verify");
+        };
+        assert_eq!(a.files.len(), 2);
+        assert_eq!(
+            usage_error(&["audit", "verify"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        let cli = ok(&["audit", "hash", "--base64", "AAE=", "--json"]);
+        let Command::Audit(AuditCommand::Hash(h)) = cli.command else {
+            panic!("hash");
+        };
+        assert!(h.base64 && cli.global.json);
+        assert_eq!(h.value, "AAE=");
     }
 }

@@ -1,5 +1,6 @@
 //! The cipherd crypto core: key types, AEAD, the ciphertext format, named keys and
-//! their versions, key derivation, the storage barrier and Shamir secret sharing.
+//! their versions, key derivation, the storage barrier, Shamir secret sharing and
+//! the audit log's hash chain.
 //!
 //! This crate does no I/O: no files, no sockets, no async runtime. Randomness comes
 //! from the AEAD provider's CSPRNG (aws-lc-rs). Callers (the server) own persistence
@@ -11,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod aead;
+pub mod audit_chain;
 pub mod barrier;
 pub mod ciphertext;
 mod error;

@@ -41,7 +41,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub tls: crate::edge::tls::RawTls,
     /// Audit sinks (`[[audit]]` tables).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::audit::deserialize_sinks")]
     pub audit: Vec<crate::audit::RawAuditSink>,
     /// Tokens (`[auth]`).
     pub auth: RawAuth,
@@ -592,11 +592,13 @@ const MAX_BUFFER_BUDGET: usize = tokio::sync::Semaphore::MAX_PERMITS;
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 impl Params {
-    /// Parameters for a server whose data lives in `data_dir`, all else default.
-    /// Convenient for tests and embedding.
+    /// Parameters for a server whose data lives in `data_dir`, all else default
+    /// (auditing to `<data_dir>/audit.log`, synced). Convenient for tests and
+    /// embedding.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>, dev: bool) -> Self {
         let data_dir = data_dir.into();
         Params {
+            audit: crate::audit::AuditParams::file(data_dir.join(crate::audit::DEV_AUDIT_FILE)),
             dev,
             storage: StorageParams::Sqlite {
                 path: data_dir.join("cipherd.db"),
@@ -610,7 +612,6 @@ impl Params {
             },
             memory: MemoryParams::default(),
             tls: None,
-            audit: crate::audit::AuditParams::default(),
             auth: AuthParams::DEFAULT,
             jwt: None,
         }
@@ -623,9 +624,11 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_match_for_data_dir() {
-        let raw = RawConfig::load(None, &[]).unwrap();
+        // Dev mode: a production server needs an [[audit]] sink configured.
+        let raw = RawConfig::load(None, &[("dev", "true".into())]).unwrap();
         let params = Params::try_from(raw.clone()).unwrap();
-        let expected = Params::for_data_dir(&raw.data_dir, false);
+        let expected = Params::for_data_dir(&raw.data_dir, true);
+        assert_eq!(params.audit, expected.audit);
         assert_eq!(params.limits, expected.limits);
         assert_eq!(params.usage, expected.usage);
         assert_eq!(params.storage, expected.storage);
@@ -743,6 +746,7 @@ mod tests {
             &[
                 ("limits.request_timeout_ms", "250".into()),
                 ("limits.max_concurrent_streams", "7".into()),
+                ("dev", "true".into()),
             ],
         )
         .unwrap();

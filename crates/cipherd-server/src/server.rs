@@ -49,9 +49,9 @@ pub enum RunError {
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// The audit log could not be set up.
-    #[error("audit: {0}")]
-    Audit(crate::Error),
+    /// An audit file could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::OpenError),
     /// The JWKS file could not be loaded.
     #[error("jwt: {0}")]
     Jwt(#[from] crate::auth::jwt::JwksError),

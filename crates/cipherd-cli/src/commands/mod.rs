@@ -3,13 +3,15 @@
 //!
 //! One submodule per area: `system` (lifecycle), `keys` (key management), `transit`
 //! (one value at a time), `lines` (`--lines` streaming batches), `auth` (tokens and
-//! roles), `policy` (policies). Helpers shared by them (credentials, stdin,
+//! roles), `policy` (policies), `audit` (offline log verification, audit
+//! hashes). Helpers shared by them (credentials, stdin,
 //! ciphertext input and output forms) live here. Rendering decisions belong to
 //! `output`, syntax to `cli`.
 //!
 //! The bearer token (`--token`, `CIPHERD_TOKEN` or `--token-file`) goes to the
 //! client library and nowhere else: no message here ever contains it.
 
+mod audit;
 mod auth;
 mod keys;
 mod lines;
@@ -29,7 +31,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 use zeroize::Zeroizing;
 
 use crate::{
-    cli::{Cli, Command, GlobalArgs, PurposeArgs},
+    cli::{AuditCommand, Cli, Command, GlobalArgs, PurposeArgs},
     error::Failure,
     output::{self, ErasedView, Format},
 };
@@ -42,11 +44,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Format::Human
     };
+    // Offline: no connection.
+    let command = match cli.command {
+        Command::Audit(AuditCommand::Verify(args)) => return audit::verify(format, &args),
+        other => other,
+    };
     let ctx = Ctx {
         client: connect(&cli.global).await?,
         format,
     };
-    match cli.command {
+    match command {
         Command::Status => system::status(&ctx).await?,
         Command::Init(args) => system::init(&ctx, args).await?,
         Command::Unseal(args) => system::unseal(&ctx, args).await?,
@@ -62,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => auth::token(&ctx, cmd).await?,
         Command::Role(cmd) => auth::role(&ctx, cmd).await?,
         Command::Policy(cmd) => policy::run(&ctx, cmd).await?,
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await?,
     }
     Ok(())
 }

@@ -78,6 +78,48 @@ pub struct AuditRecord {
     pub latency_us: u64,
 }
 
+impl AuditRecord {
+    /// A record of `kind` at `time` with every optional field empty and outcome
+    /// `OK`; the request path fills in the rest.
+    pub fn new(kind: &'static str, time: SystemTime) -> Self {
+        AuditRecord {
+            time,
+            kind,
+            request_id: String::new(),
+            rpc: String::new(),
+            principal: None,
+            auth_method: None,
+            token_accessor: None,
+            policies: Vec::new(),
+            peer: None,
+            peer_certificate: None,
+            operation: "",
+            key: None,
+            destination_key: None,
+            versions: Vec::new(),
+            items: None,
+            purpose: None,
+            reason: None,
+            break_glass: false,
+            references: Vec::new(),
+            contexts: Vec::new(),
+            outcome: Outcome {
+                code: "OK",
+                reason: None,
+            },
+            latency_us: 0,
+        }
+    }
+
+    /// The record as the JSON object a sink chains (the line without `seq` and
+    /// `prev`).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        serde_json::to_writer(&mut out, self).expect("an AuditRecord always serializes: no maps with non-string keys, no failing Serialize impls");
+        out
+    }
+}
+
 /// Item counts of a batch or stream chunk.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct ItemCounts {
@@ -99,8 +141,14 @@ pub struct Outcome {
     pub reason: Option<String>,
 }
 
-fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    // RFC 3339 UTC with microseconds, e.g. 2026-12-01T10:33:29.123456Z.
+/// RFC 3339 UTC with microseconds, e.g. `2026-12-01T10:33:29.123456Z`, written
+/// straight into the serializer's buffer (no intermediate `String`).
+pub(super) fn serialize_time<S: serde::Serializer>(
+    t: &SystemTime,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    s.serialize_str(&humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + d).to_string())
+    s.collect_str(&humantime::format_rfc3339_micros(
+        SystemTime::UNIX_EPOCH + d,
+    ))
 }
