@@ -405,7 +405,12 @@ impl Daemon {
         let config_text = format!("[log]\nformat = \"json\"\n{config}");
         let config = work.join("cipherd.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut child = command()
+        let mut child = command();
+        // Outside dev mode the server needs TLS (tests/tests/tls.rs) or this.
+        if !extra.contains(&"--dev") {
+            child.env("CIPHERD_SERVER_TLS__DISABLE", "true");
+        }
+        let mut child = child
             .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
             .arg("--data-dir")

@@ -609,7 +609,8 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_match_for_data_dir() {
-        let raw = RawConfig::load(None, &[]).unwrap();
+        // Without [tls] a non-dev server needs tls.disable (edge::tls tests that).
+        let raw = RawConfig::load(None, &[("tls.disable", "true".into())]).unwrap();
         let params = Params::try_from(raw.clone()).unwrap();
         let expected = Params::for_data_dir(&raw.data_dir, false);
         assert_eq!(params.limits, expected.limits);
@@ -640,7 +641,11 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/config.reference.toml"
         );
-        let from_file = RawConfig::load(Some(std::path::Path::new(path)), &[]).unwrap();
+        let from_file = RawConfig::load(
+            Some(std::path::Path::new(path)),
+            &[("tls.disable", "true".into())],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(path).unwrap();
         for (key, default) in DEFAULTS {
             let leaf = key.rsplit('.').next().unwrap();
@@ -729,6 +734,7 @@ mod tests {
             &[
                 ("limits.request_timeout_ms", "250".into()),
                 ("limits.max_concurrent_streams", "7".into()),
+                ("tls.disable", "true".into()),
             ],
         )
         .unwrap();
