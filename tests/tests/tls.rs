@@ -13,6 +13,8 @@
 //! (The client certificate's identity reaching `ConnInfo` is tested in the
 //! server's `edge::conn` unit tests.)
 
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
 use std::{
     io,
     net::SocketAddr,

@@ -3,6 +3,8 @@
 //! without it, or with an `http://` address, cipherctl refuses or fails to
 //! connect, naming the reason; with mTLS, `--client-cert`/`--client-key`.
 
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
 use std::{path::Path, process::Command, time::Duration};
 
 use cipherd_client::{Client, ClientOptions, TlsOptions};
