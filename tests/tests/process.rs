@@ -387,7 +387,7 @@ async fn binary_names_itself_cipherd() {
 struct Daemon {
     child: Child,
     addr: SocketAddr,
-    data: std::path::PathBuf,
+    data: PathBuf,
     log: Arc<Mutex<String>>,
     log_reader: tokio::task::JoinHandle<()>,
 }
@@ -417,7 +417,12 @@ impl Daemon {
         );
         let config = work.join("cipherd.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut child = command()
+        let mut child = command();
+        // Outside dev mode the server needs TLS (tests/tests/tls.rs) or this.
+        if !extra.contains(&"--dev") {
+            child.env("CIPHERD_SERVER_TLS__DISABLE", "true");
+        }
+        let mut child = child
             .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
             .arg("--data-dir")

@@ -2,7 +2,7 @@
 //!
 //! Parsing only: nothing here talks to a server.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, ensure};
 use clap::{Parser, ValueEnum};
@@ -96,6 +96,19 @@ pub struct Args {
     /// Print one JSON object instead of the human-readable report.
     #[arg(long)]
     pub json: bool,
+    /// PEM CA certificate of the target's TLS certificate: connect over TLS
+    /// (the cipherd target), as a production deployment does.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a target that requires one (mTLS).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the target's certificate must carry (with --tls-ca).
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    pub tls_server_name: String,
 }
 
 /// The server under test.
@@ -194,6 +207,10 @@ impl Args {
             ) {
                 bail!("OpenBao key types here: aes256-gcm96, chacha20-poly1305");
             }
+            ensure!(
+                self.tls_ca.is_none(),
+                "--tls-ca applies to cipherd (OpenBao is driven over plain HTTP/1.1)"
+            );
             // HTTP/1.1 has one request in flight per connection.
             self.connections = Some(self.concurrency);
             if self.text {
@@ -279,7 +296,11 @@ impl KeyType {
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let bare = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+    let bare = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .unwrap_or(s)
+        .trim_end_matches('/');
     bare.parse()
         .map_err(|e| format!("{s:?}: expected HOST:PORT with a numeric IP ({e})"))
 }

@@ -25,7 +25,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Response, Status, Streaming,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -607,8 +607,30 @@ fn outcome(expected: usize, errors: usize, first_error: Option<String>) -> Resul
 }
 
 fn endpoint(args: &Args, with_deadline: bool) -> anyhow::Result<Endpoint> {
-    // The same HTTP/2 settings as `cipherd_client::Client`.
-    let mut e = Endpoint::from_shared(format!("http://{}", args.addr))?
+    // The same HTTP/2 settings (and TLS, on the same provider) as
+    // `cipherd_client::Client`.
+    let scheme = if args.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{}", args.addr))?;
+    if let Some(ca) = &args.tls_ca {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?))
+            .domain_name(args.tls_server_name.clone());
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
+        }
+        e = e.tls_config(tls)?;
+    }
+    let mut e = e
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)

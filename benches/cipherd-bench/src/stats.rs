@@ -162,6 +162,7 @@ impl WorkerStats {
             keys: args.keys,
             key_type: args.key_type.name().to_owned(),
             text: args.text,
+            tls: args.tls_ca.is_some(),
             rate: args.rate,
             workers: args.workers,
             duration_secs: secs,
@@ -224,6 +225,8 @@ pub struct Report {
     pub key_type: String,
     /// Whether cipherd was asked for text ciphertexts.
     pub text: bool,
+    /// Whether the connections were TLS (`--tls-ca`).
+    pub tls: bool,
     /// Requested rate (0: unlimited).
     pub rate: f64,
     /// Generator threads.
@@ -287,12 +290,13 @@ impl Report {
             format!("{} × {} B", self.batch, self.size)
         };
         let mut out = format!(
-            "{} {} {}: {shape}, concurrency {} over {} connection(s), {} key(s) ({}), {:.1} s measured after {:.1} s warm-up\n",
+            "{} {} {}: {shape}, concurrency {} over {} {}connection(s), {} key(s) ({}), {:.1} s measured after {:.1} s warm-up\n",
             self.target,
             self.mode,
             self.op,
             self.concurrency,
             self.connections,
+            if self.tls { "TLS " } else { "" },
             self.keys,
             self.key_type,
             self.duration_secs,

@@ -57,6 +57,22 @@ pub struct GlobalArgs {
     // environment as given, and an exported variable must not break the flag.
     #[arg(long, value_name = "FILE", global = true, help_heading = GLOBAL)]
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that cipherd's TLS certificate must chain to. Turns
+    /// TLS on (`https://` is assumed when --addr has no scheme); an `https://`
+    /// address needs it.
+    #[arg(long, env = "CIPHERD_CACERT", value_name = "FILE", global = true, help_heading = GLOBAL)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for a cipherd that requires one (mTLS), with
+    /// --client-key and --ca-cert.
+    #[arg(long, env = "CIPHERD_CLIENT_CERT", value_name = "FILE", requires_all = ["client_key", "ca_cert"], global = true, help_heading = GLOBAL)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "CIPHERD_CLIENT_KEY", value_name = "FILE", requires = "client_cert", global = true, help_heading = GLOBAL)]
+    pub client_key: Option<PathBuf>,
+    /// The name cipherd's certificate must carry, when it is not the host in
+    /// --addr (e.g. connecting to an IP address).
+    #[arg(long, env = "CIPHERD_TLS_SERVER_NAME", value_name = "NAME", global = true, help_heading = GLOBAL)]
+    pub tls_server_name: Option<String>,
 }
 
 /// The top-level commands.

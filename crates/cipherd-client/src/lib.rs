@@ -73,6 +73,7 @@ use pb::{
     key_admin_service_client::KeyAdminServiceClient, policy_service_client::PolicyServiceClient,
     system_service_client::SystemServiceClient, transit_service_client::TransitServiceClient,
 };
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{
     Code,
     metadata::{Ascii, MetadataValue},
@@ -178,6 +179,100 @@ pub struct ClientOptions {
     /// Purpose of use sent with every decrypt, rewrap and data-key helper call
     /// (see the crate docs); [`Client::with_purpose`] overrides it per call.
     pub purpose: Option<Purpose>,
+    /// TLS: required for an `https://` endpoint, refused with `http://`.
+    pub tls: Option<TlsOptions>,
+}
+
+/// How the client verifies the server and, for mTLS, identifies itself.
+///
+/// The connection is TLS 1.2 or 1.3 (the server decides; cipherd defaults to
+/// 1.3 only) on aws-lc-rs, offering the hybrid post-quantum key exchange
+/// X25519MLKEM768 first, with ALPN `h2`.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// PEM CA certificate(s) the server's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// PEM client certificate chain and private key, for a server that asks for
+    /// client certificates (`tls.client_ca_file`).
+    pub identity: Option<(Vec<u8>, Zeroizing<Vec<u8>>)>,
+    /// The name the server's certificate must carry, when it is not the
+    /// endpoint's host (e.g. connecting to an IP address).
+    pub domain: Option<String>,
+}
+
+impl TlsOptions {
+    /// Trusts the CA certificate(s) in `ca_pem`.
+    pub fn new(ca_pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            ca_pem: ca_pem.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Presents `cert_pem` with `key_pem` as the client certificate (mTLS).
+    pub fn with_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity = Some((cert_pem.into(), Zeroizing::new(key_pem.into())));
+        self
+    }
+
+    /// Expects the server's certificate to name `domain`.
+    pub fn with_domain(mut self, domain: impl Into<String>) -> Self {
+        self.domain = Some(domain.into());
+        self
+    }
+
+    fn client_config(&self) -> Result<ClientTlsConfig> {
+        if !contains_pem(&self.ca_pem, "CERTIFICATE") {
+            return Err(Error::Protocol(
+                "TLS: the CA file holds no PEM certificate".into(),
+            ));
+        }
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            if !contains_pem(cert, "CERTIFICATE") {
+                return Err(Error::Protocol(
+                    "TLS: the client certificate file holds no PEM certificate".into(),
+                ));
+            }
+            if !contains_pem(key, "PRIVATE KEY") {
+                return Err(Error::Protocol(
+                    "TLS: the client key file holds no PEM private key".into(),
+                ));
+            }
+            config = config.identity(Identity::from_pem(cert, key.as_slice()));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}
+
+/// Never prints key material.
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &format_args!("[{} bytes]", self.ca_pem.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "[redacted]"))
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+/// Whether `pem` has a `-----BEGIN ...LABEL-----` line (e.g. `PRIVATE KEY` also
+/// matches `EC PRIVATE KEY`).
+fn contains_pem(pem: &[u8], label: &str) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    text.lines().any(|line| {
+        line.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|found| found.ends_with(label))
+    })
 }
 
 impl Default for ClientOptions {
@@ -189,6 +284,7 @@ impl Default for ClientOptions {
             batch_chunk: DEFAULT_BATCH_CHUNK,
             token: None,
             purpose: None,
+            tls: None,
         }
     }
 }
@@ -441,7 +537,9 @@ pub struct CreatedToken {
 pub type ItemResult = Result<Bytes>;
 
 impl Client {
-    /// Connects to `endpoint`, e.g. `http://127.0.0.1:8210`.
+    /// Connects to `endpoint`, e.g. `http://127.0.0.1:8210` (plaintext: dev mode
+    /// on loopback, or behind a TLS sidecar), or `https://cipherd.example:8210`
+    /// with [`ClientOptions::tls`].
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
         Self::connect_with(endpoint, ClientOptions::default()).await
     }
@@ -453,8 +551,25 @@ impl Client {
             Some(token) => Credentials::bearer(token)?,
             None => Credentials::none(),
         };
-        let channel = Channel::from_shared(endpoint.into())
-            .map_err(|e| Error::Protocol(format!("bad endpoint: {e}")))?
+        let endpoint = endpoint.into();
+        let mut builder = Channel::from_shared(endpoint.clone())
+            .map_err(|e| Error::Protocol(format!("bad endpoint: {e}")))?;
+        let https = endpoint.starts_with("https://");
+        match (&options.tls, https) {
+            (Some(tls), true) => builder = builder.tls_config(tls.client_config()?)?,
+            (Some(_), false) => {
+                return Err(Error::Protocol(format!(
+                    "TLS options need an https:// endpoint, not {endpoint}"
+                )));
+            }
+            (None, true) => {
+                return Err(Error::Protocol(format!(
+                    "{endpoint}: https:// needs TLS options (the CA certificate to trust)"
+                )));
+            }
+            (None, false) => {}
+        }
+        let channel = builder
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout)
             .tcp_nodelay(true)

@@ -657,7 +657,11 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/config.reference.toml"
         );
-        let from_file = RawConfig::load(Some(std::path::Path::new(path)), &[]).unwrap();
+        let from_file = RawConfig::load(
+            Some(std::path::Path::new(path)),
+            &[("tls.disable", "true".into())],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(path).unwrap();
         for (key, default) in DEFAULTS {
             let leaf = key.rsplit('.').next().unwrap();

@@ -34,6 +34,7 @@ mod transit;
 
 pub use config::DEFAULT_MAX_MESSAGE_BYTES;
 pub use config::Params;
+pub use edge::{ConnInfo, tls};
 pub use error::{Error, Result};
 pub use seal::{DEV_ROOT_TOKEN_FILE, DEV_SHARE_FILE};
 pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run, shutdown_signal};

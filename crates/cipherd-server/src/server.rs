@@ -46,6 +46,9 @@ pub enum RunError {
     /// Building reflection failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS files could not be used (the message names the option and file).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::edge::tls::TlsError),
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -125,7 +128,7 @@ pub async fn run(
     tracing::info!(%addr, dev = params.dev, "cipherd listening");
     log_lifecycle(&core).await;
     let limits = &params.limits;
-    let edge = Edge::new(limits);
+    let edge = Edge::new(limits, params.tls.as_ref())?;
     let layers = tower::ServiceBuilder::new()
         .layer(edge.request_id_layer())
         // Identity and audit; services authorize against the keys they touch.

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use cipherd_client::{Client, ClientOptions, Purpose, Token};
+use cipherd_client::{Client, ClientOptions, Purpose, TlsOptions, Token};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 use zeroize::Zeroizing;
 
@@ -92,9 +92,10 @@ impl Ctx {
 
 /// Connects with the global flags applied.
 async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
-    let addr = endpoint(&global.addr);
+    let addr = endpoint(&global.addr, global.ca_cert.is_some());
     let mut options = ClientOptions {
         token: token(global)?,
+        tls: tls_options(global, &addr)?,
         ..ClientOptions::default()
     };
     if let Some(timeout) = global.timeout {
@@ -203,11 +204,49 @@ fn purpose(args: &PurposeArgs) -> Option<Purpose> {
         .map(|p| Purpose::new(p.clone()).with_reason(args.reason.clone().unwrap_or_default()))
 }
 
-/// `host:port` means `http://host:port`; a scheme given is kept. Without a port
-/// the address means cipherd's port, [`DEFAULT_PORT`], never the scheme's (80),
-/// where no cipherd listens.
-fn endpoint(addr: &str) -> String {
-    let (scheme, rest) = addr.split_once("://").unwrap_or(("http", addr));
+/// TLS from `--ca-cert`, `--client-cert`/`--client-key` and `--tls-server-name`
+/// for the endpoint `addr` (`https://` needs `--ca-cert`; `http://` refuses it).
+fn tls_options(global: &GlobalArgs, addr: &str) -> anyhow::Result<Option<TlsOptions>> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    let https = addr.starts_with("https://");
+    let Some(ca) = &global.ca_cert else {
+        if https {
+            return Err(Failure::new(
+                "INVALID_ADDRESS",
+                format!(
+                    "{addr}: TLS needs --ca-cert FILE (or CIPHERD_CACERT), the CA that signed \
+                     cipherd's certificate"
+                ),
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    if !https {
+        return Err(Failure::new(
+            "INVALID_ADDRESS",
+            format!("{addr}: --ca-cert turns TLS on; use an https:// address"),
+        )
+        .into());
+    }
+    let mut tls = TlsOptions::new(read("--ca-cert", ca)?);
+    if let (Some(cert), Some(key)) = (&global.client_cert, &global.client_key) {
+        tls = tls.with_identity(read("--client-cert", cert)?, read("--client-key", key)?);
+    }
+    if let Some(name) = &global.tls_server_name {
+        tls = tls.with_domain(name.clone());
+    }
+    Ok(Some(tls))
+}
+
+/// `host:port` means `http://host:port` (`https://` with `tls`); a scheme given
+/// is kept. Without a port the address means cipherd's port, [`DEFAULT_PORT`],
+/// never the scheme's (80), where no cipherd listens.
+fn endpoint(addr: &str, tls: bool) -> String {
+    let default_scheme = if tls { "https" } else { "http" };
+    let (scheme, rest) = addr.split_once("://").unwrap_or((default_scheme, addr));
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     // An IPv6 literal's colons are inside its brackets.
     let port_part = authority.rfind(']').map_or(authority, |i| &authority[i..]);
@@ -298,14 +337,17 @@ mod tests {
 
     #[test]
     fn addresses_get_a_scheme_and_cipherds_port_when_missing() {
-        assert_eq!(endpoint("127.0.0.1:8210"), "http://127.0.0.1:8210");
-        assert_eq!(endpoint("https://kms:8210"), "https://kms:8210");
-        assert_eq!(endpoint("127.0.0.1"), "http://127.0.0.1:8210");
-        assert_eq!(endpoint("http://kms"), "http://kms:8210");
-        assert_eq!(endpoint("https://kms/"), "https://kms:8210");
-        assert_eq!(endpoint("[::1]"), "http://[::1]:8210");
-        assert_eq!(endpoint("[::1]:9"), "http://[::1]:9");
-        assert_eq!(endpoint("kms:1/base"), "http://kms:1/base");
+        assert_eq!(endpoint("127.0.0.1:8210", false), "http://127.0.0.1:8210");
+        assert_eq!(endpoint("https://kms:8210", false), "https://kms:8210");
+        assert_eq!(endpoint("127.0.0.1", false), "http://127.0.0.1:8210");
+        assert_eq!(endpoint("http://kms", false), "http://kms:8210");
+        assert_eq!(endpoint("https://kms/", false), "https://kms:8210");
+        assert_eq!(endpoint("[::1]", false), "http://[::1]:8210");
+        assert_eq!(endpoint("[::1]:9", false), "http://[::1]:9");
+        assert_eq!(endpoint("kms:1/base", false), "http://kms:1/base");
+        // With --ca-cert, no scheme means https; a given scheme is kept.
+        assert_eq!(endpoint("kms", true), "https://kms:8210");
+        assert_eq!(endpoint("http://kms", true), "http://kms:8210");
     }
 
     fn token_file(content: &str) -> (tempfile::NamedTempFile, Result<Token, Failure>) {

@@ -5,11 +5,13 @@
 //! From the socket inwards:
 //!
 //! 1. [`Incoming`] accepts connections up to `limits.max_connections`; more are
-//!    closed at once. Each accepted connection is an [`EdgeIo`](conn::EdgeIo), which closes it
-//!    when it delivers no request within `limits.header_read_timeout_ms` of
-//!    opening, or has none in flight for `limits.idle_timeout_ms`. Its
-//!    [`ConnInfo`](conn::ConnInfo) (peer address, activity tracker) reaches every request through
-//!    tonic's request extensions.
+//!    closed at once. With `[tls]`, each runs its TLS handshake ([`tls`]) in its
+//!    own task, within `limits.header_read_timeout_ms`. Each accepted connection
+//!    is an [`EdgeIo`](conn::EdgeIo) (over TCP or TLS), which closes it when it
+//!    delivers no request within `limits.header_read_timeout_ms` of opening, or
+//!    has none in flight for `limits.idle_timeout_ms`. Its [`ConnInfo`] (peer
+//!    address, TLS session and client certificate identity, activity tracker)
+//!    reaches every request through tonic's request extensions.
 //! 2. HTTP/2 itself (configured in `server.rs`): `limits.max_concurrent_streams`
 //!    per connection, keep-alive PINGs, bounded flow-control windows.
 //! 3. [`RequestIdLayer`]: an `x-request-id` (the client's if well-formed, else a
@@ -44,6 +46,7 @@ pub use limits::LimitsLayer;
 pub use request_id::{REQUEST_ID_HEADER, RequestIdLayer};
 
 use crate::config::Limits;
+use tls::{TlsError, TlsParams, TlsState};
 
 /// The edge of one server: shared state of its connection limit, concurrency
 /// limit and buffer budget, and the layers and listener stream that use it.
@@ -53,19 +56,42 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// An edge enforcing `limits`.
-    pub fn new(limits: &Limits) -> Self {
-        Self {
+    /// An edge enforcing `limits`, serving TLS with `tls` (its files are read
+    /// now, so a bad file stops the start), or plaintext with `None` (logged as a
+    /// warning: only behind a TLS-terminating sidecar, or in dev mode on loopback).
+    pub fn new(limits: &Limits, tls: Option<&TlsParams>) -> Result<Self, TlsError> {
+        let tls = match tls {
+            Some(params) => {
+                let state = TlsState::load(params)?;
+                tracing::info!(
+                    cert_file = %params.cert_file.display(),
+                    min_version = ?params.min_version,
+                    client_certificates = params.client_ca_file.is_some(),
+                    "TLS on: X25519MLKEM768 key exchange preferred, ALPN h2"
+                );
+                Some(state)
+            }
+            None => {
+                tracing::warn!(
+                    "TLS disabled: gRPC is served in plaintext; only behind a TLS-terminating \
+                     sidecar (tls.disable = true) or in dev mode on loopback"
+                );
+                None
+            }
+        };
+        Ok(Self {
             shared: Arc::new(Shared {
                 limits: *limits,
                 budget: Arc::new(Semaphore::new(limits.max_buffered_request_bytes)),
                 requests: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
+                tls,
             }),
-        }
+        })
     }
 
-    /// The connections accepted on `listener`, within the connection limit.
+    /// The connections accepted on `listener`, within the connection limit, with
+    /// their TLS handshakes done (and the TLS files watched while it lives).
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
         Incoming::new(listener, Arc::clone(&self.shared))
     }
@@ -89,8 +115,10 @@ struct Shared {
     budget: Arc<Semaphore>,
     /// Requests in flight that count against `max_concurrent_requests`.
     requests: AtomicUsize,
-    /// Connections open.
+    /// Connections open (or handshaking).
     connections: AtomicUsize,
+    /// The TLS configuration in service and its files; `None`: plaintext.
+    tls: Option<Arc<TlsState>>,
 }
 
 impl Shared {
