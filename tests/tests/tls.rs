@@ -30,6 +30,7 @@ use std::{
 use cipherd_client::{ClientOptions, TlsOptions};
 use cipherd_e2e::{Client, Params, pb};
 use cipherd_server::tls::TlsParams;
+use cipherd_test_support::pki::{Ca, Leaf, write_leaf};
 use hyper_util::rt::TokioIo;
 use rustls::{
     ClientConfig, NamedGroup, ProtocolVersion, RootCertStore, SupportedProtocolVersion,
@@ -42,82 +43,6 @@ use tokio::{
     sync::oneshot,
 };
 use tokio_rustls::client::TlsStream;
-
-/// A test CA.
-struct Ca {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    pem: String,
-}
-
-/// A certificate and its key, PEM, and the certificate's DER.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            issuer: rcgen::Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    fn leaf(&self, san: &str, cn: &str, serial: u64, server: bool) -> Leaf {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = vec![if san.contains("://") {
-            rcgen::SanType::URI(san.try_into().unwrap())
-        } else {
-            rcgen::SanType::DnsName(san.try_into().unwrap())
-        }];
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.serial_number = Some(serial.into());
-        params.extended_key_usages = vec![if server {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-
-    /// A server certificate for `localhost`.
-    fn server(&self, serial: u64) -> Leaf {
-        self.leaf("localhost", &format!("cipherd-{serial}"), serial, true)
-    }
-
-    /// A client certificate whose identity is the URI SAN `spiffe`.
-    fn client(&self, spiffe: &str) -> Leaf {
-        self.leaf(spiffe, "client", 7, false)
-    }
-}
-
-/// Writes `leaf` as `cert.pem` and `key.pem` into `dir`; returns TLS params.
-fn write_leaf(dir: &Path, leaf: &Leaf) -> TlsParams {
-    std::fs::write(dir.join("cert.pem"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.join("key.pem"), &leaf.key_pem).unwrap();
-    TlsParams::new(dir.join("cert.pem"), dir.join("key.pem"))
-}
 
 /// A dev-mode cipherd in this process on 127.0.0.1:0, serving TLS.
 struct TlsServer {
@@ -164,11 +89,14 @@ impl TlsServer {
         ca: &Ca,
         identity: Option<&Leaf>,
     ) -> Result<Client, cipherd_client::Error> {
-        Client::connect_with(
-            format!("https://{}", self.addr),
-            client_options(ca, identity),
-        )
-        .await
+        let mut options = client_options(ca, identity);
+        // The dev root token, once dev mode has written it.
+        if let Ok(token) =
+            std::fs::read_to_string(self._data.path().join(cipherd_server::DEV_ROOT_TOKEN_FILE))
+        {
+            options = options.with_token(token.trim());
+        }
+        Client::connect_with(format!("https://{}", self.addr), options).await
     }
 
     async fn stop(mut self) {
@@ -524,8 +452,11 @@ async fn binary_keeps_the_old_certificate_when_the_new_one_is_bad_and_reloads_on
     std::fs::write(
         &config,
         format!(
-            "[log]\nformat = \"json\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nmin_version = \"1.2\"\n",
-            tls.cert_file, tls.key_file
+            "[log]\nformat = \"json\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nmin_version = \"1.2\"\n\
+             [[audit]]\ntype = \"file\"\npath = {:?}\n",
+            tls.cert_file,
+            tls.key_file,
+            dir.path().join("audit.log")
         ),
     )
     .unwrap();

@@ -109,6 +109,39 @@ pub struct Args {
     /// The name the target's certificate must carry (with --tls-ca).
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     pub tls_server_name: String,
+    /// Bearer token for a cipherd target (its `authorization` metadata).
+    #[arg(
+        long,
+        env = "CIPHERD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub cipherd_token: Option<String>,
+    /// Read the bearer token from FILE (e.g. a dev server's root-token.INSECURE):
+    /// its first line that is neither blank nor a `#` comment.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Args {
+    /// The cipherd bearer token from `--token-file` or `--cipherd-token`, if any.
+    pub fn token(&self) -> anyhow::Result<Option<cipherd_client::Token>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading --token-file {}: {e}", path.display()))?;
+            let line = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .ok_or_else(|| anyhow::anyhow!("--token-file {} holds no token", path.display()))?;
+            return Ok(Some(cipherd_client::Token::from(line)));
+        }
+        Ok(self
+            .cipherd_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(cipherd_client::Token::from))
+    }
 }
 
 /// The server under test.

@@ -25,7 +25,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Response, Status, Streaming,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -46,10 +46,7 @@ const SETUP_CONCURRENCY: usize = 32;
 /// Runs `args` against a cipherd or echo server (see the module docs).
 pub async fn run(args: &Args) -> anyhow::Result<Option<Report>> {
     wait_ready(args).await?;
-    let setup = endpoint(args, true)?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let setup = connect(args, true).await?;
     let keys = args.key_names();
     if args.create_keys {
         if args.target == Target::Echo {
@@ -76,11 +73,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Option<Report>> {
         // A per-request deadline would also cut streams short; streams rely on
         // the grace period after the end instead.
         let streaming = args.mode == Mode::Stream;
-        let channel = endpoint(args, !streaming)?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
-        channels.push(channel);
+        channels.push(connect(args, !streaming).await?);
     }
 
     // One request before the clock starts, so a missing key or a bad flag is an
@@ -153,7 +146,7 @@ async fn check_health(args: &Args) -> Result<(), String> {
 
 /// Creates `names` as keys of `key_type`; keys that exist already are kept.
 pub async fn create_keys(
-    channel: &Channel,
+    channel: &Chan,
     names: &[String],
     key_type: KeyType,
 ) -> anyhow::Result<()> {
@@ -189,7 +182,7 @@ pub async fn create_keys(
 
 /// Plaintexts for encrypt (shared by every key); for decrypt and rewrap,
 /// ciphertexts made by the target under each key.
-async fn build_pool(args: &Args, channel: &Channel, keys: &[String]) -> anyhow::Result<Pool> {
+async fn build_pool(args: &Args, channel: &Chan, keys: &[String]) -> anyhow::Result<Pool> {
     if args.op == Op::Encrypt {
         return Pool::new(vec![plaintexts(args.pool, args.size)]);
     }
@@ -354,7 +347,7 @@ impl Plan {
 
 /// One in-flight unary or batch request at a time on a shared connection.
 struct GrpcCaller {
-    client: TransitServiceClient<Channel>,
+    client: TransitServiceClient<Chan>,
     plan: Arc<Plan>,
 }
 
@@ -409,7 +402,7 @@ impl Caller for GrpcCaller {
 async fn run_streams(
     args: &Args,
     plan: &Arc<Plan>,
-    channels: &[Channel],
+    channels: &[Chan],
     timing: Timing,
     grace: Duration,
 ) -> WorkerStats {
@@ -641,7 +634,25 @@ fn endpoint(args: &Args, with_deadline: bool) -> anyhow::Result<Endpoint> {
     Ok(e)
 }
 
-fn transit(channel: Channel) -> TransitServiceClient<Channel> {
+/// A connection to the target carrying the bearer token (if any) on every call.
+type Chan = cipherd_client::AuthChannel;
+
+async fn connect(args: &Args, with_deadline: bool) -> anyhow::Result<Chan> {
+    let credentials = match args.token()? {
+        Some(token) => cipherd_client::Credentials::bearer(&token)?,
+        None => cipherd_client::Credentials::none(),
+    };
+    let channel = endpoint(args, with_deadline)?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        credentials,
+    ))
+}
+
+fn transit(channel: Chan) -> TransitServiceClient<Chan> {
     TransitServiceClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)

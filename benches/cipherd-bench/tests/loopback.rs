@@ -29,6 +29,13 @@ fn args(addr: &str, extra: &[&str]) -> Args {
     Args::try_parse_from(argv).unwrap()
 }
 
+/// `extra` with `--token-file token` in front (a cipherd target's bearer token).
+fn with_token<'a>(token: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec!["--token-file", token];
+    argv.extend_from_slice(extra);
+    argv
+}
+
 async fn run(addr: &str, extra: &[&str]) -> Report {
     cipherd_bench::run(args(addr, extra))
         .await
@@ -61,56 +68,71 @@ const SHAPES: [&[&str]; 9] = [
 async fn every_mode_and_op_runs_against_cipherd() {
     let server = TestServer::dev().await;
     let addr = server.addr.to_string();
+    let token = server
+        .data_dir
+        .join(cipherd_server::DEV_ROOT_TOKEN_FILE)
+        .display()
+        .to_string();
+    let token = token.as_str();
     // The probe names a missing key: a clear setup error, not a run of failures.
-    let err = cipherd_bench::run(args(&addr, &["--key", "missing"]))
+    let err = cipherd_bench::run(args(&addr, &with_token(token, &["--key", "missing"])))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("KEY_NOT_FOUND"), "{err:#}");
 
-    let setup = cipherd_bench::run(args(&addr, &["--create-keys", "--setup-only"]))
-        .await
-        .unwrap();
+    let setup = cipherd_bench::run(args(
+        &addr,
+        &with_token(token, &["--create-keys", "--setup-only"]),
+    ))
+    .await
+    .unwrap();
     assert!(setup.is_none());
     for shape in SHAPES {
         let mut extra = shape.to_vec();
         extra.extend_from_slice(&["--size", "100"]);
-        let r = run(&addr, &extra).await;
+        let r = run(&addr, &with_token(token, &extra)).await;
         assert_clean(&r, &format!("{shape:?}"));
         assert_eq!(r.target, "cipherd");
     }
     // Many keys, each with its own ciphertexts, and a counted key type.
     let r = run(
         &addr,
-        &[
-            "--keys",
-            "20",
-            "--key",
-            "many",
-            "--create-keys",
-            "--op",
-            "decrypt",
-            "--mode",
-            "batch",
-            "--batch",
-            "10",
-        ],
+        &with_token(
+            token,
+            &[
+                "--keys",
+                "20",
+                "--key",
+                "many",
+                "--create-keys",
+                "--op",
+                "decrypt",
+                "--mode",
+                "batch",
+                "--batch",
+                "10",
+            ],
+        ),
     )
     .await;
     assert_clean(&r, "20 keys");
     let r = run(
         &addr,
-        &[
-            "--key",
-            "gcm",
-            "--key-type",
-            "aes256-gcm96",
-            "--create-keys",
-            "--op",
-            "rewrap",
-            "--text",
-            "--rate",
-            "200",
-        ],
+        &with_token(
+            token,
+            &[
+                "--key",
+                "gcm",
+                "--key-type",
+                "aes256-gcm96",
+                "--create-keys",
+                "--op",
+                "rewrap",
+                "--text",
+                "--rate",
+                "200",
+            ],
+        ),
     )
     .await;
     assert_clean(&r, "aes256-gcm96, text, paced");

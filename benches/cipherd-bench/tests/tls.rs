@@ -53,6 +53,9 @@ async fn batch_and_stream_runs_over_mtls() {
 
     let path = |name: &str| d.join(name).display().to_string();
     let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    // Dev mode writes the root token there at start; the generator reads it once
+    // the server reports ready.
+    let token = path("data/root-token.INSECURE");
     let args = |extra: &[&str]| {
         let mut argv = vec![
             "cipherd-bench",
@@ -72,6 +75,8 @@ async fn batch_and_stream_runs_over_mtls() {
             &cert,
             "--tls-key",
             &key,
+            "--token-file",
+            &token,
         ];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).unwrap()

@@ -66,9 +66,38 @@ impl Run {
     }
 }
 
-/// Runs `cipherctl --addr ADDR ARGS…` with `stdin` (empty when `None`).
+/// The data dirs of the servers under test by endpoint, so that [`cipherctl`]
+/// sends a server's root token (`--token-file <data_dir>/root-token.INSECURE`)
+/// once it has one, as an operator would.
+static DATA_DIRS: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `server`'s endpoint, remembered with its data dir (see [`DATA_DIRS`]).
+fn endpoint(server: &TestServer) -> String {
+    let endpoint = server.endpoint();
+    DATA_DIRS
+        .lock()
+        .expect("lock")
+        .push((endpoint.clone(), server.data_dir.clone()));
+    endpoint
+}
+
+/// The root token file of the server at `addr`, if it has one yet.
+fn token_file(addr: &str) -> Option<std::path::PathBuf> {
+    let dirs = DATA_DIRS.lock().expect("lock");
+    let (_, dir) = dirs.iter().find(|(e, _)| e == addr)?;
+    let file = dir.join(cipherd_server::DEV_ROOT_TOKEN_FILE);
+    file.exists().then_some(file)
+}
+
+/// Runs `cipherctl --addr ADDR ARGS…` with `stdin` (empty when `None`), with the
+/// server's root token when it has one.
 async fn cipherctl(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
     let mut argv = vec!["--addr".to_owned(), addr.to_owned()];
+    if let Some(file) = token_file(addr) {
+        argv.push("--token-file".to_owned());
+        argv.push(file.display().to_string());
+    }
     argv.extend(args.iter().map(|s| (*s).to_owned()));
     let input = stdin.unwrap_or_default().to_vec();
     tokio::task::spawn_blocking(move || {
@@ -116,7 +145,7 @@ fn one_line(run: &Run) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tour() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
 
     let status = cipherctl(addr, &["status"], None).await.success();
@@ -264,7 +293,7 @@ async fn tour() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_have_reasons_and_usage_errors_exit_2() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
 
     let run = cipherctl(addr, &["encrypt", "nope", "x"], None)
@@ -319,7 +348,7 @@ async fn errors_have_reasons_and_usage_errors_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn associated_data_context_and_binary_forms() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
     cipherctl(
         addr,
@@ -459,7 +488,7 @@ async fn associated_data_context_and_binary_forms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_management_commands() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
     for name in ["a", "b", "c"] {
         cipherctl(addr, &["key", "create", name], None)
@@ -619,7 +648,7 @@ async fn key_management_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_stream_in_chunks_and_json_lines() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
     cipherctl(addr, &["key", "create", "etl"], None)
         .await
@@ -730,7 +759,7 @@ async fn lines_stream_in_chunks_and_json_lines() {
 async fn init_unseal_seal_lifecycle() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = TestServer::start(Params::for_data_dir(dir.path(), false)).await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     let addr = addr.as_str();
 
     let v = cipherctl(addr, &["--json", "status"], None)
@@ -770,6 +799,16 @@ async fn init_unseal_seal_lifecycle() {
         .map(|s| s.as_str().expect("share").to_owned())
         .collect();
     assert_eq!(shares.len(), 3);
+    // The operator keeps the root token in a private file for --token-file.
+    let root = run.json()["root_token"]
+        .as_str()
+        .expect("init prints the root token")
+        .to_owned();
+    assert!(root.starts_with("cdt_"), "{root}");
+    write_private(
+        &dir.path().join(cipherd_server::DEV_ROOT_TOKEN_FILE),
+        &format!("{root}\n"),
+    );
 
     let run = cipherctl(addr, &["status"], None).await.success();
     assert!(
@@ -836,7 +875,7 @@ async fn init_unseal_seal_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_stdout_stops_quietly() {
     let server = TestServer::dev().await;
-    let addr = server.endpoint();
+    let addr = endpoint(&server);
     cipherctl(&addr, &["key", "create", "k"], None)
         .await
         .success();
@@ -863,4 +902,17 @@ async fn closed_stdout_stops_quietly() {
     .expect("join");
     assert_eq!(code, Some(141), "stderr: {stderr}");
     assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// Writes `text` to `path`, readable by the owner only.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create the token file");
+    file.write_all(text.as_bytes())
+        .expect("write the token file");
 }

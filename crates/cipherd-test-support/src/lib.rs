@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod jwt;
+pub mod pki;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -20,6 +21,8 @@ pub struct TestServer {
     /// The data dir (kept alive as long as the server value, unless handed over).
     pub data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// How clients reach a TLS-serving server (`None`: plaintext).
+    tls: Option<cipherd_client::TlsOptions>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), cipherd_server::RunError>>>,
 }
@@ -36,6 +39,11 @@ impl TestServer {
 
     /// A server with `params` (the data dir is the caller's to manage).
     pub async fn start(params: Params) -> Self {
+        Self::start_with_tls(params, None).await
+    }
+
+    /// A server with `params` whose clients connect with `tls` (for `params.tls`).
+    pub async fn start_with_tls(params: Params, tls: Option<cipherd_client::TlsOptions>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -49,6 +57,7 @@ impl TestServer {
             addr,
             data_dir,
             _temp: None,
+            tls,
             stop: Some(stop),
             task: Some(task),
         };
@@ -56,9 +65,20 @@ impl TestServer {
         server
     }
 
-    /// `http://ADDR` for clients.
+    /// `http://ADDR` for clients, `https://ADDR` when the server serves TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// Client options that reach this server (TLS when it serves TLS).
+    pub fn client_options(&self) -> cipherd_client::ClientOptions {
+        cipherd_client::ClientOptions {
+            tls: self.tls.clone(),
+            ..Default::default()
+        }
     }
 
     /// A connected client with the dev root token, when the data dir has one
@@ -66,13 +86,13 @@ impl TestServer {
     pub async fn client(&self) -> Client {
         match self.root_token() {
             Some(token) => self.client_with_token(&token).await,
-            None => Client::connect(self.endpoint()).await.expect("connect"),
+            None => self.anonymous_client().await,
         }
     }
 
     /// A connected client that sends `token`.
     pub async fn client_with_token(&self, token: &str) -> Client {
-        let options = cipherd_client::ClientOptions::default().with_token(token);
+        let options = self.client_options().with_token(token);
         Client::connect_with(self.endpoint(), options)
             .await
             .expect("connect")
@@ -80,7 +100,9 @@ impl TestServer {
 
     /// A connected client that sends no credential.
     pub async fn anonymous_client(&self) -> Client {
-        Client::connect(self.endpoint()).await.expect("connect")
+        Client::connect_with(self.endpoint(), self.client_options())
+            .await
+            .expect("connect")
     }
 
     /// The dev-mode root token from the data dir, if there is one.
@@ -107,7 +129,7 @@ impl TestServer {
     /// Polls `SystemService.Status` until the server answers (at most ~10 s).
     async fn wait_ready(&self) {
         for _ in 0..1000 {
-            if let Ok(client) = Client::connect(self.endpoint()).await
+            if let Ok(client) = Client::connect_with(self.endpoint(), self.client_options()).await
                 && client.status().await.is_ok()
             {
                 return;
