@@ -858,6 +858,28 @@ mod tests {
         assert!(load("").expect("loads").jwks_file.is_none());
     }
 
+    /// `docs/config.reference.toml` documents `[jwt]` with its real defaults
+    /// (and leaves JWTs off).
+    #[test]
+    fn the_reference_file_has_the_defaults() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/config.reference.toml"
+        );
+        let text = std::fs::read_to_string(path).expect("reference file");
+        let section = text.split("\n[jwt]\n").nth(1).expect("[jwt] section");
+        let raw: toml::Table = toml::from_str(section).expect("TOML");
+        let jwt: RawJwt = raw.try_into().expect("RawJwt");
+        let defaults = RawJwt::default();
+        assert_eq!(jwt.principal_claim, defaults.principal_claim);
+        assert_eq!(jwt.groups_claim, defaults.groups_claim);
+        assert_eq!(jwt.clock_skew_s, defaults.clock_skew_s);
+        assert!(jwt.jwks_file.is_none());
+        for option in ["jwks_file", "issuer", "audience"] {
+            assert!(section.contains(&format!("# {option} = ")), "{option}");
+        }
+    }
+
     #[test]
     fn header_peek() {
         let enc = |s: &str| URL_SAFE_NO_PAD.encode(s);
