@@ -12,7 +12,10 @@
 //! signature and claim checks are the `jsonwebtoken` crate's, on aws-lc-rs; this
 //! module only chooses the key and the algorithm.
 //!
-//! The JWKS is parsed once into `DecodingKey`s and swapped as a whole on reload
+//! The JWKS is parsed once into `DecodingKey`s, and a token that verified is
+//! remembered by its SHA-256 until it expires, so a client reusing its access
+//! token pays for one signature check, not one per call. Keys and remembered
+//! tokens are swapped as a whole on reload
 //! ([`JwtVerifier::reload`], and [`JwtVerifier::spawn_watcher`] on SIGHUP and
 //! when the file's content changes). A key the verifier cannot use (encryption
 //! keys, HMAC secrets, other curves, RSA below 2048 bits) is skipped with a
@@ -33,6 +36,7 @@ use std::{
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use dashmap::DashMap;
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     errors::ErrorKind,
@@ -355,10 +359,35 @@ impl JwtVerifier {
     }
 
     /// Verifies `token` (without the `Bearer ` prefix).
+    ///
+    /// A token that verified once is remembered (by its SHA-256, never the
+    /// token itself) until its `exp` plus the skew, so a client that reuses its
+    /// access token pays for the signature once: later calls only look it up and
+    /// check `exp` again. The memory belongs to the key set in service and is
+    /// dropped with it on reload, so a key removed from the file stops
+    /// verifying at once.
     pub fn verify(&self, token: &str) -> Result<JwtIdentity, JwtError> {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`Self::verify`] with `now` (seconds since the epoch) for the check of
+    /// remembered tokens; a first verification uses the `jsonwebtoken` clock.
+    fn verify_at(&self, token: &str, now: u64) -> Result<JwtIdentity, JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(JwtError::TooLarge(token.len()));
         }
+        let keys = self.current();
+        let fingerprint = fingerprint(token);
+        let leeway = self.params.clock_skew.as_secs();
+        if let Some(seen) = keys.verified.get(&fingerprint) {
+            if now <= seen.exp.saturating_add(leeway) {
+                return Ok(seen.identity.clone());
+            }
+            drop(seen);
+            keys.verified.remove(&fingerprint);
+            return Err(JwtError::Expired);
+        }
+
         let header = peek_header(token)?;
         let (algorithm, slot) = match header.alg.as_str() {
             "RS256" => (Algorithm::RS256, 0),
@@ -366,7 +395,6 @@ impl JwtVerifier {
             "EdDSA" => (Algorithm::EdDSA, 2),
             other => return Err(JwtError::AlgorithmNotAccepted(shorten(other))),
         };
-        let keys = self.current();
         let key = match &header.kid {
             Some(kid) => keys
                 .keys
@@ -390,7 +418,9 @@ impl JwtVerifier {
             &self.validations[slot],
         )
         .map_err(classify)?;
-        self.identity(&data.claims)
+        let (identity, exp) = self.identity(&data.claims)?;
+        keys.remember(fingerprint, &identity, exp, now.saturating_sub(leeway));
+        Ok(identity)
     }
 
     /// Reads the JWKS file again and, if its content changed and it is valid,
@@ -476,7 +506,11 @@ impl JwtVerifier {
             .clone()
     }
 
-    fn identity(&self, claims: &serde_json::Map<String, Value>) -> Result<JwtIdentity, JwtError> {
+    /// The identity a verified token's claims name, and its `exp`.
+    fn identity(
+        &self,
+        claims: &serde_json::Map<String, Value>,
+    ) -> Result<(JwtIdentity, u64), JwtError> {
         let principal = &self.params.principal_claim;
         let subject = match claims.get(principal) {
             None => return Err(JwtError::MissingClaim(principal.clone())),
@@ -494,24 +528,45 @@ impl JwtVerifier {
                 .ok_or_else(|| JwtError::BadClaim(groups_claim.clone()))?,
             Some(_) => return Err(JwtError::BadClaim(groups_claim.clone())),
         };
-        // `jsonwebtoken` checked that `exp` is present and numeric.
-        let expires_at = claims
+        // `jsonwebtoken` checked that `exp` is present and a non-negative
+        // number (rounding a fraction, as it does).
+        let exp = claims
             .get("exp")
-            .and_then(|exp| exp.as_u64().or_else(|| exp.as_f64().map(|f| f as u64)))
-            .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
-        Ok(JwtIdentity {
-            subject,
-            groups,
-            expires_at,
-        })
+            .and_then(|exp| {
+                exp.as_u64()
+                    .or_else(|| exp.as_f64().map(|f| f.round() as u64))
+            })
+            .ok_or_else(|| JwtError::MissingClaim("exp".into()))?;
+        let expires_at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp));
+        Ok((
+            JwtIdentity {
+                subject,
+                groups,
+                expires_at,
+            },
+            exp,
+        ))
     }
 }
 
-/// The parsed keys of one JWKS file, with the bytes they came from.
+/// The parsed keys of one JWKS file, with the bytes they came from and the
+/// tokens they verified.
 struct KeySet {
     keys: Vec<VerifyingKey>,
     content: Vec<u8>,
+    /// Tokens verified under these keys, by SHA-256.
+    verified: DashMap<[u8; 32], Verified>,
 }
+
+/// A token that verified: who it names, until when.
+struct Verified {
+    identity: JwtIdentity,
+    exp: u64,
+}
+
+/// The most verified tokens remembered per key set; when full, expired ones
+/// are dropped, and if that is not enough, all of them (they verify again).
+pub const MAX_REMEMBERED_TOKENS: usize = 10_000;
 
 struct VerifyingKey {
     kid: Option<String>,
@@ -574,7 +629,28 @@ impl KeySet {
                 index,
             });
         }
-        Ok(KeySet { keys, content })
+        Ok(KeySet {
+            keys,
+            content,
+            verified: DashMap::new(),
+        })
+    }
+
+    /// Remembers a verified token; `horizon` is the oldest `exp` still valid.
+    fn remember(&self, fingerprint: [u8; 32], identity: &JwtIdentity, exp: u64, horizon: u64) {
+        if self.verified.len() >= MAX_REMEMBERED_TOKENS {
+            self.verified.retain(|_, seen| seen.exp >= horizon);
+            if self.verified.len() >= MAX_REMEMBERED_TOKENS {
+                self.verified.clear();
+            }
+        }
+        self.verified.insert(
+            fingerprint,
+            Verified {
+                identity: identity.clone(),
+                exp,
+            },
+        );
     }
 }
 
@@ -679,6 +755,20 @@ fn algorithm_name(algorithm: Algorithm) -> &'static str {
         Algorithm::EdDSA => "EdDSA",
         _ => "other",
     }
+}
+
+fn fingerprint(token: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    digest
+        .as_ref()
+        .try_into()
+        .expect("a SHA-256 digest is 32 bytes")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A value from a token, cut for the log (it is attacker-controlled).
@@ -856,6 +946,103 @@ mod tests {
         assert_eq!(p.clock_skew, Duration::from_secs(30));
         assert!(load("[jwt]\njwks = \"/j.json\"\n").is_err());
         assert!(load("").expect("loads").jwks_file.is_none());
+    }
+
+    /// `docs/config.reference.toml` documents `[jwt]` with its real defaults
+    /// (and leaves JWTs off).
+    #[test]
+    fn the_reference_file_has_the_defaults() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/config.reference.toml"
+        );
+        let text = std::fs::read_to_string(path).expect("reference file");
+        let section = text.split("\n[jwt]\n").nth(1).expect("[jwt] section");
+        let raw: toml::Table = toml::from_str(section).expect("TOML");
+        let jwt: RawJwt = raw.try_into().expect("RawJwt");
+        let defaults = RawJwt::default();
+        assert_eq!(jwt.principal_claim, defaults.principal_claim);
+        assert_eq!(jwt.groups_claim, defaults.groups_claim);
+        assert_eq!(jwt.clock_skew_s, defaults.clock_skew_s);
+        assert!(jwt.jwks_file.is_none());
+        for option in ["jwks_file", "issuer", "audience"] {
+            assert!(section.contains(&format!("# {option} = ")), "{option}");
+        }
+    }
+
+    fn verifier_for(issuer: &cipherd_test_support::jwt::TestIssuer) -> JwtVerifier {
+        JwtVerifier::new(&JwtParams {
+            jwks_file: issuer.jwks_path().to_owned(),
+            issuer: issuer.issuer.clone(),
+            audience: vec![issuer.audience.clone()],
+            principal_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            clock_skew: Duration::from_secs(60),
+        })
+        .expect("JWKS loads")
+    }
+
+    #[test]
+    fn verified_tokens_are_remembered_until_they_expire() {
+        use cipherd_test_support::jwt::{JwtAlg, TestIssuer};
+
+        let issuer = TestIssuer::new();
+        let verifier = verifier_for(&issuer);
+        let now = unix_now();
+        let mut claims = issuer.claims("alice");
+        claims["exp"] = serde_json::json!(now + 100);
+        claims["groups"] = serde_json::json!(["ward-3"]);
+        let token = issuer.mint(JwtAlg::EdDSA, &claims);
+        let first = verifier.verify_at(&token, now).expect("valid");
+        assert_eq!(verifier.current().verified.len(), 1);
+        // Only the remembered path sees these clocks (the signature check uses
+        // the real one): it still checks `exp`, with the skew.
+        assert_eq!(
+            verifier.verify_at(&token, now + 160).expect("in skew"),
+            first
+        );
+        assert!(matches!(
+            verifier.verify_at(&token, now + 161),
+            Err(JwtError::Expired)
+        ));
+        assert_eq!(verifier.current().verified.len(), 0, "forgotten");
+        // Verified afresh, and remembered again.
+        assert_eq!(verifier.verify(&token).expect("valid"), first);
+        assert_eq!(verifier.current().verified.len(), 1);
+        // A refused token is never remembered.
+        let tampered = format!("{}x", &token[..token.len() - 1]);
+        assert!(verifier.verify(&tampered).is_err());
+        assert_eq!(verifier.current().verified.len(), 1);
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded() {
+        let issuer = cipherd_test_support::jwt::TestIssuer::new();
+        let verifier = verifier_for(&issuer);
+        let keys = verifier.current();
+        let identity = JwtIdentity {
+            subject: "s".into(),
+            groups: vec![],
+            expires_at: None,
+        };
+        let fp = |i: usize| {
+            let mut f = [0u8; 32];
+            f[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            f
+        };
+        for i in 0..MAX_REMEMBERED_TOKENS {
+            keys.remember(fp(i), &identity, 1_000, 0);
+        }
+        assert_eq!(keys.verified.len(), MAX_REMEMBERED_TOKENS);
+        // Full of expired tokens: those go.
+        keys.remember(fp(usize::MAX), &identity, 5_000, 2_000);
+        assert_eq!(keys.verified.len(), 1);
+        // Full of valid tokens: all go.
+        for i in 1..MAX_REMEMBERED_TOKENS {
+            keys.remember(fp(i), &identity, 5_000, 2_000);
+        }
+        keys.remember(fp(0), &identity, 5_000, 2_000);
+        assert_eq!(keys.verified.len(), 1);
     }
 
     #[test]

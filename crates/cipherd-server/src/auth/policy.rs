@@ -1124,6 +1124,79 @@ operations = ["encrypt", "decrypt"]
         assert!(e.starts_with("rule 1: unknown field \"key\""), "{e}");
     }
 
+    /// Every example in `docs/policies.md` is a valid policy, and the error
+    /// messages it quotes are the ones the parser gives.
+    #[test]
+    fn the_operator_guide_is_accurate() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/policies.md");
+        let text = std::fs::read_to_string(path).expect("docs/policies.md");
+        let mut blocks = 0;
+        for (i, block) in text.split("```toml\n").skip(1).enumerate() {
+            let document = block.split("```").next().expect("closed block");
+            Policy::parse("example", document)
+                .unwrap_or_else(|e| panic!("example {} does not parse: {e}", i + 1));
+            blocks += 1;
+        }
+        assert!(blocks >= 8, "{blocks} examples");
+        let quoted = text
+            .split("```text\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("the error list");
+        for document in [
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"encryp\"]\n",
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"encrypt\"]\nkey = 1\n",
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"encrypt\"]\npurposes = [\"x\"]\n",
+            "[[rule]]\nkeys = [\"clinic/*\"]\noperations = [\"encrypt\"]\n",
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"encrypt\", \"token\"]\n",
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"system\"]\n",
+            "[[rule]]\nkeys = [\"a\"]\noperations = [\"decrypt\"]\npurposes = [\"emergency\"]\n",
+            "keys = [\"a\"]\n",
+            "[rule]\noperations = [\"token\"]\n",
+            "",
+        ] {
+            let message = Policy::parse("test", document)
+                .expect_err("invalid")
+                .to_string();
+            // The guide's rule numbers are illustrative: compare after "rule N: ".
+            let tail = message
+                .split_once(": ")
+                .filter(|(head, _)| head.starts_with("rule "))
+                .map_or(message.as_str(), |(_, t)| t);
+            assert!(quoted.contains(tail), "docs/policies.md lacks {message:?}");
+        }
+        let syntax = Policy::parse("test", "[[rule]]\nkeys = [\"a\"\n")
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            syntax.starts_with("the policy document is not valid TOML: TOML parse error at line"),
+            "{syntax}"
+        );
+    }
+
+    #[test]
+    fn the_guide_glob_table_holds() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("patients", &["patients"], &["patients-2", "Patients"]),
+            (
+                "clinic-*",
+                &["clinic-", "clinic-north"],
+                &["clinic", "my-clinic-x"],
+            ),
+            ("*-prod", &["ehr-prod"], &["ehr-prod-old"]),
+            ("lab-??", &["lab-01"], &["lab-1", "lab-001"]),
+        ];
+        for &(pattern, yes, no) in cases {
+            let g = Glob::new(pattern).expect("valid");
+            for name in yes {
+                assert!(g.matches(name), "{pattern} {name}");
+            }
+            for name in no {
+                assert!(!g.matches(name), "{pattern} {name}");
+            }
+        }
+    }
+
     // ---- the reference model -------------------------------------------------
 
     /// A rule as generated: plain data, decided by enumeration.
