@@ -265,9 +265,6 @@ impl Auditor {
                     path: PathBuf::from(&handle.label),
                     source,
                 })?;
-            if !handle.healthy.load(Ordering::Acquire) {
-                tracing::error!(sink = %handle.label, "audit sink cannot be written at start; calls are refused until it can");
-            }
             sinks.push(handle);
         }
         Ok(Self {

@@ -1,9 +1,10 @@
 //! One sink's writer: a dedicated thread that group-commits queued records.
 //!
 //! The thread takes every record queued while its previous write (and fdatasync)
-//! ran, chains them ([`ChainState`]), writes them with one `write` call, syncs
-//! once per the sink's mode and answers every waiter. Its queue is bounded
-//! ([`QUEUE_CAPACITY`]): when it is full, callers wait.
+//! ran (up to [`MAX_GROUP`] records or [`MAX_GROUP_BYTES`]), chains them
+//! ([`ChainState`]), writes them with one `write` call, syncs once per the sink's
+//! mode and answers every waiter. Its queue is bounded ([`QUEUE_CAPACITY`]): when
+//! it is full, callers wait.
 //!
 //! [`ChainState`] is the part without I/O: it builds a group's bytes and, told
 //! how many of them reached the sink, settles the chain: after a partial write
@@ -36,6 +37,11 @@ pub(super) const QUEUE_CAPACITY: usize = 4096;
 /// Most records written in one group (one `write`, one fdatasync).
 pub(super) const MAX_GROUP: usize = 1024;
 
+/// A group stops taking records once their bodies reach this many bytes (large
+/// batch records carry one reference HMAC per item), which bounds the write
+/// buffer.
+pub(super) const MAX_GROUP_BYTES: usize = 4 << 20;
+
 /// The longest last line read back when continuing a file's chain; a longer one
 /// is treated as not an audit record (a new chain starts, and says so).
 const MAX_TAIL_LINE: u64 = 64 << 20;
@@ -52,6 +58,16 @@ pub(super) enum Msg {
     Reopen { done: oneshot::Sender<()> },
     /// Write the `stop` record and end the thread.
     Close { done: oneshot::Sender<()> },
+}
+
+impl Msg {
+    /// The record's size (0 for control messages).
+    fn len(&self) -> usize {
+        match self {
+            Msg::Record { body, .. } => body.len(),
+            Msg::Reopen { .. } | Msg::Close { .. } => 0,
+        }
+    }
 }
 
 /// The caller's side of one sink.
@@ -179,10 +195,14 @@ impl SinkThread {
                 self.stop();
                 return;
             };
+            let mut bytes = first.len();
             msgs.push(first);
-            while msgs.len() < MAX_GROUP {
+            while msgs.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
                 match self.rx.try_recv() {
-                    Ok(m) => msgs.push(m),
+                    Ok(m) => {
+                        bytes += m.len();
+                        msgs.push(m);
+                    }
                     Err(_) => break,
                 }
             }

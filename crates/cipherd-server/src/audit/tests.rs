@@ -258,6 +258,31 @@ async fn a_torn_last_line_is_terminated_and_declared() {
 }
 
 #[tokio::test]
+async fn a_last_line_longer_than_the_first_read_is_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.log");
+    let auditor = Auditor::open(&AuditParams::file(&path))
+        .await
+        .expect("open");
+    let mut big = call("big");
+    big.references = (0..5000).map(|i| format!("hmac-sha256:{i:064x}")).collect();
+    auditor.record(big).await.expect("recorded");
+    // Dropped without a stop record, so the 400 KB line is the last one.
+    drop(auditor);
+    wait_for(|| std::fs::read_to_string(&path).is_ok_and(|t| t.contains(r#""kind":"stop""#))).await;
+    let text = std::fs::read_to_string(&path).expect("read");
+    let without_stop: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    assert!(without_stop.len() > 256 << 10);
+    std::fs::write(&path, &without_stop).expect("write");
+    let auditor = Auditor::open(&AuditParams::file(&path))
+        .await
+        .expect("reopen");
+    auditor.close().await;
+    let s = verify_files(&[&path]).expect("the chain continued after the long line");
+    assert_eq!((s.lines, s.starts), (4, 2));
+}
+
+#[tokio::test]
 async fn a_complete_last_line_without_newline_is_continued() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.log");
