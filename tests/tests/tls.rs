@@ -592,6 +592,27 @@ async fn binary_without_tls_refuses_to_start_outside_dev_mode() {
         stderr.contains("tls.cert_file") && stderr.contains("tls.disable = true"),
         "{stderr}"
     );
+    // Files that cannot be used stop the start, naming the option and the file.
+    let config = dir.path().join("cipherd.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let out = binary_command()
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls.cert_file (/nonexistent/cert.pem)"),
+        "{stderr}"
+    );
 }
 
 /// `tls.disable = true` serves plaintext outside dev mode, with a warning at start.
