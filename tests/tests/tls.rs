@@ -523,6 +523,49 @@ async fn binary_without_tls_refuses_to_start_outside_dev_mode() {
         stderr.contains("tls.cert_file") && stderr.contains("tls.disable = true"),
         "{stderr}"
     );
+    // Files that cannot be used stop the start, naming the option and the file.
+    let config = dir.path().join("cipherd.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let out = binary_command()
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls.cert_file (/nonexistent/cert.pem)"),
+        "{stderr}"
+    );
+}
+
+/// `tls.disable = true` serves plaintext outside dev mode, with a warning at start.
+#[tokio::test]
+async fn binary_with_tls_disabled_serves_plaintext_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cipherd.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\n[tls]\ndisable = true\n").unwrap();
+    let daemon = Daemon::start(&config, &dir.path().join("data")).await;
+    daemon
+        .wait_for_log(|line| {
+            line.contains("\"WARN\"")
+                && line.contains("TLS disabled")
+                && line.contains("TLS-terminating sidecar")
+        })
+        .await;
+    let client = Client::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    assert!(!client.status().await.unwrap().initialized);
+    drop(client);
+    daemon.terminate().await;
 }
 
 /// The real `cipherd` as a child process, its stderr collected.

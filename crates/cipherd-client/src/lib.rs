@@ -1122,4 +1122,49 @@ mod tests {
         let p = Purpose::new("treatment");
         assert!(p.reason.is_empty());
     }
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    const KEY: &str =
+        "-----BEGIN EC PRIVATE KEY-----\nsecret-key-bytes\n-----END EC PRIVATE KEY-----\n";
+
+    #[test]
+    fn tls_options_never_print_the_key() {
+        let tls = TlsOptions::new(CERT)
+            .with_identity(CERT, KEY)
+            .with_domain("kms");
+        let shown = format!("{tls:?}");
+        assert!(
+            !shown.contains("secret-key-bytes") && shown.contains("[redacted]"),
+            "{shown}"
+        );
+        assert!(contains_pem(KEY.as_bytes(), "PRIVATE KEY"));
+        assert!(!contains_pem(b"garbage", "CERTIFICATE"));
+    }
+
+    #[tokio::test]
+    async fn tls_and_the_endpoint_scheme_must_agree() {
+        let with_tls = ClientOptions {
+            tls: Some(TlsOptions::new(CERT)),
+            ..ClientOptions::default()
+        };
+        let err = Client::connect_with("http://127.0.0.1:1", with_tls.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
+        let err = Client::connect("https://127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TLS options"), "{err}");
+        let bad_ca = ClientOptions {
+            tls: Some(TlsOptions::new("not a certificate")),
+            ..ClientOptions::default()
+        };
+        let err = Client::connect_with("https://127.0.0.1:1", bad_ca)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CA file"), "{err}");
+    }
 }

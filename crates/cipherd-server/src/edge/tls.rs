@@ -335,7 +335,8 @@ impl TlsState {
             }
         };
         seen.read_error = None;
-        let digest = files.digest();
+        let mut files = files;
+        let mut digest = files.digest();
         if !force && (digest == seen.in_service || seen.failed == Some(digest)) {
             return if digest == seen.in_service {
                 Reload::Unchanged
@@ -343,30 +344,44 @@ impl TlsState {
                 Reload::Failed
             };
         }
-        match files.server_config(&self.params) {
-            Ok(config) => {
-                *self
-                    .current
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
-                let changed = digest != seen.in_service;
-                seen.in_service = digest;
-                seen.failed = None;
-                tracing::info!(
-                    cert_file = %self.params.cert_file.display(),
-                    changed,
-                    "TLS certificates reloaded: new connections use them"
-                );
-                Reload::Reloaded
-            }
-            Err(e) => {
-                tracing::error!(
-                    file = %e.path.display(),
-                    error = %e,
-                    "TLS reload failed: the certificates in service stay in service"
-                );
-                seen.failed = Some(digest);
-                Reload::Failed
+        let mut read_again = true;
+        loop {
+            match files.server_config(&self.params) {
+                Ok(config) => {
+                    *self
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+                    let changed = digest != seen.in_service;
+                    seen.in_service = digest;
+                    seen.failed = None;
+                    tracing::info!(
+                        cert_file = %self.params.cert_file.display(),
+                        changed,
+                        "TLS certificates reloaded: new connections use them"
+                    );
+                    return Reload::Reloaded;
+                }
+                Err(e) => {
+                    // A change read halfway (the certificate swapped, not yet
+                    // the key) does not build: read once more before calling
+                    // the files bad.
+                    if std::mem::take(&mut read_again)
+                        && let Ok(again) = Files::read(&self.params)
+                        && again.digest() != digest
+                    {
+                        digest = again.digest();
+                        files = again;
+                        continue;
+                    }
+                    tracing::error!(
+                        file = %e.path.display(),
+                        error = %e,
+                        "TLS reload failed: the certificates in service stay in service"
+                    );
+                    seen.failed = Some(digest);
+                    return Reload::Failed;
+                }
             }
         }
     }
