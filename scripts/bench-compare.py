@@ -70,15 +70,20 @@ WORKLOADS = [
          window=4),
 ]
 
-# The servers compared. cipherd runs twice: its default key type, and OpenBao's
-# key type for an apples-to-apples comparison.
+# The servers compared. cipherd runs in two configurations: dev mode as the README
+# runs it (plaintext on loopback, the root token, the dev audit file synced before
+# each reply), with its default key type and with OpenBao's; and the production
+# configuration (TLS 1.3 with X25519MLKEM768, a bearer token, a file audit sink
+# with sync = "full"). OpenBao runs with a file audit device, like for like.
 TARGETS = [
     dict(id="cipherd-xaes", target="cipherd", server="cipherd", key="bench-xaes",
          key_type="xaes-256-gcm", label="cipherd xaes-256-gcm", color="#1f5fa8"),
     dict(id="cipherd-gcm", target="cipherd", server="cipherd", key="bench-gcm",
          key_type="aes256-gcm96", label="cipherd aes256-gcm96", color="#6fa8dc"),
+    dict(id="cipherd-prod", target="cipherd", server="cipherd-prod", key="bench-xaes",
+         key_type="xaes-256-gcm", label="cipherd xaes, TLS + token + audit", color="#0b3d75"),
     dict(id="openbao", target="openbao", server="openbao", key="bench",
-         key_type="aes256-gcm96", label="OpenBao aes256-gcm96", color="#e07b1a"),
+         key_type="aes256-gcm96", label="OpenBao aes256-gcm96, file audit", color="#e07b1a"),
     dict(id="echo", target="echo", server="echo", key="bench",
          key_type="xaes-256-gcm", label="echo (no crypto)", color="#8c8c8c"),
 ]
@@ -95,6 +100,8 @@ TARGET_BY_ID = {t["id"]: t for t in TARGETS + BASELINE_TARGETS}
 # Which current target each baseline target is compared with.
 BASELINE_OF = {"cipherd-xaes": "before-xaes", "cipherd-gcm": "before-gcm"}
 BASELINE_TARGETS_IDS = {t["id"] for t in BASELINE_TARGETS}
+# The production configuration is judged against the build before security.
+PROD_BASELINE = {"cipherd-prod": "before-xaes"}
 
 
 def main() -> int:
@@ -163,7 +170,10 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
         for name, path in baseline.items():
             if not path.exists():
                 sys.exit(f"bench-compare: baseline {path} missing")
-        wanted_targets += [BASELINE_OF[t] for t in list(wanted_targets) if t in BASELINE_OF]
+        for t in list(wanted_targets):
+            b = BASELINE_OF.get(t) or PROD_BASELINE.get(t)
+            if b and b not in wanted_targets:
+                wanted_targets.append(b)
     for t in wanted_targets:
         if t not in TARGET_BY_ID:
             sys.exit(f"bench-compare: unknown target {t!r}")
@@ -190,6 +200,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="cipherd-bench-") as tmp, Servers(Path(tmp), out / "logs") as servers:
         servers.start_openbao(bao) if "openbao" in wanted_targets else None
         servers.start_cipherd(bins["cipherd"])
+        if "cipherd-prod" in wanted_targets:
+            servers.start_cipherd_production(bins["cipherd"])
         if baseline:
             servers.start_cipherd(baseline["cipherd"], name="cipherd-before")
         servers.start_echo(bins["cipherd-echo"])
@@ -239,6 +251,7 @@ def setup_targets(servers: "Servers", bench_of, wanted: list[str], bao: Path) ->
             run([str(bao), "write", "-f", f"transit/keys/{t['key']}", f"type={t['key_type']}"], env=env)
         cmd = [str(bench), "--target", t["target"], "--addr", addr, "--key", t["key"],
                "--key-type", t["key_type"], "--setup-only", "--wait", "60"]
+        cmd += servers.bench_args.get(t["server"], [])
         if t["target"] == "cipherd":
             cmd.append("--create-keys")
         run(cmd, env=servers.bao_env() if t["target"] == "openbao" else None)
@@ -256,6 +269,7 @@ def measure(servers: "Servers", bench: Path, t: dict, w: dict, args: argparse.Na
            "--duration", str(args.duration), "--warmup", str(args.warmup),
            "--key", key or t["key"], "--key-type", t["key_type"], "--keys", str(keys),
            "--workers", str(args.workers), "--json"]
+    cmd += servers.bench_args.get(server, [])
     if rate:
         cmd += ["--rate", str(rate)]
     reset_peak_rss(pid)
@@ -339,6 +353,8 @@ class Servers:
         self.pid: dict[str, int] = {}
         self._files: list = []
         self._threads: list[threading.Thread] = []
+        # Extra cipherd-bench flags per server: its token, its TLS trust.
+        self.bench_args: dict[str, list[str]] = {}
 
     def __enter__(self) -> "Servers":
         return self
@@ -370,9 +386,15 @@ class Servers:
         port = free_port()
         log_file = open(self.logs / "openbao.log", "w")
         self._files.append(log_file)
+        # A file audit device, as production runs it. OpenBao 2.7 refuses
+        # `bao audit enable` over the API; it is declared in a config file.
+        audit_log = self.tmp / "openbao-audit.log"
+        config = self.tmp / "openbao.hcl"
+        config.write_text(f'audit "file" "to-file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n')
+        self.openbao_audit = audit_log
         proc = subprocess.Popen(
             [str(bao), "server", "-dev", "-dev-root-token-id=root",
-             f"-dev-listen-address=127.0.0.1:{port}"],
+             f"-dev-listen-address=127.0.0.1:{port}", f"-config={config}"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "BAO_ADDR": f"http://127.0.0.1:{port}"})
         self._register("openbao", proc, f"127.0.0.1:{port}")
@@ -401,7 +423,35 @@ class Servers:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         addr = self._read_addr(name, proc, proc.stderr, "cipherd listening")
         self._register(name, proc, addr)
+        token = self.tmp / f"{name}-data" / "root-token.INSECURE"
+        if token.exists():  # builds from before tokens have none
+            self.bench_args[name] = ["--token-file", str(token)]
         log(f"{name} listening on {addr} (pid {proc.pid})")
+
+    def start_cipherd_production(self, cipherd: Path) -> None:
+        """cipherd as production runs it: TLS (a certificate made here with the
+        openssl CLI), the root token as bearer token, and a file audit sink synced
+        before each reply. Dev mode only unseals it; the request path is the same."""
+        name = "cipherd-prod"
+        cert, key = self.tmp / "prod-cert.pem", self.tmp / "prod-key.pem"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+             "-days", "2", "-keyout", str(key), "-out", str(cert)])
+        config = self.tmp / f"{name}.toml"
+        config.write_text(
+            '[log]\nlevel = "info"\nformat = "json"\n'
+            f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+            f'[[audit]]\ntype = "file"\npath = "{self.tmp / (name + "-audit.log")}"\nsync = "full"\n')
+        proc = subprocess.Popen(
+            [str(cipherd), "--dev", "--listen", "127.0.0.1:0", "--data-dir",
+             str(self.tmp / f"{name}-data"), "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        addr = self._read_addr(name, proc, proc.stderr, "cipherd listening")
+        self._register(name, proc, addr)
+        self.bench_args[name] = [
+            "--token-file", str(self.tmp / f"{name}-data" / "root-token.INSECURE"),
+            "--tls-ca", str(cert), "--tls-server-name", "localhost"]
+        log(f"{name} (TLS, token, audit sync=full) listening on {addr} (pid {proc.pid})")
 
     def start_echo(self, echo: Path) -> None:
         proc = subprocess.Popen([str(echo), "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
@@ -682,6 +732,11 @@ def render_markdown(results: dict, svg_rel: str) -> str:
     for c, b in BASELINE_OF.items():
         if c in targets and b in targets:
             ratio_cols.append((c, b, f"{short_name(c)} after ÷ before"))
+    for c, b in PROD_BASELINE.items():
+        if c in targets and b in targets:
+            ratio_cols.append((c, b, "production ÷ before security"))
+    if "cipherd-prod" in targets and "cipherd-xaes" in targets:
+        ratio_cols.append(("cipherd-prod", "cipherd-xaes", "production ÷ dev"))
     head += [r[2] for r in ratio_cols]
     if openssl and "cipherd-xaes" in targets:
         head.append("xaes bytes/s ÷ openssl")
@@ -705,7 +760,7 @@ def render_markdown(results: dict, svg_rel: str) -> str:
                 row.append(cell)
         for a, b, _ in ratio_cols:
             x, y = rate_of(runs, w["id"], a), rate_of(runs, w["id"], b)
-            precise = b in BASELINE_TARGETS_IDS
+            precise = b in BASELINE_TARGETS_IDS or a == "cipherd-prod"
             row.append((f"{x / y:.3f}×" if precise else f"{x / y:.1f}×") if x and y else "—")
         if openssl and "cipherd-xaes" in targets:
             x = rate_of(runs, w["id"], "cipherd-xaes")
@@ -836,7 +891,7 @@ def judge_targets(results: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def short_name(target: str) -> str:
-    return {"cipherd-xaes": "xaes", "cipherd-gcm": "gcm96"}.get(target, target)
+    return {"cipherd-xaes": "xaes", "cipherd-gcm": "gcm96", "cipherd-prod": "production"}.get(target, target)
 
 
 def fmt_num(x: float) -> str:

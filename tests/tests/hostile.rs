@@ -53,6 +53,10 @@ enum Req {
     Export(pb::ExportKeyRequest),
     Init(pb::InitRequest),
     Unseal(pb::UnsealRequest),
+    Seal,
+    CreateToken(pb::CreateTokenRequest),
+    WritePolicy(pb::WritePolicyRequest),
+    AuditHash(pb::HashRequest),
     /// Raw bytes as the request message of the unary RPC at this path.
     Raw(&'static str, &'static [u8]),
 }
@@ -1135,58 +1139,96 @@ async fn fixture(client: &Client) -> Fixture {
     }
 }
 
-/// Sends one request; a batch of one whose item failed counts as failed.
+/// Sends one request with the client's credentials; a batch of one whose item
+/// failed counts as failed.
 async fn send(
     client: &Client,
     channel: &cipherd_client::AuthChannel,
     request: Req,
 ) -> Result<(), Error> {
+    send_as(client, channel, request, None).await
+}
+
+/// Sends one request, with `authorization` (a raw header value) instead of the
+/// client's credentials when given.
+async fn send_as(
+    client: &Client,
+    channel: &cipherd_client::AuthChannel,
+    request: Req,
+    authorization: Option<&str>,
+) -> Result<(), Error> {
     let mut t = client.transit();
     let mut a = client.admin();
     let mut s = client.system();
+    let header = authorization.map(|h| {
+        let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            h.parse().expect("a header value");
+        v.set_sensitive(true);
+        v
+    });
     let item = |status: Option<&tonic_types::pb::Status>| match status {
         Some(status) => Err(Error::from_item(status)),
         None => Ok(()),
     };
     match request {
-        Req::Encrypt(r) => reply(t.encrypt(r).await).map(drop),
-        Req::Decrypt(r) => reply(t.decrypt(r).await).map(drop),
-        Req::Rewrap(r) => reply(t.rewrap(r).await).map(drop),
-        Req::BatchEncrypt(r) => {
-            let reply = reply(t.batch_encrypt(r).await)?;
+        Req::Encrypt(m) => reply(t.encrypt(with_auth(&header, m)).await).map(drop),
+        Req::Decrypt(m) => reply(t.decrypt(with_auth(&header, m)).await).map(drop),
+        Req::Rewrap(m) => reply(t.rewrap(with_auth(&header, m)).await).map(drop),
+        Req::BatchEncrypt(m) => {
+            let reply = reply(t.batch_encrypt(with_auth(&header, m)).await)?;
             item(reply.results.first().and_then(|r| match &r.result {
                 Some(pb::ciphertext_result::Result::Error(e)) => Some(e),
                 _ => None,
             }))
         }
-        Req::BatchDecrypt(r) => {
-            let reply = reply(t.batch_decrypt(r).await)?;
+        Req::BatchDecrypt(m) => {
+            let reply = reply(t.batch_decrypt(with_auth(&header, m)).await)?;
             item(reply.results.first().and_then(|r| match &r.result {
                 Some(pb::plaintext_result::Result::Error(e)) => Some(e),
                 _ => None,
             }))
         }
-        Req::BatchRewrap(r) => {
-            let reply = reply(t.batch_rewrap(r).await)?;
+        Req::BatchRewrap(m) => {
+            let reply = reply(t.batch_rewrap(with_auth(&header, m)).await)?;
             item(reply.results.first().and_then(|r| match &r.result {
                 Some(pb::ciphertext_result::Result::Error(e)) => Some(e),
                 _ => None,
             }))
         }
-        Req::DataKey(r) => reply(t.generate_data_key(r).await).map(drop),
-        Req::Create(r) => reply(a.create_key(r).await).map(drop),
-        Req::Get(r) => reply(a.get_key(r).await).map(drop),
-        Req::Rotate(r) => reply(a.rotate_key(r).await).map(drop),
-        Req::Config(r) => reply(a.update_key_config(r).await).map(drop),
-        Req::Trim(r) => reply(a.trim_key(r).await).map(drop),
-        Req::Delete(r) => reply(a.delete_key(r).await).map(drop),
-        Req::Export(r) => reply(a.export_key(r).await).map(drop),
-        Req::Init(r) => reply(s.init(r).await).map(drop),
-        Req::Unseal(r) => reply(s.unseal(r).await).map(drop),
+        Req::DataKey(m) => reply(t.generate_data_key(with_auth(&header, m)).await).map(drop),
+        Req::Create(m) => reply(a.create_key(with_auth(&header, m)).await).map(drop),
+        Req::Get(m) => reply(a.get_key(with_auth(&header, m)).await).map(drop),
+        Req::Rotate(m) => reply(a.rotate_key(with_auth(&header, m)).await).map(drop),
+        Req::Config(m) => reply(a.update_key_config(with_auth(&header, m)).await).map(drop),
+        Req::Trim(m) => reply(a.trim_key(with_auth(&header, m)).await).map(drop),
+        Req::Delete(m) => reply(a.delete_key(with_auth(&header, m)).await).map(drop),
+        Req::Export(m) => reply(a.export_key(with_auth(&header, m)).await).map(drop),
+        Req::Init(m) => reply(s.init(with_auth(&header, m)).await).map(drop),
+        Req::Unseal(m) => reply(s.unseal(with_auth(&header, m)).await).map(drop),
+        Req::Seal => reply(s.seal(with_auth(&header, pb::SealRequest {})).await).map(drop),
+        Req::CreateToken(m) => {
+            reply(client.auth().create_token(with_auth(&header, m)).await).map(drop)
+        }
+        Req::WritePolicy(m) => {
+            reply(client.policy().write_policy(with_auth(&header, m)).await).map(drop)
+        }
+        Req::AuditHash(m) => reply(client.audit().hash(with_auth(&header, m)).await).map(drop),
         Req::Raw(path, body) => raw_unary(channel.clone(), path, Bytes::from_static(body))
             .await
             .map(drop),
     }
+}
+
+/// `message` as a request carrying `header` as its `authorization`, if any.
+fn with_auth<T>(
+    header: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    message: T,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(h) = header {
+        request.metadata_mut().insert("authorization", h.clone());
+    }
+    request
 }
 
 /// SHA-256 over every stored record (path, revision and sealed value), read
@@ -1212,4 +1254,853 @@ async fn digest(db: &std::path::Path) -> String {
     store.close().await;
     assert!(count >= 5, "the seal record and four keys: {count}");
     hex::encode(hash.finalize())
+}
+
+// ---------------------------------------------------------------------------
+// The auth rows: credentials that must not authenticate, and authenticated calls
+// that their policies must not allow. Over real TLS, with JWTs from a test issuer.
+
+/// Tokens and JWTs the auth rows use, made before the digest is taken.
+struct AuthFixture {
+    root: String,
+    clinician: String,
+    etl: String,
+    reader: String,
+    token_admin: String,
+    revoked: String,
+    expired: String,
+    issuer: cipherd_test_support::jwt::TestIssuer,
+    /// A ciphertext of `patients`, and one of `clinic-a`.
+    ct: Bytes,
+    ct_clinic: Bytes,
+}
+
+/// One auth row: the `authorization` header to send (`None`: none), the
+/// request, and the expected code and reason.
+struct AuthRow {
+    name: &'static str,
+    authorization: fn(&AuthFixture) -> Option<String>,
+    request: fn(&AuthFixture) -> Req,
+    code: Code,
+    reason: &'static str,
+}
+
+const fn auth_row(
+    name: &'static str,
+    authorization: fn(&AuthFixture) -> Option<String>,
+    request: fn(&AuthFixture) -> Req,
+    code: Code,
+    reason: &'static str,
+) -> AuthRow {
+    AuthRow {
+        name,
+        authorization,
+        request,
+        code,
+        reason,
+    }
+}
+
+const UNAUTH: &str = "UNAUTHENTICATED";
+const DENIED: &str = "PERMISSION_DENIED";
+const BAD_POLICY: &str = "INVALID_POLICY";
+
+fn bearer(token: &str) -> Option<String> {
+    Some(format!("Bearer {token}"))
+}
+
+fn jwt_claims(f: &AuthFixture, subject: &str) -> serde_json::Value {
+    f.issuer.claims(subject)
+}
+
+fn enc_patients(_: &AuthFixture) -> Req {
+    Req::Encrypt(enc("patients", b"x"))
+}
+
+fn dec_with(ct: Bytes, key: &str, purpose: &str, reason: &str) -> Req {
+    Req::Decrypt(pb::DecryptRequest {
+        key: key.into(),
+        ciphertext: ct,
+        purpose: purpose.into(),
+        reason: reason.into(),
+        ..Default::default()
+    })
+}
+
+fn write_policy(name: &str, document: &str) -> Req {
+    Req::WritePolicy(pb::WritePolicyRequest {
+        name: name.into(),
+        document: document.into(),
+    })
+}
+
+const CLINICIAN_POLICY: &str = r#"
+[[rule]]
+keys = ["patients", "clinic-*"]
+operations = ["encrypt"]
+
+[[rule]]
+keys = ["patients", "clinic-*"]
+operations = ["decrypt"]
+purposes = ["treatment"]
+
+[[rule]]
+keys = ["patients"]
+operations = ["decrypt"]
+break_glass = true
+"#;
+
+const ETL_POLICY: &str = r#"
+[[rule]]
+keys = ["patients"]
+operations = ["rewrap"]
+
+[[rule]]
+keys = ["exportable", "clinic-*"]
+operations = ["encrypt"]
+"#;
+
+const READER_POLICY: &str = r#"
+[[rule]]
+keys = ["clinic-*"]
+operations = ["key.read"]
+"#;
+
+const TOKEN_ADMIN_POLICY: &str = r#"
+[[rule]]
+operations = ["token"]
+"#;
+
+use cipherd_test_support::jwt::{JwtAlg, TestKey, mint_hs256, mint_unsigned};
+use serde_json::json;
+
+use Code::{PermissionDenied, Unauthenticated};
+
+const AUTH_ROWS: &[AuthRow] = &[
+    // Credentials that do not authenticate: one answer for all.
+    auth_row(
+        "no credential",
+        |_| None,
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "Basic scheme",
+        |_| Some("Basic dXNlcjpwYXNz".into()),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "Bearer without a token",
+        |_| Some("Bearer".into()),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "malformed cipherd token",
+        |_| bearer("cdt_nothex_zzz"),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "unknown accessor",
+        |_| bearer(&format!("cdt_{}_{}", "0".repeat(24), "A".repeat(43))),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "not a token at all",
+        |_| bearer("hunter2"),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "expired token",
+        |f| bearer(&f.expired),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "revoked token",
+        |f| bearer(&f.revoked),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "forged secret on a real accessor",
+        |f| {
+            let mut forged = f.clinician.clone();
+            let last = forged.pop().unwrap();
+            forged.push(if last == 'A' { 'B' } else { 'A' });
+            bearer(&forged)
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT with a bad signature (another key, same kid)",
+        |f| bearer(&TestKey::generate(JwtAlg::RS256, "rs256-1").mint(&jwt_claims(f, "svc-ehr-1"))),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT from the wrong issuer",
+        |f| {
+            let mut c = jwt_claims(f, "svc-ehr-1");
+            c["iss"] = json!("https://evil.example/realms/x");
+            bearer(&f.issuer.mint(JwtAlg::ES256, &c))
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT for another audience",
+        |f| {
+            let mut c = jwt_claims(f, "svc-ehr-1");
+            c["aud"] = json!("some-other-service");
+            bearer(&f.issuer.mint(JwtAlg::EdDSA, &c))
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "expired JWT",
+        |f| {
+            let mut c = jwt_claims(f, "svc-ehr-1");
+            c["exp"] = json!(cipherd_test_support::jwt::now_s() - 3600);
+            bearer(&f.issuer.mint(JwtAlg::RS256, &c))
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT with alg none",
+        |f| {
+            bearer(&mint_unsigned(
+                &json!({"alg": "none", "typ": "JWT"}),
+                &jwt_claims(f, "svc-ehr-1"),
+            ))
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT HS256 signed with the RSA public key",
+        |f| {
+            let pem = f.issuer.key(JwtAlg::RS256).public_key_pem();
+            bearer(&mint_hs256(
+                &json!({"alg": "HS256", "typ": "JWT", "kid": "rs256-1"}),
+                &jwt_claims(f, "svc-ehr-1"),
+                pem.as_bytes(),
+            ))
+        },
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "JWT signed by an unknown kid",
+        |f| bearer(&TestKey::generate(JwtAlg::ES256, "es256-9").mint(&jwt_claims(f, "svc-ehr-1"))),
+        enc_patients,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    // Authenticated, but not allowed: PERMISSION_DENIED, never a hint whether the
+    // key exists.
+    auth_row(
+        "clinician: key outside its globs",
+        |f| bearer(&f.clinician),
+        |_| Req::Encrypt(enc("secret-notes", b"x")),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: missing key outside its globs",
+        |f| bearer(&f.clinician),
+        |_| Req::Encrypt(enc("no-such-key", b"x")),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: decrypt without a purpose",
+        |f| bearer(&f.clinician),
+        |f| dec_with(f.ct.clone(), "patients", "", ""),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: decrypt for a purpose its rule does not list",
+        |f| bearer(&f.clinician),
+        |f| dec_with(f.ct.clone(), "patients", "research", ""),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: break-glass without a reason",
+        |f| bearer(&f.clinician),
+        |f| dec_with(f.ct.clone(), "patients", "emergency", ""),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: break-glass with a blank reason",
+        |f| bearer(&f.clinician),
+        |f| dec_with(f.ct.clone(), "patients", "emergency", "   "),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: break-glass on a key its rule does not name",
+        |f| bearer(&f.clinician),
+        |f| dec_with(f.ct_clinic.clone(), "clinic-a", "emergency", "code blue"),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: batch decrypt without a purpose",
+        |f| bearer(&f.clinician),
+        |f| {
+            Req::BatchDecrypt(pb::BatchDecryptRequest {
+                key: "patients".into(),
+                items: vec![pb::DecryptItem {
+                    ciphertext: f.ct.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: datakey without a datakey rule",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::DataKey(pb::GenerateDataKeyRequest {
+                key: "patients".into(),
+                purpose: "treatment".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: rotate",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Rotate(pb::RotateKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: create a key",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Create(pb::CreateKeyRequest {
+                name: "clinic-new".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: delete",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Delete(pb::DeleteKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: export",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Export(pb::ExportKeyRequest {
+                name: "exportable".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: read key metadata",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Get(pb::GetKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: trim",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::Trim(pb::TrimKeyRequest {
+                name: "patients".into(),
+                min_available_version: 1,
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: seal the server",
+        |f| bearer(&f.clinician),
+        |_| Req::Seal,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: create a token",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::CreateToken(pb::CreateTokenRequest {
+                policies: vec!["clinician".into()],
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "token admin: grant a policy it does not hold",
+        |f| bearer(&f.token_admin),
+        |_| {
+            Req::CreateToken(pb::CreateTokenRequest {
+                policies: vec!["root".into()],
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: write a policy",
+        |f| bearer(&f.clinician),
+        |_| write_policy("mine", CLINICIAN_POLICY),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: audit hash",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::AuditHash(pb::HashRequest {
+                value: Bytes::from_static(b"x"),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "reader: a token for another policy decrypts",
+        |f| bearer(&f.reader),
+        |f| dec_with(f.ct.clone(), "patients", "treatment", ""),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "reader: key metadata outside its globs",
+        |f| bearer(&f.reader),
+        |_| {
+            Req::Get(pb::GetKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "etl: rewrap into an exportable key without decrypt on the source",
+        |f| bearer(&f.etl),
+        |f| {
+            Req::Rewrap(pb::RewrapRequest {
+                key: "patients".into(),
+                ciphertext: f.ct.clone(),
+                destination_key: "exportable".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "etl: rewrap into a key it may not encrypt under",
+        |f| bearer(&f.etl),
+        |f| {
+            Req::Rewrap(pb::RewrapRequest {
+                key: "patients".into(),
+                ciphertext: f.ct.clone(),
+                destination_key: "secret-notes".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "etl: rewrap a key it may not rewrap",
+        |f| bearer(&f.etl),
+        |f| {
+            Req::Rewrap(pb::RewrapRequest {
+                key: "clinic-a".into(),
+                ciphertext: f.ct_clinic.clone(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "JWT subject that no role names",
+        |f| bearer(&f.issuer.token(JwtAlg::ES256, "nobody")),
+        enc_patients,
+        PermissionDenied,
+        DENIED,
+    ),
+    // Policy documents that must not be stored.
+    auth_row(
+        "policy with bad TOML syntax",
+        |f| bearer(&f.root),
+        |_| write_policy("p1", "[[rule]\nkeys = "),
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy with an unknown operation",
+        |f| bearer(&f.root),
+        |_| {
+            write_policy(
+                "p2",
+                "[[rule]]\nkeys = [\"a\"]\noperations = [\"encryp\"]\n",
+            )
+        },
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy with an unknown field",
+        |f| bearer(&f.root),
+        |_| {
+            write_policy(
+                "p3",
+                "[[rule]]\nkeys = [\"a\"]\noperations = [\"encrypt\"]\nallow_all = true\n",
+            )
+        },
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy with purposes on encrypt",
+        |f| bearer(&f.root),
+        |_| {
+            write_policy(
+                "p4",
+                "[[rule]]\nkeys = [\"a\"]\noperations = [\"encrypt\"]\npurposes = [\"treatment\"]\n",
+            )
+        },
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy with an empty key glob",
+        |f| bearer(&f.root),
+        |_| {
+            write_policy(
+                "p5",
+                "[[rule]]\nkeys = [\"\"]\noperations = [\"encrypt\"]\n",
+            )
+        },
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy without rules",
+        |f| bearer(&f.root),
+        |_| write_policy("p6", ""),
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "policy named root",
+        |f| bearer(&f.root),
+        |_| write_policy("root", CLINICIAN_POLICY),
+        InvalidArgument,
+        BAD_POLICY,
+    ),
+    auth_row(
+        "token with a TTL over auth.max_token_ttl_s",
+        |f| bearer(&f.root),
+        |_| {
+            Req::CreateToken(pb::CreateTokenRequest {
+                policies: vec!["clinician".into()],
+                ttl_seconds: 10 * 365 * 24 * 3600,
+                ..Default::default()
+            })
+        },
+        InvalidArgument,
+        IA,
+    ),
+    auth_row(
+        "token with no policy",
+        |f| bearer(&f.root),
+        |_| Req::CreateToken(pb::CreateTokenRequest::default()),
+        InvalidArgument,
+        IA,
+    ),
+];
+
+/// Every auth row is refused with its code and reason, over TLS; storage is
+/// unchanged; denied calls appear in the audit log; and what the policies do
+/// allow (a JWT through a role, break-glass with a reason) still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_catalogue_is_refused_and_changes_nothing() {
+    use cipherd_test_support::pki::{Ca, write_leaf};
+    assert!(
+        AUTH_ROWS.len() >= 45,
+        "the auth catalogue has {} rows",
+        AUTH_ROWS.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ca = Ca::new("hospital test ca");
+    let mut params = cipherd_e2e::Params::for_data_dir(&data, true);
+    params.tls = Some(write_leaf(dir.path(), &ca.server(1)));
+    let issuer = cipherd_test_support::jwt::TestIssuer::new();
+    params.jwt = Some(cipherd_server::auth::jwt::JwtParams {
+        jwks_file: issuer.jwks_path().to_owned(),
+        issuer: issuer.issuer.clone(),
+        audience: vec![issuer.audience.clone()],
+        principal_claim: "sub".into(),
+        groups_claim: "groups".into(),
+        clock_skew: std::time::Duration::from_secs(60),
+    });
+    let server = TestServer::start_with_tls(
+        params,
+        Some(cipherd_client::TlsOptions::new(ca.pem.as_bytes()).with_domain("localhost")),
+    )
+    .await;
+    let root = server.client().await;
+    let anonymous = server.anonymous_client().await;
+    let fixture = auth_fixture(&server, &root, issuer).await;
+    let channel = anonymous.transport();
+
+    let db = data.join("cipherd.db");
+    let before = digest(&db).await;
+    let mut failures = Vec::new();
+    for row in AUTH_ROWS {
+        let header = (row.authorization)(&fixture);
+        let outcome = send_as(
+            &anonymous,
+            &channel,
+            (row.request)(&fixture),
+            header.as_deref(),
+        )
+        .await;
+        let got = match &outcome {
+            Ok(()) => None,
+            Err(e) => Some((e.code(), e.reason().unwrap_or("").to_owned())),
+        };
+        if got != Some((Some(row.code), row.reason.to_owned())) {
+            failures.push(format!(
+                "{}: expected {:?}/{}, got {outcome:?}",
+                row.name, row.code, row.reason
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} auth rows:\n{}",
+        failures.len(),
+        AUTH_ROWS.len(),
+        failures.join("\n")
+    );
+    assert_eq!(digest(&db).await, before, "a refused call changed storage");
+
+    // What the policies allow still works: a JWT through its role, with the
+    // purpose its rule lists; break-glass with a reason.
+    let jwt = anonymous
+        .with_token(&cipherd_client::Token::from(
+            fixture.issuer.token(JwtAlg::RS256, "svc-ehr-1"),
+        ))
+        .unwrap();
+    let plain = reply(
+        jwt.transit()
+            .decrypt(pb::DecryptRequest {
+                key: "patients".into(),
+                ciphertext: fixture.ct.clone(),
+                purpose: "treatment".into(),
+                ..Default::default()
+            })
+            .await,
+    )
+    .expect("a JWT subject bound to the clinician policy by a role decrypts for treatment")
+    .plaintext;
+    assert_eq!(plain, &b"fixture"[..]);
+    let clinician = anonymous
+        .with_token(&cipherd_client::Token::from(fixture.clinician.as_str()))
+        .unwrap();
+    reply(
+        clinician
+            .transit()
+            .decrypt(pb::DecryptRequest {
+                key: "patients".into(),
+                ciphertext: fixture.ct.clone(),
+                purpose: "emergency".into(),
+                reason: "patient unconscious in ED bay 4".into(),
+                ..Default::default()
+            })
+            .await,
+    )
+    .expect("break-glass with a reason");
+
+    // The audit log holds the denials and flags the break-glass call.
+    server.stop().await;
+    let log = std::fs::read_to_string(data.join(cipherd_server::audit::DEV_AUDIT_FILE)).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied = records
+        .iter()
+        .filter(|r| r["outcome"]["code"] == "PERMISSION_DENIED")
+        .count();
+    let unauthenticated = records
+        .iter()
+        .filter(|r| r["outcome"]["code"] == "UNAUTHENTICATED")
+        .count();
+    assert!(
+        denied >= 25 && unauthenticated >= 15,
+        "{denied} denied, {unauthenticated} unauthenticated"
+    );
+    let glass: Vec<_> = records
+        .iter()
+        .filter(|r| r["break_glass"] == true)
+        .collect();
+    assert_eq!(glass.len(), 1, "one break-glass call");
+    assert_eq!(glass[0]["purpose"], "emergency");
+    assert_eq!(glass[0]["reason"], "patient unconscious in ED bay 4");
+    assert_eq!(glass[0]["principal"], "clinician (test)");
+    let via_jwt = records
+        .iter()
+        .find(|r| r["auth_method"] == "jwt" && r["outcome"]["code"] == "OK")
+        .expect("the JWT call is audited");
+    assert_eq!(via_jwt["principal"], "svc-ehr-1");
+    assert_eq!(via_jwt["policies"], json!(["clinician"]));
+    for r in &records {
+        assert!(
+            r.get("seq").is_some() && r.get("prev").is_some(),
+            "chained: {r}"
+        );
+    }
+}
+
+async fn auth_fixture(
+    server: &TestServer,
+    root: &Client,
+    issuer: cipherd_test_support::jwt::TestIssuer,
+) -> AuthFixture {
+    for (name, exportable) in [
+        ("patients", false),
+        ("clinic-a", false),
+        ("secret-notes", false),
+        ("exportable", true),
+    ] {
+        create_key_with(
+            root,
+            pb::CreateKeyRequest {
+                name: name.into(),
+                exportable,
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    for (name, doc) in [
+        ("clinician", CLINICIAN_POLICY),
+        ("etl", ETL_POLICY),
+        ("reader", READER_POLICY),
+        ("token-admin", TOKEN_ADMIN_POLICY),
+    ] {
+        root.write_policy(name, doc).await.unwrap();
+    }
+    root.write_role(pb::Role {
+        name: "ehr-services".into(),
+        principals: vec!["svc-ehr-*".into()],
+        groups: vec![],
+        policies: vec!["clinician".into()],
+    })
+    .await
+    .unwrap();
+    let token = async |policy: &str, name: &str, ttl: Option<std::time::Duration>| {
+        root.create_token(vec![policy.to_owned()], ttl, name)
+            .await
+            .unwrap()
+            .token
+            .expose_secret()
+            .to_owned()
+    };
+    let revoked = token("clinician", "revoked", None).await;
+    let accessor = &revoked[4..28];
+    root.revoke_token(accessor).await.unwrap();
+    let expired = token(
+        "clinician",
+        "short-lived",
+        Some(std::time::Duration::from_secs(1)),
+    )
+    .await;
+    // Poll until the short-lived token is refused (its expiry is whole seconds).
+    let short = server
+        .anonymous_client()
+        .await
+        .with_token(&cipherd_client::Token::from(expired.as_str()))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match reply(short.transit().encrypt(enc("patients", b"x")).await) {
+            Err(e) if e.reason() == Some("UNAUTHENTICATED") => break,
+            _ if std::time::Instant::now() > deadline => panic!("the 1 s token never expired"),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    let ct = encrypt(root, "patients", b"fixture").await.ciphertext;
+    let ct_clinic = encrypt(root, "clinic-a", b"fixture").await.ciphertext;
+    AuthFixture {
+        root: server.root_token().unwrap(),
+        clinician: token("clinician", "clinician (test)", None).await,
+        etl: token("etl", "etl job", None).await,
+        reader: token("reader", "reader", None).await,
+        token_admin: token("token-admin", "token admin", None).await,
+        revoked,
+        expired,
+        issuer,
+        ct,
+        ct_clinic,
+    }
 }

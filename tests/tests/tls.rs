@@ -585,6 +585,16 @@ fn binary_command() -> tokio::process::Command {
             command.env_remove(key);
         }
     }
+    // Servers outside dev mode need an audit sink; a config file's [[audit]]
+    // table, where a test has one, takes the same index and is replaced.
+    static AUDIT_DIR: std::sync::LazyLock<tempfile::TempDir> =
+        std::sync::LazyLock::new(|| tempfile::tempdir().unwrap());
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    command.env("CIPHERD_SERVER_AUDIT__0__TYPE", "file").env(
+        "CIPHERD_SERVER_AUDIT__0__PATH",
+        AUDIT_DIR.path().join(format!("audit-{n}.log")),
+    );
     command
 }
 

@@ -879,9 +879,11 @@ async fn closed_stdout_stops_quietly() {
     cipherctl(&addr, &["key", "create", "k"], None)
         .await
         .success();
+    let token = token_file(&addr).expect("the dev root token");
     let (code, stderr) = tokio::task::spawn_blocking(move || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cipherctl"))
-            .args(["--addr", &addr, "encrypt", "k", "--lines"])
+            .args(["--addr", &addr, "encrypt", "k", "--lines", "--token-file"])
+            .arg(&token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

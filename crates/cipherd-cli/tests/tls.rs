@@ -129,6 +129,10 @@ async fn cipherctl_speaks_tls_with_ca_cert_and_client_certificates() {
             &path("client.pem"),
             "--client-key",
             &path("client.key"),
+            // The certificate proves the connection; the token (the dev root
+            // token) says what the caller may do.
+            "--token-file",
+            &path("data/root-token.INSECURE"),
         ]
         .iter()
         .map(|s| (*s).to_owned())

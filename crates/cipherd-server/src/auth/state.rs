@@ -781,8 +781,16 @@ fn compile_role(name: &str, record: RoleRecord, revision: u64) -> Result<StoredR
     })
 }
 
+/// A policy error as a one-line message (TOML parse errors span several lines,
+/// with a caret under the column; the line and column are in the first).
 fn invalid_policy(e: PolicyError) -> Error {
-    Error::InvalidPolicy(e.to_string())
+    let text = e.to_string();
+    let one_line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect();
+    Error::InvalidPolicy(one_line.join(" "))
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
