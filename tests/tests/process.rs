@@ -589,3 +589,169 @@ async fn unseal(client: &Client, shares: &[&String]) {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The canary: a whole session with a recognisable plaintext, token and key name
+/// (single, batch and stream calls, derived contexts, references, data keys, a
+/// forged copy of the token, a revoked token, denied calls), then every log line
+/// (JSON at debug level) and every audit record is searched for the plaintext
+/// and for the tokens: zero hits. The key name must appear (audit says which key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_plaintext_and_tokens_never_reach_logs_or_audit() {
+    const KEY: &str = "canary-key-7f3a";
+    const CANARY: &str = "CANARY-PHI 4111-1111-1111-1111 Jane Canary";
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(dir.path(), &data, &["--dev"]).await;
+    let root = daemon.client().await;
+    let root_token = std::fs::read_to_string(data.join(cipherd_server::DEV_ROOT_TOKEN_FILE))
+        .unwrap()
+        .trim()
+        .to_owned();
+    for (name, derived) in [(KEY, false), ("canary-derived", true)] {
+        create_key_with(
+            &root,
+            pb::CreateKeyRequest {
+                name: name.into(),
+                derived,
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    root.write_policy(
+        "canary",
+        "[[rule]]\nkeys = [\"canary-*\"]\noperations = [\"encrypt\", \"rewrap\", \"datakey\"]\n\n\
+         [[rule]]\nkeys = [\"canary-*\"]\noperations = [\"decrypt\"]\npurposes = [\"treatment\"]\n",
+    )
+    .await
+    .unwrap();
+    let created = root
+        .create_token(vec!["canary".into()], None, "canary session")
+        .await
+        .unwrap();
+    let token = created.token.expose_secret().to_owned();
+    let user = root.with_token(&created.token).unwrap();
+
+    let ct = encrypt(&user, KEY, CANARY.as_bytes()).await.ciphertext;
+    let treated = user.with_purpose(cipherd_client::Purpose::new("treatment"));
+    let back = treated
+        .decrypt(KEY, ct.clone(), Bytes::new(), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, CANARY.as_bytes());
+    let items: Vec<pb::EncryptItem> = (0..20)
+        .map(|i| pb::EncryptItem {
+            plaintext: Bytes::from(format!("{CANARY} #{i}")),
+            context: Bytes::from(format!("{CANARY} context {}", i % 3)),
+            reference: format!("{CANARY} row {i}"),
+            ..Default::default()
+        })
+        .collect();
+    let sealed = user
+        .batch_encrypt("canary-derived", items.clone(), true)
+        .await
+        .unwrap();
+    let decrypt_items: Vec<pb::DecryptItem> = sealed
+        .iter()
+        .zip(&items)
+        .map(|(ct, item)| pb::DecryptItem {
+            ciphertext: ct.as_ref().unwrap().clone(),
+            context: item.context.clone(),
+            reference: item.reference.clone(),
+            ..Default::default()
+        })
+        .collect();
+    for r in treated
+        .batch_decrypt("canary-derived", decrypt_items)
+        .await
+        .unwrap()
+    {
+        assert!(r.unwrap().starts_with(CANARY.as_bytes()));
+    }
+    user.batch_rewrap(
+        KEY,
+        None,
+        vec![pb::RewrapItem {
+            ciphertext: ct.clone(),
+            reference: format!("{CANARY} rewrap"),
+            ..Default::default()
+        }],
+        false,
+    )
+    .await
+    .unwrap();
+    let mut stream = user
+        .transit()
+        .encrypt_stream(tokio_stream::iter(vec![pb::EncryptStreamRequest {
+            key: KEY.into(),
+            items: vec![pb::EncryptItem {
+                plaintext: Bytes::from_static(CANARY.as_bytes()),
+                reference: format!("{CANARY} stream"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(chunk) = tokio_stream::StreamExt::next(&mut stream).await {
+        chunk.unwrap();
+    }
+    reply(
+        user.transit()
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: KEY.into(),
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap();
+    // Refused calls: decrypt without a purpose, another key, a forged token.
+    let _ = user
+        .decrypt(KEY, ct.clone(), Bytes::new(), Bytes::new())
+        .await
+        .unwrap_err();
+    let _ = encrypt_err(&user, "elsewhere").await;
+    let mut forged = token.clone();
+    forged.replace_range(forged.len() - 6.., "AAAAAA");
+    let forger = root
+        .with_token(&cipherd_client::Token::from(forged.as_str()))
+        .unwrap();
+    let _ = encrypt_err(&forger, KEY).await;
+    root.revoke_token(&created.info.accessor).await.unwrap();
+    let _ = encrypt_err(&user, KEY).await;
+    drop((user, treated, forger, root));
+    let log = daemon.terminate().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+
+    let b64 = base64::engine::general_purpose::STANDARD.encode(CANARY.as_bytes());
+    for (what, text) in [("log", &log), ("audit", &audit)] {
+        for (secret, name) in [
+            (CANARY, "the plaintext"),
+            (b64.as_str(), "the base64 plaintext"),
+            (token.as_str(), "the token"),
+            (&token[29..], "the token's secret"),
+            (forged.as_str(), "the forged token"),
+            (root_token.as_str(), "the root token"),
+            (&root_token[29..], "the root token's secret"),
+            ("Jane Canary", "part of the plaintext"),
+        ] {
+            let hits = text.lines().filter(|l| l.contains(secret)).count();
+            assert_eq!(hits, 0, "{name} appears {hits} times in the {what}");
+        }
+    }
+    // The audit log did record the session, by key name and principal.
+    assert!(audit.lines().count() > 15, "{audit}");
+    assert!(audit.contains(KEY) && audit.contains("canary session"));
+    assert!(
+        audit.contains("hmac-sha256:"),
+        "references and contexts as HMACs"
+    );
+}
+
+async fn encrypt_err(client: &Client, key: &str) -> cipherd_client::Error {
+    client
+        .encrypt(key, &b"x"[..], &EncryptOptions::default())
+        .await
+        .unwrap_err()
+}

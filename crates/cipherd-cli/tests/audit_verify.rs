@@ -155,3 +155,50 @@ fn unreadable_files_and_no_files_fail() {
     );
     assert_eq!(cipherctl(&["audit", "verify"]).code, 2, "usage error");
 }
+
+/// A real server's log (dev mode: every call audited to `<data_dir>/audit.log`)
+/// verifies, across a restart that continues the chain; editing the key a call
+/// named is caught at that line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_servers_log_verifies_across_a_restart_and_an_edit_is_caught() {
+    use cipherd_test_support::TestServer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for round in 0..2 {
+        let server =
+            TestServer::start(cipherd_server::Params::for_data_dir(dir.path(), true)).await;
+        let client = server.client().await;
+        if round == 0 {
+            client
+                .admin()
+                .create_key(cipherd_client::pb::CreateKeyRequest {
+                    name: "patients".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("create");
+        }
+        for i in 0..5 {
+            client
+                .encrypt(
+                    "patients",
+                    format!("v{i}").into_bytes(),
+                    &Default::default(),
+                )
+                .await
+                .expect("encrypt");
+        }
+        server.stop().await;
+    }
+    let path = dir.path().join(cipherd_server::audit::DEV_AUDIT_FILE);
+    let run = verify(&[&path]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let text = std::fs::read_to_string(&path).expect("read");
+    let at = text
+        .lines()
+        .position(|l| l.contains("\"key\":\"patients\"") && l.contains("Encrypt"))
+        .expect("an audited encrypt");
+    let edited = rewrite(&path, |l| {
+        l[at] = l[at].replace("\"key\":\"patients\"", "\"key\":\"other\"");
+    });
+    assert_broken(&verify(&[&edited]), &edited, at as u64 + 1, "edited");
+}
