@@ -807,3 +807,144 @@ pub fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use cipherd_core::{barrier::RootKey, secret::Derivation};
+    use cipherd_store::SqliteStore;
+
+    use super::*;
+
+    async fn state(store: &Arc<dyn Store>, root: &RootKey) -> AuthState {
+        let barrier = Arc::new(Barrier::new(root, 1, Derivation::V2).unwrap());
+        AuthState::load(Arc::clone(store), barrier).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_are_stored_as_keyed_tags_and_checked_in_full() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let auth = state(&store, &root).await;
+        let (token, entry) = auth
+            .create_token(vec!["p".into()], None, "t".into(), "test".into())
+            .await
+            .unwrap();
+        assert!(token.starts_with(TOKEN_TAG) && token.len() == 4 + 24 + 1 + 43);
+        assert_eq!(auth.authenticate(&token).unwrap().accessor, entry.accessor);
+
+        // The stored record (opened through the barrier) has the tag, not the secret.
+        let path = format!("{TOKEN_PREFIX}{}", entry.accessor);
+        let sealed = store.get(&path).await.unwrap().unwrap().value;
+        let barrier = Barrier::new(&root, 1, Derivation::V2).unwrap();
+        let plain = barrier.open(&path, &sealed).unwrap();
+        let text = String::from_utf8(plain.expose_secret().to_vec()).unwrap();
+        let secret = &token[29..];
+        assert!(!text.contains(secret), "{text}");
+        assert!(!String::from_utf8_lossy(&sealed).contains(secret));
+
+        // Every part is checked: a changed secret, accessor or prefix is refused.
+        let mut forged = token.to_string();
+        forged.replace_range(40..41, if &forged[40..41] == "A" { "B" } else { "A" });
+        assert_eq!(
+            auth.authenticate(&forged).unwrap_err(),
+            TokenRefusal::Forged
+        );
+        let other = format!("cdt_{}_{}", "0".repeat(24), secret);
+        assert_eq!(
+            auth.authenticate(&other).unwrap_err(),
+            TokenRefusal::Unknown
+        );
+        assert_eq!(
+            auth.authenticate(&token[1..]).unwrap_err(),
+            TokenRefusal::Malformed
+        );
+        assert_eq!(auth.authenticate("").unwrap_err(), TokenRefusal::Malformed);
+
+        // Another server over the same storage (a replica, a restart) accepts it.
+        let again = state(&store, &root).await;
+        assert!(again.authenticate(&token).is_ok());
+        // Revocation is at once, here and, through the change feed, there.
+        auth.revoke_token(&entry.accessor).await.unwrap();
+        assert_eq!(
+            auth.authenticate(&token).unwrap_err(),
+            TokenRefusal::Unknown
+        );
+        // The other copy learns it from the change feed (a storage read): poll.
+        for _ in 0..500 {
+            if again.authenticate(&token).is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            again.authenticate(&token).unwrap_err(),
+            TokenRefusal::Unknown
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_refused() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let auth = state(&store, &RootKey::generate().unwrap()).await;
+        let (token, entry) = auth
+            .create_token(
+                vec!["p".into()],
+                Some(Duration::from_secs(3600)),
+                "t".into(),
+                "x".into(),
+            )
+            .await
+            .unwrap();
+        assert!(auth.authenticate(&token).is_ok());
+        assert!(!entry.record.expired_at(entry.record.expires_unix - 1));
+        assert!(entry.record.expired_at(entry.record.expires_unix));
+        let forever = TokenRecord {
+            expires_unix: 0,
+            ..entry.record.clone()
+        };
+        assert!(!forever.expired_at(i64::MAX));
+    }
+
+    #[tokio::test]
+    async fn policies_and_roles_round_trip_and_bad_documents_are_refused() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let auth = state(&store, &RootKey::generate().unwrap()).await;
+        let doc = "[[rule]]\nkeys = [\"a-*\"]\noperations = [\"encrypt\"]\n";
+        auth.write_policy("enc", doc).await.unwrap();
+        assert_eq!(auth.policy("enc").unwrap().document, doc);
+        assert_eq!(auth.policy_names(), ["enc", "root"]);
+        let err = auth.write_policy("bad", "[[rule]\n").await.unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidPolicy(ref m) if !m.contains('\n')),
+            "{err}"
+        );
+        assert!(auth.policy("bad").is_none());
+        assert!(auth.delete_policy("root").await.is_err());
+
+        auth.write_role(
+            "ehr",
+            RoleRecord {
+                principals: vec!["spiffe://hospital/ns/ehr/*".into()],
+                groups: vec!["nurses".into()],
+                policies: vec!["enc".into()],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            auth.role_policies("spiffe://hospital/ns/ehr/sa/api", &[]),
+            ["enc"]
+        );
+        assert_eq!(auth.role_policies("someone", &["nurses".into()]), ["enc"]);
+        assert!(
+            auth.role_policies("spiffe://hospital/ns/billing/sa/x", &[])
+                .is_empty()
+        );
+        auth.delete_role("ehr").await.unwrap();
+        assert!(
+            auth.role_policies("spiffe://hospital/ns/ehr/sa/api", &[])
+                .is_empty()
+        );
+    }
+}
