@@ -258,13 +258,7 @@ impl Auditor {
                     path: PathBuf::new(),
                     source: std::io::Error::other(e),
                 })??;
-            std::thread::Builder::new()
-                .name("cipherd-audit".into())
-                .spawn(move || thread.run())
-                .map_err(|source| OpenError {
-                    path: PathBuf::from(&handle.label),
-                    source,
-                })?;
+            tokio::spawn(thread.run());
             sinks.push(handle);
         }
         Ok(Self {

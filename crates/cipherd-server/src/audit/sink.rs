@@ -1,6 +1,6 @@
-//! One sink's writer: a dedicated thread that group-commits queued records.
+//! One sink's writer: a task that group-commits queued records.
 //!
-//! The thread takes every record queued while its previous write (and fdatasync)
+//! The writer takes every record queued while its previous write (and fdatasync)
 //! ran (up to [`MAX_GROUP`] records or [`MAX_GROUP_BYTES`]), chains them
 //! ([`ChainState`]), writes them with one `write` call, syncs once per the sink's
 //! mode and answers every waiter. Its queue is bounded ([`QUEUE_CAPACITY`]): when
@@ -161,6 +161,7 @@ pub(super) fn open(params: &SinkParams) -> Result<(SinkHandle, SinkThread), Open
         healthy: healthy.clone(),
         rx,
         start_note: note,
+        outbox: Vec::new(),
     };
     // The start record, before any call is served.
     thread.commit(&mut Vec::new());
@@ -173,7 +174,7 @@ pub(super) fn open(params: &SinkParams) -> Result<(SinkHandle, SinkThread), Open
     Ok((handle, thread))
 }
 
-/// A sink's writer, run on its own thread by [`SinkThread::run`].
+/// A sink's writer, run as a task by [`SinkThread::run`].
 pub(super) struct SinkThread {
     label: String,
     target: Target,
@@ -182,17 +183,25 @@ pub(super) struct SinkThread {
     rx: mpsc::Receiver<Msg>,
     /// A remark for the `start` record (why a new chain starts).
     start_note: Option<String>,
+    /// Callers of records written, and whether their record is held: answered
+    /// by [`answer`](Self::answer).
+    outbox: Vec<(oneshot::Sender<bool>, bool)>,
 }
 
 impl SinkThread {
     /// Serves the queue until it is closed (every `Auditor` dropped: writes a
-    /// `stop` record) or a `Close` arrives.
-    pub(super) fn run(mut self) {
+    /// `stop` record) or a `Close` arrives. Runs as a task on the server's
+    /// runtime: taking records and answering their callers never crosses threads
+    /// (a futex wake per record cost more CPU than the write). The blocking part
+    /// of a group, `write` and `fdatasync`, runs on the blocking pool for a file
+    /// with `sync = "full"`; other sinks write in place (a `write` to the page
+    /// cache or a pipe).
+    pub(super) async fn run(mut self) {
         let mut msgs = Vec::with_capacity(MAX_GROUP);
-        let mut group: Vec<(Bytes, oneshot::Sender<bool>)> = Vec::with_capacity(MAX_GROUP);
         loop {
-            let Some(first) = self.rx.blocking_recv() else {
-                self.stop();
+            let Some(first) = self.rx.recv().await else {
+                self = self.blocking(|s| s.stop()).await;
+                self.answer();
                 return;
             };
             let mut bytes = first.len();
@@ -206,34 +215,87 @@ impl SinkThread {
                     Err(_) => break,
                 }
             }
-            let mut drain = msgs.drain(..);
-            while let Some(msg) = drain.next() {
-                match msg {
-                    Msg::Record { body, done } => group.push((body, done)),
-                    Msg::Reopen { done } => {
-                        self.commit(&mut group);
-                        self.reopen(true);
-                        let _ = done.send(());
+            let keep_going;
+            if self.writes_in_place() {
+                keep_going = self.step(&mut msgs);
+            } else {
+                let mut batch = std::mem::take(&mut msgs);
+                let (sink, going, emptied) = tokio::task::spawn_blocking(move || {
+                    let going = self.step(&mut batch);
+                    (self, going, batch)
+                })
+                .await
+                .expect("the audit writer does not panic");
+                self = sink;
+                keep_going = going;
+                msgs = emptied;
+            }
+            self.answer();
+            if !keep_going {
+                return;
+            }
+        }
+    }
+
+    /// Runs `f` on the blocking pool when this sink syncs, else in place.
+    async fn blocking(mut self, f: impl FnOnce(&mut Self) + Send + 'static) -> Self {
+        if self.writes_in_place() {
+            f(&mut self);
+            return self;
+        }
+        tokio::task::spawn_blocking(move || {
+            f(&mut self);
+            self
+        })
+        .await
+        .expect("the audit writer does not panic")
+    }
+
+    /// Whether this sink's writes are cheap enough to do on the runtime.
+    fn writes_in_place(&self) -> bool {
+        !matches!(&self.target, Target::File(t) if t.sync == SyncMode::Full)
+    }
+
+    /// Answers the callers of the records written so far.
+    fn answer(&mut self) {
+        for (done, ok) in self.outbox.drain(..) {
+            let _ = done.send(ok);
+        }
+    }
+
+    /// Handles `msgs` (drained): records are group-committed, control messages
+    /// done in order. `false` once the sink is closed.
+    fn step(&mut self, msgs: &mut Vec<Msg>) -> bool {
+        let mut group: Vec<(Bytes, oneshot::Sender<bool>)> = Vec::with_capacity(msgs.len());
+        let mut drain = msgs.drain(..);
+        while let Some(msg) = drain.next() {
+            match msg {
+                Msg::Record { body, done } => group.push((body, done)),
+                Msg::Reopen { done } => {
+                    self.commit(&mut group);
+                    self.reopen(true);
+                    let _ = done.send(());
+                }
+                Msg::Close { done } => {
+                    self.commit(&mut group);
+                    self.stop();
+                    // Refuse whatever was queued behind the close.
+                    for m in drain.by_ref() {
+                        refuse(m);
                     }
-                    Msg::Close { done } => {
-                        self.commit(&mut group);
-                        self.stop();
-                        // Refuse whatever was queued behind the close.
-                        for m in drain.by_ref() {
-                            refuse(m);
-                        }
-                        self.rx.close();
-                        while let Ok(m) = self.rx.try_recv() {
-                            refuse(m);
-                        }
-                        let _ = done.send(());
-                        return;
+                    self.rx.close();
+                    while let Ok(m) = self.rx.try_recv() {
+                        refuse(m);
                     }
+                    self.answer();
+                    let _ = done.send(());
+                    return false;
                 }
             }
-            drop(drain);
-            self.commit(&mut group);
         }
+        drop(drain);
+        self.commit(&mut group);
+        true
     }
 
     /// Writes `group` (possibly empty: then only a pending lifecycle record) and
@@ -304,9 +366,9 @@ impl SinkThread {
                 }
             }
         }
-        for (_, done) in group.drain(..) {
-            let _ = done.send(ok);
-        }
+        // Answered by the task that owns the sink (on the runtime), not here.
+        self.outbox
+            .extend(group.drain(..).map(|(_, done)| (done, ok)));
     }
 
     /// Reopens a file sink by its path. A different file (rotation) gets the
