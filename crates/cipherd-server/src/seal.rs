@@ -464,7 +464,7 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     }
     tracing::warn!(
         path = %token_path.display(),
-        "dev mode: the root token is in this file (export CIPHERD_TOKEN=$(cat PATH))"
+        "dev mode: the root token is in this file; cipherctl --token-file PATH, or export CIPHERD_TOKEN=$(cat PATH)"
     );
     Ok(())
 }
