@@ -12,7 +12,10 @@
 //! | `limits.rs` | usage limits of 96-bit-nonce key types: rotate or refuse at the limit, counters that survive restarts |
 //! | `stream.rs` | the streaming RPCs: chunk and item order, per-item errors, chunk errors ending the stream, SEALED |
 //! | `api.rs` | API conventions at the transport edge: reflection v1 and v1alpha, malformed protobuf answered INVALID_ARGUMENT / MALFORMED_MESSAGE (unary, batch, stream) |
-//! | `process.rs` | the real `cipherd` binary as a child process: start, serve, SIGTERM, restart on the same data dir |
+//! | `process.rs` | the real `cipherd` binary as a child process: start, serve, SIGTERM, restart on the same data dir; the canary (no plaintext or token in any log line or audit record) |
+//! | `hostile.rs` | the hostile catalogue (malformed, oversized, forged, misdirected requests) and its auth rows (credentials, policies, purposes, break-glass, policy documents) over TLS: each row's status and reason, storage unchanged after |
+//! | `tls.rs` | TLS: X25519MLKEM768 negotiated, plaintext and untrusted clients refused, mTLS, certificate reloads |
+//! | `audit.rs` | the audit log fails closed: with no writable sink every call is refused and nothing changes |
 //! | `edge.rs` | the edge under abuse: declared-size floods (also under a memory cap), stream and connection floods, slow and silent clients, keep-alive, load shedding, timeouts, request ids |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through
@@ -441,4 +444,41 @@ pub mod raw_h2 {
             payload,
         })
     }
+}
+
+/// SHA-256 over every stored record (path, revision and sealed value), read
+/// through a second handle on the server's SQLite file at `db`: equal before and
+/// after a run of refused calls means none of them changed storage. Asserts that
+/// at least `min_records` records were read, so an empty digest cannot pass.
+pub async fn storage_digest(db: &std::path::Path, min_records: usize) -> String {
+    use cipherd_store::Store as _;
+    use sha2::{Digest as _, Sha256};
+    let store = cipherd_store::SqliteStore::open(db)
+        .await
+        .expect("open the server's database");
+    let mut hash = Sha256::new();
+    let mut after: Option<String> = None;
+    let mut count = 0;
+    loop {
+        let page = store
+            .scan("", after.as_deref(), 100)
+            .await
+            .expect("scan the store");
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (path, record) in &page {
+            hash.update((path.len() as u64).to_be_bytes());
+            hash.update(path.as_bytes());
+            hash.update(record.revision.to_be_bytes());
+            hash.update((record.value.len() as u64).to_be_bytes());
+            hash.update(&record.value);
+            count += 1;
+        }
+    }
+    store.close().await;
+    assert!(
+        count >= min_records,
+        "{count} records; expected at least {min_records}"
+    );
+    hex::encode(hash.finalize())
 }

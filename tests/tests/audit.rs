@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use cipherd_e2e::{Client, Code, EncryptOptions, Params, expect_err, pb};
-use cipherd_store::{SqliteStore, Store as _};
+use cipherd_e2e::{Client, Code, EncryptOptions, Params, expect_err, pb, storage_digest};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -48,7 +47,7 @@ async fn with_no_writable_sink_every_call_is_refused_and_nothing_changes() {
     }
     assert!(ready, "health never said SERVING");
     let db = dir.path().join("cipherd.db");
-    let before = digest(&db).await;
+    let before = storage_digest(&db, 1).await;
 
     let token =
         std::fs::read_to_string(dir.path().join(cipherd_server::DEV_ROOT_TOKEN_FILE)).unwrap();
@@ -94,26 +93,11 @@ async fn with_no_writable_sink_every_call_is_refused_and_nothing_changes() {
             .await
             .map(drop),
     );
-    assert_eq!(digest(&db).await, before, "a refused call changed storage");
+    assert_eq!(
+        storage_digest(&db, 1).await,
+        before,
+        "a refused call changed storage"
+    );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
-}
-
-/// SHA-256 over every stored record, through a second handle on the SQLite file.
-async fn digest(db: &std::path::Path) -> String {
-    use sha2::{Digest as _, Sha256};
-    let store = SqliteStore::open(db).await.unwrap();
-    let mut hash = Sha256::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.scan("", after.as_deref(), 100).await.unwrap();
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (path, record) in &page {
-            hash.update(path.as_bytes());
-            hash.update(record.revision.to_be_bytes());
-            hash.update(&record.value);
-        }
-    }
-    hex::encode(hash.finalize())
 }

@@ -10,9 +10,9 @@
 
 use bytes::Bytes;
 use cipherd_client::Error;
-use cipherd_e2e::{Client, Code, TestServer, create_key_with, encrypt, flip, pb, raw_unary, reply};
-use cipherd_store::{SqliteStore, Store as _};
-use sha2::{Digest as _, Sha256};
+use cipherd_e2e::{
+    Client, Code, TestServer, create_key_with, encrypt, flip, pb, raw_unary, reply, storage_digest,
+};
 
 /// Limits of the catalogue's server, small so that limit rows stay small. A full
 /// batch of the largest plaintexts fits in a message, but its text-form reply
@@ -1053,7 +1053,7 @@ async fn the_hostile_catalogue_is_refused_and_changes_nothing() {
     let fixture = fixture(&client).await;
     let channel = client.transport();
 
-    let before = digest(&db).await;
+    let before = storage_digest(&db, 5).await;
     let mut failures = Vec::new();
     for row in ROWS {
         let outcome = send(&client, &channel, (row.request)(&fixture)).await;
@@ -1076,7 +1076,7 @@ async fn the_hostile_catalogue_is_refused_and_changes_nothing() {
         failures.join("\n")
     );
     assert_eq!(
-        digest(&db).await,
+        storage_digest(&db, 5).await,
         before,
         "a hostile request changed storage"
     );
@@ -1229,31 +1229,6 @@ fn with_auth<T>(
         request.metadata_mut().insert("authorization", h.clone());
     }
     request
-}
-
-/// SHA-256 over every stored record (path, revision and sealed value), read
-/// through a second handle on the server's SQLite file.
-async fn digest(db: &std::path::Path) -> String {
-    let store = SqliteStore::open(db).await.unwrap();
-    let mut hash = Sha256::new();
-    let mut after: Option<String> = None;
-    let mut count = 0;
-    loop {
-        let page = store.scan("", after.as_deref(), 100).await.unwrap();
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (path, record) in &page {
-            hash.update((path.len() as u64).to_be_bytes());
-            hash.update(path.as_bytes());
-            hash.update(record.revision.to_be_bytes());
-            hash.update((record.value.len() as u64).to_be_bytes());
-            hash.update(&record.value);
-            count += 1;
-        }
-    }
-    store.close().await;
-    assert!(count >= 5, "the seal record and four keys: {count}");
-    hex::encode(hash.finalize())
 }
 
 // ---------------------------------------------------------------------------
@@ -1912,7 +1887,7 @@ async fn the_auth_catalogue_is_refused_and_changes_nothing() {
     let channel = anonymous.transport();
 
     let db = data.join("cipherd.db");
-    let before = digest(&db).await;
+    let before = storage_digest(&db, 5).await;
     let mut failures = Vec::new();
     for row in AUTH_ROWS {
         let header = (row.authorization)(&fixture);
@@ -1941,7 +1916,11 @@ async fn the_auth_catalogue_is_refused_and_changes_nothing() {
         AUTH_ROWS.len(),
         failures.join("\n")
     );
-    assert_eq!(digest(&db).await, before, "a refused call changed storage");
+    assert_eq!(
+        storage_digest(&db, 5).await,
+        before,
+        "a refused call changed storage"
+    );
 
     // What the policies allow still works: a JWT through its role, with the
     // purpose its rule lists; break-glass with a reason.

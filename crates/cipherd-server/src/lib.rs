@@ -1,5 +1,6 @@
 //! The cipherd server: configuration, the seal lifecycle, named keys at run time,
-//! the gRPC services (`Transit`, `KeyAdmin`, `System`, health, reflection), the one
+//! identities, policies and the audit log, the gRPC services (`Transit`,
+//! `KeyAdmin`, `System`, `Auth`, `Policy`, `Audit`, health, reflection), the one
 //! error→status mapping, and [`run`].
 //!
 //! Cryptography lives in `cipherd-core` and persistence in `cipherd-store`; this

@@ -16,7 +16,8 @@
 //!    per connection, keep-alive PINGs, bounded flow-control windows.
 //! 3. [`RequestIdLayer`]: an `x-request-id` (the client's if well-formed, else a
 //!    fresh one) on the request and the response, and a `request` span.
-//! 4. Identity, policy and audit layers go here (a later issue).
+//! 4. The access layer (`crate::access`, outside the edge): fail closed on the
+//!    audit log, authentication, per-principal rate limits, the audit record.
 //! 5. [`LimitsLayer`]: load shedding at `limits.max_concurrent_requests`, the
 //!    request timeout, and a request body wrapper ([`RequestBody`]) that reads the
 //!    gRPC framing to refuse messages over `limits.max_message_bytes` and to take
@@ -25,7 +26,8 @@
 //!
 //! Every refusal is a server [`Error`](crate::Error), turned into a status by
 //! `Error::classify` like any other. The edge does not look inside messages
-//! (protobuf), know services, or authenticate anyone.
+//! (protobuf), know services, or authenticate anyone (it reads the client
+//! certificate's identity into [`ConnInfo`], for the access layer).
 
 mod body;
 mod conn;
