@@ -1,10 +1,16 @@
 //! One sink's writer: a task that group-commits queued records.
 //!
-//! The writer takes every record queued while its previous write (and fdatasync)
-//! ran (up to [`MAX_GROUP`] records or [`MAX_GROUP_BYTES`]), chains them
-//! ([`ChainState`]), writes them with one `write` call, syncs once per the sink's
-//! mode and answers every waiter. Its queue is bounded ([`QUEUE_CAPACITY`]): when
-//! it is full, callers wait.
+//! The writer takes every record queued while its previous write ran (up to
+//! [`MAX_GROUP`] records or [`MAX_GROUP_BYTES`]), chains them ([`ChainState`]),
+//! writes them with one `write` call and answers every waiter. Its queue is
+//! bounded ([`QUEUE_CAPACITY`]): when it is full, callers wait.
+//!
+//! A file with `sync = "full"` has a second stage, the [`Syncer`]: a thread that
+//! fdatasyncs and then answers the waiters of every group written since its
+//! last sync. The writer never waits for a sync, so while one runs the next
+//! group is written, and the next sync covers all of it: syncs run back to back
+//! under load, each as large as the calls that arrived during the one before
+//! (a WAL writer and its flusher, in a database's terms).
 //!
 //! [`ChainState`] is the part without I/O: it builds a group's bytes and, told
 //! how many of them reached the sink, settles the chain: after a partial write
@@ -19,7 +25,8 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc as std_mpsc,
     },
     time::SystemTime,
 };
@@ -125,7 +132,7 @@ pub(super) fn open(params: &SinkParams) -> Result<(SinkHandle, SinkThread), Open
             (
                 Target::File(FileTarget {
                     path: path.clone(),
-                    file,
+                    file: Arc::new(file),
                     sync: *sync,
                 }),
                 label,
@@ -153,6 +160,15 @@ pub(super) fn open(params: &SinkParams) -> Result<(SinkHandle, SinkThread), Open
         }
     };
     let healthy = Arc::new(AtomicBool::new(false));
+    let syncer = match &target {
+        Target::File(t) if t.sync == SyncMode::Full => Some(
+            Syncer::spawn(label.clone(), healthy.clone()).map_err(|source| OpenError {
+                path: t.path.clone(),
+                source,
+            })?,
+        ),
+        _ => None,
+    };
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let mut thread = SinkThread {
         label: label.clone(),
@@ -162,9 +178,17 @@ pub(super) fn open(params: &SinkParams) -> Result<(SinkHandle, SinkThread), Open
         rx,
         start_note: note,
         outbox: Vec::new(),
+        syncer,
     };
-    // The start record, before any call is served.
+    // The start record, on disk before any call is served (`open` runs on the
+    // blocking pool).
     thread.commit(&mut Vec::new());
+    if let Some(syncer) = &thread.syncer {
+        let (tx, rx) = oneshot::channel();
+        if syncer.send(SyncJob::Flush(tx)) {
+            let _ = rx.blocking_recv();
+        }
+    }
     let handle = SinkHandle {
         is_file: matches!(thread.target, Target::File(_)),
         label,
@@ -186,22 +210,25 @@ pub(super) struct SinkThread {
     /// Callers of records written, and whether their record is held: answered
     /// by [`answer`](Self::answer).
     outbox: Vec<(oneshot::Sender<bool>, bool)>,
+    /// A file with `sync = "full"`: the thread that syncs what was written and
+    /// answers its callers.
+    syncer: Option<Syncer>,
 }
 
 impl SinkThread {
     /// Serves the queue until it is closed (every `Auditor` dropped: writes a
     /// `stop` record) or a `Close` arrives. Runs as a task on the server's
-    /// runtime: taking records and answering their callers never crosses threads
-    /// (a futex wake per record cost more CPU than the write). The blocking part
-    /// of a group, `write` and `fdatasync`, runs on the blocking pool for a file
-    /// with `sync = "full"`; other sinks write in place (a `write` to the page
-    /// cache or a pipe).
+    /// runtime: taking records never crosses threads (a futex wake per record
+    /// cost more CPU than the write). Writes happen in place (a `write` to the
+    /// page cache or a pipe); with `sync = "full"` the [`Syncer`] answers the
+    /// callers once their group is on disk, one thread wake per sync.
     pub(super) async fn run(mut self) {
         let mut msgs = Vec::with_capacity(MAX_GROUP);
         loop {
             let Some(first) = self.rx.recv().await else {
-                self = self.blocking(|s| s.stop()).await;
+                self.stop();
                 self.answer();
+                self.flushed().await;
                 return;
             };
             let mut bytes = first.len();
@@ -215,45 +242,26 @@ impl SinkThread {
                     Err(_) => break,
                 }
             }
-            let keep_going;
-            if self.writes_in_place() {
-                keep_going = self.step(&mut msgs);
-            } else {
-                let mut batch = std::mem::take(&mut msgs);
-                let (sink, going, emptied) = tokio::task::spawn_blocking(move || {
-                    let going = self.step(&mut batch);
-                    (self, going, batch)
-                })
-                .await
-                .expect("the audit writer does not panic");
-                self = sink;
-                keep_going = going;
-                msgs = emptied;
-            }
+            let close = self.step(&mut msgs);
             self.answer();
-            if !keep_going {
+            if let Some(done) = close {
+                self.flushed().await;
+                let _ = done.send(());
                 return;
             }
         }
     }
 
-    /// Runs `f` on the blocking pool when this sink syncs, else in place.
-    async fn blocking(mut self, f: impl FnOnce(&mut Self) + Send + 'static) -> Self {
-        if self.writes_in_place() {
-            f(&mut self);
-            return self;
+    /// Waits until everything written so far is synced (and its callers
+    /// answered); at once without a syncer.
+    async fn flushed(&mut self) {
+        let Some(syncer) = &self.syncer else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        if syncer.send(SyncJob::Flush(tx)) {
+            let _ = rx.await;
         }
-        tokio::task::spawn_blocking(move || {
-            f(&mut self);
-            self
-        })
-        .await
-        .expect("the audit writer does not panic")
-    }
-
-    /// Whether this sink's writes are cheap enough to do on the runtime.
-    fn writes_in_place(&self) -> bool {
-        !matches!(&self.target, Target::File(t) if t.sync == SyncMode::Full)
     }
 
     /// Answers the callers of the records written so far.
@@ -264,8 +272,9 @@ impl SinkThread {
     }
 
     /// Handles `msgs` (drained): records are group-committed, control messages
-    /// done in order. `false` once the sink is closed.
-    fn step(&mut self, msgs: &mut Vec<Msg>) -> bool {
+    /// done in order. Once the sink is closed, the `Close` message's sender, to
+    /// answer when the last records are synced.
+    fn step(&mut self, msgs: &mut Vec<Msg>) -> Option<oneshot::Sender<()>> {
         let mut group: Vec<(Bytes, oneshot::Sender<bool>)> = Vec::with_capacity(msgs.len());
         let mut drain = msgs.drain(..);
         while let Some(msg) = drain.next() {
@@ -287,20 +296,27 @@ impl SinkThread {
                     while let Ok(m) = self.rx.try_recv() {
                         refuse(m);
                     }
-                    self.answer();
-                    let _ = done.send(());
-                    return false;
+                    return Some(done);
                 }
             }
         }
         drop(drain);
         self.commit(&mut group);
-        true
+        None
     }
 
     /// Writes `group` (possibly empty: then only a pending lifecycle record) and
     /// answers its waiters.
     fn commit(&mut self, group: &mut Vec<(Bytes, oneshot::Sender<bool>)>) {
+        if let Some(syncer) = &self.syncer {
+            let lost = syncer.failed.swap(0, Ordering::AcqRel);
+            if lost > 0 {
+                // Records whose sync failed: declared by the next lifecycle
+                // record, as a failed write's are.
+                self.chain.missed += lost;
+                self.chain.pending_note.get_or_insert(NoteKind::Resume);
+            }
+        }
         if group.is_empty() && self.chain.pending_note.is_none() {
             return;
         }
@@ -342,6 +358,12 @@ impl SinkThread {
         let ok = result.is_ok();
         self.chain.settle(written, ok);
         match result {
+            // A synced sink is healthy again once a sync succeeds (the syncer's
+            // call); a written group is not yet held.
+            Ok(()) if self.syncer.is_some() => {
+                self.chain.started = true;
+                self.start_note = None;
+            }
             Ok(()) => {
                 if !was_healthy {
                     self.healthy.store(true, Ordering::Release);
@@ -366,9 +388,23 @@ impl SinkThread {
                 }
             }
         }
-        // Answered by the task that owns the sink (on the runtime), not here.
-        self.outbox
-            .extend(group.drain(..).map(|(_, done)| (done, ok)));
+        match (&self.syncer, &self.target) {
+            // Answered by the syncer once the group is on disk.
+            (Some(syncer), Target::File(t)) if ok => {
+                let waiters = group.drain(..).map(|(_, done)| done).collect();
+                if let Err(SyncJob::Group { waiters, .. }) = syncer.submit(SyncJob::Group {
+                    file: t.file.clone(),
+                    waiters,
+                }) {
+                    self.outbox
+                        .extend(waiters.into_iter().map(|done| (done, false)));
+                }
+            }
+            // Answered by the task that owns the sink (on the runtime), not here.
+            _ => self
+                .outbox
+                .extend(group.drain(..).map(|(_, done)| (done, ok))),
+        }
     }
 
     /// Reopens a file sink by its path. A different file (rotation) gets the
@@ -418,6 +454,133 @@ fn refuse(msg: Msg) {
         }
         Msg::Reopen { done } | Msg::Close { done } => {
             let _ = done.send(());
+        }
+    }
+}
+
+/// What the [`Syncer`] is handed.
+enum SyncJob {
+    /// A group written to `file`: sync, then answer its callers.
+    Group {
+        file: Arc<File>,
+        waiters: Vec<oneshot::Sender<bool>>,
+    },
+    /// Answer once every group handed over before it is done.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The second stage of a `sync = "full"` file sink: a thread that takes every
+/// group written since its last sync, fdatasyncs each file once (a sync covers
+/// everything written to the file before it began) and answers their callers.
+/// A failed sync answers its callers "not taken", marks the sink unhealthy
+/// (calls are refused until a write succeeds again) and counts the records for
+/// the writer to declare as `missed`.
+struct Syncer {
+    tx: std_mpsc::Sender<SyncJob>,
+    /// Records whose sync failed, not yet declared by the writer.
+    failed: Arc<AtomicU64>,
+}
+
+impl Syncer {
+    fn spawn(label: String, healthy: Arc<AtomicBool>) -> io::Result<Self> {
+        let (tx, rx) = std_mpsc::channel::<SyncJob>();
+        let failed = Arc::new(AtomicU64::new(0));
+        let lost = failed.clone();
+        std::thread::Builder::new()
+            .name("cipherd-audit-sync".into())
+            .spawn(move || {
+                let mut jobs = Vec::new();
+                let mut state = SyncState {
+                    label,
+                    healthy,
+                    lost,
+                    failing: false,
+                };
+                while let Ok(first) = rx.recv() {
+                    jobs.push(first);
+                    jobs.extend(rx.try_iter());
+                    state.round(&mut jobs);
+                }
+            })?;
+        Ok(Syncer { tx, failed })
+    }
+
+    /// Hands `job` over; gives it back if the thread is gone.
+    fn submit(&self, job: SyncJob) -> Result<(), SyncJob> {
+        self.tx.send(job).map_err(|e| e.0)
+    }
+
+    /// Hands `job` over; `false` if the thread is gone.
+    fn send(&self, job: SyncJob) -> bool {
+        self.submit(job).is_ok()
+    }
+}
+
+/// The syncer thread's own state.
+struct SyncState {
+    label: String,
+    healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    /// The last sync failed (logged once per failure, and once on recovery).
+    failing: bool,
+}
+
+impl SyncState {
+    /// One round over `jobs` (drained), in the order they were written.
+    fn round(&mut self, jobs: &mut Vec<SyncJob>) {
+        // Each file once: every group in the round was written before the
+        // round began, so one sync of its file covers it.
+        let mut synced: Vec<(Arc<File>, bool)> = Vec::new();
+        for job in jobs.iter() {
+            if let SyncJob::Group { file, .. } = job
+                && !synced.iter().any(|(f, _)| Arc::ptr_eq(f, file))
+            {
+                let ok = self.sync(file);
+                synced.push((file.clone(), ok));
+            }
+        }
+        for job in jobs.drain(..) {
+            match job {
+                SyncJob::Group { file, waiters } => {
+                    let ok = synced
+                        .iter()
+                        .find(|(f, _)| Arc::ptr_eq(f, &file))
+                        .is_some_and(|(_, ok)| *ok);
+                    if !ok {
+                        self.lost.fetch_add(waiters.len() as u64, Ordering::AcqRel);
+                    }
+                    for done in waiters {
+                        let _ = done.send(ok);
+                    }
+                }
+                SyncJob::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Syncs `file`, keeping the sink's health: unhealthy while syncs fail.
+    fn sync(&mut self, file: &File) -> bool {
+        match file.sync_data() {
+            Ok(()) => {
+                self.healthy.store(true, Ordering::Release);
+                if std::mem::take(&mut self.failing) {
+                    tracing::warn!(sink = %self.label, "audit sink accepts records again");
+                }
+                true
+            }
+            Err(e) => {
+                self.healthy.store(false, Ordering::Release);
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::error!(
+                        sink = %self.label,
+                        error = %e,
+                        "audit file cannot be synced; calls are refused while no audit sink accepts records"
+                    );
+                }
+                false
+            }
         }
     }
 }
@@ -632,21 +795,12 @@ impl Target {
         }
     }
 
-    /// Writes all of `bytes` and syncs per the sink's mode; returns how many
-    /// bytes were written, and the first error.
+    /// Writes all of `bytes` (a file with `sync = "full"` is synced by the
+    /// [`Syncer`] afterwards); returns how many bytes were written, and the
+    /// first error.
     fn write(&mut self, bytes: &[u8]) -> (usize, io::Result<()>) {
         match self {
-            Target::File(t) => {
-                let (n, r) = write_counted(&mut t.file, bytes);
-                if r.is_err() {
-                    return (n, r);
-                }
-                let r = match t.sync {
-                    SyncMode::Full => t.file.sync_data(),
-                    SyncMode::None => Ok(()),
-                };
-                (n, r)
-            }
+            Target::File(t) => write_counted(&mut &*t.file, bytes),
             Target::Stdout => {
                 let mut out = io::stdout().lock();
                 let (n, r) = write_counted(&mut out, bytes);
@@ -675,7 +829,9 @@ fn write_counted(w: &mut impl io::Write, bytes: &[u8]) -> (usize, io::Result<()>
 
 struct FileTarget {
     path: PathBuf,
-    file: File,
+    /// Shared with the [`Syncer`], which syncs the file a group was written to
+    /// (the old one, for groups written before a reopen).
+    file: Arc<File>,
     sync: SyncMode,
 }
 
@@ -698,7 +854,7 @@ impl FileTarget {
                 needs_newline
             }
         };
-        self.file = file;
+        self.file = Arc::new(file);
         Ok(Some(needs_newline))
     }
 }
@@ -812,4 +968,77 @@ fn parse_tail(data: &[u8], at_file_start: bool) -> Option<Tail> {
             needs_newline,
         },
     })
+}
+
+#[cfg(test)]
+mod syncer_tests {
+    use super::*;
+
+    fn state() -> SyncState {
+        SyncState {
+            label: "test".into(),
+            healthy: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(AtomicU64::new(0)),
+            failing: false,
+        }
+    }
+
+    fn group(file: &Arc<File>, n: usize) -> (SyncJob, Vec<oneshot::Receiver<bool>>) {
+        let (waiters, answers) = (0..n).map(|_| oneshot::channel()).unzip();
+        (
+            SyncJob::Group {
+                file: file.clone(),
+                waiters,
+            },
+            answers,
+        )
+    }
+
+    #[test]
+    fn a_synced_round_answers_every_group_and_the_flush_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(File::create(dir.path().join("audit.log")).unwrap());
+        let mut s = state();
+        let (g1, mut a1) = group(&file, 2);
+        let (g2, mut a2) = group(&file, 1);
+        let (flush, mut flushed) = oneshot::channel();
+        let mut jobs = vec![g1, g2, SyncJob::Flush(flush)];
+        s.round(&mut jobs);
+        assert!(jobs.is_empty());
+        for a in a1.iter_mut().chain(a2.iter_mut()) {
+            assert_eq!(a.try_recv(), Ok(true));
+        }
+        assert_eq!(flushed.try_recv(), Ok(()));
+        assert!(s.healthy.load(Ordering::Acquire));
+        assert_eq!(s.lost.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_failed_sync_refuses_its_callers_counts_them_and_marks_the_sink_unhealthy() {
+        // fdatasync on a pipe fails (EINVAL): a file that takes writes but
+        // cannot be synced.
+        let (_reader, writer) = io::pipe().unwrap();
+        let pipe = Arc::new(File::from(std::os::fd::OwnedFd::from(writer)));
+        let dir = tempfile::tempdir().unwrap();
+        let good = Arc::new(File::create(dir.path().join("audit.log")).unwrap());
+        let mut s = state();
+        s.healthy.store(true, Ordering::Release);
+        // A reopen between the groups: the old file fails, the new one syncs.
+        let (bad, mut refused) = group(&pipe, 3);
+        let (fine, mut held) = group(&good, 1);
+        s.round(&mut vec![bad, fine]);
+        for a in &mut refused {
+            assert_eq!(a.try_recv(), Ok(false));
+        }
+        assert_eq!(held[0].try_recv(), Ok(true));
+        assert_eq!(s.lost.load(Ordering::Acquire), 3);
+        // The later sync of the good file succeeded: healthy again.
+        assert!(s.healthy.load(Ordering::Acquire));
+
+        let (bad, mut refused) = group(&pipe, 1);
+        s.round(&mut vec![bad]);
+        assert_eq!(refused[0].try_recv(), Ok(false));
+        assert!(!s.healthy.load(Ordering::Acquire));
+        assert_eq!(s.lost.load(Ordering::Acquire), 4);
+    }
 }
