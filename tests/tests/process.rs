@@ -146,6 +146,90 @@ async fn binary_restarts_on_the_same_data_dir_and_keeps_keys() {
     }
 }
 
+/// A second process on a data dir in use refuses to start and names the holder's pid; the data dir is free again once the first exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_a_data_dir_refuses_to_start_and_names_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = Daemon::start(dir.path(), &data, &["--dev"]).await;
+    let pid = first.child.id().unwrap();
+    let second = command()
+        .args(["--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second process exits")
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("in use by another cipherd (pid {pid})")),
+        "{err}"
+    );
+    // The first one still serves, alone.
+    let client = first.client().await;
+    assert!(!client.status().await.unwrap().sealed);
+    drop(client);
+    first.terminate().await;
+    Daemon::start(dir.path(), &data, &["--dev"])
+        .await
+        .terminate()
+        .await;
+}
+
+/// SIGKILL at moments spread over a dev server's first start never leaves a data dir that cannot start: the next start always unseals and serves (issue #8: killed after the seal record was committed and before the share file was written, a data dir could never start again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_first_dev_start_never_leaves_a_data_dir_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // How long a first start takes here, to spread the kills over it.
+    let probe = dir.path().join("probe");
+    let started = std::time::Instant::now();
+    Daemon::start(dir.path(), &probe, &["--dev"])
+        .await
+        .terminate()
+        .await;
+    let span = started.elapsed();
+    const KILLS: u32 = 30;
+    let mut killed_initialized = 0;
+    for i in 0..KILLS {
+        let data = dir.path().join(format!("data-{i}"));
+        let mut child = command()
+            .args(["--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Not a readiness wait: the moment of the kill is what is under test.
+        tokio::time::sleep(span * i / KILLS).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        if data.join(cipherd_server::DEV_SHARE_FILE).exists() {
+            killed_initialized += 1;
+        }
+        let daemon = Daemon::start(dir.path(), &data, &["--dev"]).await;
+        let client = daemon.client().await;
+        let status = client.status().await.unwrap();
+        assert!(status.initialized && !status.sealed, "kill {i}: {status:?}");
+        create_key_with(
+            &client,
+            pb::CreateKeyRequest {
+                name: "k".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        encrypt(&client, "k", b"after the kill").await;
+        drop(client);
+        daemon.terminate().await;
+    }
+    eprintln!("{KILLS} kills over {span:?}; {killed_initialized} left a share file behind");
+}
+
 /// The real binary without --dev needs Init and Unseal, comes back sealed after a restart until unsealed, and exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_without_dev_mode_needs_init_and_unseal() {

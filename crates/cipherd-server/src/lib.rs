@@ -24,6 +24,7 @@ pub mod audit;
 pub mod auth;
 mod auth_service;
 pub mod config;
+pub mod datadir;
 mod edge;
 mod error;
 pub mod keys;

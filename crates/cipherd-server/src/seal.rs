@@ -198,6 +198,20 @@ impl Core {
         shares: u32,
         threshold: u32,
     ) -> Result<(Vec<String>, Zeroizing<String>)> {
+        self.init_with(shares, threshold, |_| Ok(())).await
+    }
+
+    /// [`init`](Self::init), calling `keep` with the shares before the seal
+    /// record is committed: the seal record's creation is the commit point, so
+    /// whatever `keep` stores (dev mode's share file) exists before the store
+    /// counts as initialized. An error from `keep` leaves the store
+    /// uninitialized.
+    async fn init_with(
+        &self,
+        shares: u32,
+        threshold: u32,
+        keep: impl FnOnce(&[String]) -> Result<()>,
+    ) -> Result<(Vec<String>, Zeroizing<String>)> {
         let _guard = self.lifecycle.lock().await;
         let (n, t) = match (u8::try_from(shares), u8::try_from(threshold)) {
             // 1-of-1 (dev and tests), or t-of-n with 2 <= t <= n.
@@ -229,6 +243,12 @@ impl Core {
             seal_id: Some(b64.encode(seal_id.as_bytes())),
         };
         let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+        let binding = ShareBinding::Seal(&seal_id);
+        let shares: Vec<String> = split
+            .iter()
+            .map(|s| std::mem::take(&mut *s.to_text(binding)))
+            .collect();
+        keep(&shares)?;
         match self.store.create(SEAL_PATH, &json).await {
             Ok(_) => {}
             Err(cipherd_store::Error::AlreadyExists { .. }) => {
@@ -240,11 +260,6 @@ impl Core {
         tracing::info!(shares = n, threshold = t, "initialized");
         let barrier = Barrier::new(&root, record.root_generation, Derivation::V2)?;
         let root_token = auth_state::bootstrap(&*self.store, &barrier).await?;
-        let binding = ShareBinding::Seal(&seal_id);
-        let shares = split
-            .iter()
-            .map(|s| std::mem::take(&mut *s.to_text(binding)))
-            .collect();
         Ok((shares, root_token))
     }
 
@@ -414,15 +429,21 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     let token_path = core.params.data_dir.join(DEV_ROOT_TOKEN_FILE);
     let mut root_token = None;
     if !status.initialized {
-        let (shares, token) = core.init(1, 1).await?;
+        // The share file is durable before the seal record is committed: a kill
+        // at any point leaves either an uninitialized store (a share file left
+        // by the attempt is replaced by the next) or one this file unseals.
+        let (shares, token) = core
+            .init_with(1, 1, |shares| {
+                let mut body = Zeroizing::new(String::with_capacity(DEV_SHARE_HEADER.len() + 128));
+                body.push_str(DEV_SHARE_HEADER);
+                body.push_str(&shares[0]);
+                body.push('\n');
+                replace_private(&path, body.as_bytes())
+                    .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
+            })
+            .await?;
+        shares.into_iter().for_each(|s| drop(Zeroizing::new(s)));
         root_token = Some(token);
-        let shares: Vec<Zeroizing<String>> = shares.into_iter().map(Zeroizing::new).collect();
-        let mut body = Zeroizing::new(String::with_capacity(DEV_SHARE_HEADER.len() + 128));
-        body.push_str(DEV_SHARE_HEADER);
-        body.push_str(&shares[0]);
-        body.push('\n');
-        write_private(&path, body.as_bytes())
-            .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
         tracing::warn!(path = %path.display(), "dev mode: initialized; unseal share stored in the clear");
     }
     if !core.status().await?.sealed {
@@ -490,6 +511,24 @@ fn read_private(path: &std::path::Path) -> std::io::Result<Zeroizing<String>> {
     let mut text = Zeroizing::new(String::with_capacity(len + 1));
     file.read_to_string(&mut text)?;
     Ok(text)
+}
+
+/// Writes `body` to `path` (mode 0600) so that `path` holds either its old
+/// content or all of `body`, durably: a temporary file, synced, renamed over
+/// `path`, and the directory synced.
+fn replace_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    write_private(&tmp, body)?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {

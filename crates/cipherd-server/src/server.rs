@@ -37,6 +37,9 @@ pub enum RunError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another process holds the data dir, or its lock file is unusable.
+    #[error(transparent)]
+    Lock(#[from] crate::datadir::LockError),
     /// The storage backend could not be opened.
     #[error("opening storage: {0}")]
     Store(#[from] cipherd_store::Error),
@@ -76,6 +79,8 @@ pub async fn run(
         path: params.data_dir.display().to_string(),
         source,
     })?;
+    // Held until this returns: one process per data dir.
+    let _lock = crate::datadir::DataDirLock::acquire(&params.data_dir)?;
     // The audit log first: a call must never be served before it can be recorded.
     let auditor = Auditor::open(&params.audit)
         .await
