@@ -7,6 +7,9 @@
 //!
 //! ```text
 //! unseal key ──seal_root_key──► sealed root key (stored)
+//! sealed root key (bound) = 0x02 || nonce (24) || ciphertext (32) || tag (16)
+//!          AAD   = "cipherd/root-key/v1\0" || 0x02 || seal id (32)
+//!                  || root generation (u32 BE) || threshold || shares
 //! root key (generation g) ──HKDF label "cipherd/barrier/v1", context g──► barrier key
 //! barrier record = 0x01 || g (u32 BE) || nonce (24) || ciphertext || tag (16)
 //!          AAD   = "cipherd/barrier/v1\0" || 0x01 || g || path
@@ -51,6 +54,41 @@ const BARRIER_AAD_PREFIX: &[u8] = b"cipherd/barrier/v1\0";
 
 /// Associated data of a sealed root key (label, NUL, format byte).
 const ROOT_KEY_AAD: &[u8] = b"cipherd/root-key/v1\0\x01";
+
+/// First byte of a sealed root key bound to its seal parameters
+/// ([`RootBinding`]).
+pub const ROOT_FORMAT_BOUND: u8 = 0x02;
+
+/// Associated-data prefix of a bound sealed root key (label, NUL, format byte).
+const ROOT_KEY_BOUND_AAD: &[u8] = b"cipherd/root-key/v1\0\x02";
+
+/// The seal parameters stored in the clear next to a sealed root key, bound
+/// into its associated data so that none can be changed without the root key
+/// failing to open: the seal's random id, the root generation the key is for,
+/// and the Shamir threshold and share count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootBinding<'a> {
+    /// The seal's random id (`crate::shamir::SealId`'s bytes).
+    pub seal_id: &'a [u8; crate::shamir::SEAL_ID_LEN],
+    /// The root generation.
+    pub root_generation: u32,
+    /// Shares needed to unseal.
+    pub threshold: u8,
+    /// Shares issued.
+    pub shares: u8,
+}
+
+impl RootBinding<'_> {
+    fn aad(&self) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(ROOT_KEY_BOUND_AAD.len() + self.seal_id.len() + 6);
+        aad.extend_from_slice(ROOT_KEY_BOUND_AAD);
+        aad.extend_from_slice(self.seal_id);
+        aad.extend_from_slice(&self.root_generation.to_be_bytes());
+        aad.push(self.threshold);
+        aad.push(self.shares);
+        aad
+    }
+}
 
 /// The algorithm under both the barrier and the root-key seal.
 const BARRIER_KEY_TYPE: KeyType = KeyType::Xaes256Gcm;
@@ -216,15 +254,42 @@ pub fn seal_root_key(
     Ok(out)
 }
 
-/// Opens a root key sealed by [`seal_root_key`] with the same `derivation`. A wrong
-/// unseal key or derivation, or a damaged blob, is [`Error::DecryptionFailed`].
-pub fn open_root_key(unseal: &UnsealKey, sealed: &[u8], derivation: Derivation) -> Result<RootKey> {
-    let Some((&RECORD_FORMAT_V1, body)) = sealed.split_first() else {
-        return Err(Error::DecryptionFailed);
+/// Seals the root key under the unseal key, bound to `binding`:
+/// `0x02 || nonce (24) || ciphertext (32) || tag (16)`, the associated data
+/// holding the binding (see the module docs). Opened only by
+/// [`open_root_key`] given the same binding.
+pub fn seal_root_key_bound(
+    unseal: &UnsealKey,
+    root: &RootKey,
+    derivation: Derivation,
+    binding: &RootBinding<'_>,
+) -> Result<Vec<u8>> {
+    let key = root_wrapping_key(unseal, derivation)?;
+    let mut out = Vec::with_capacity(1 + key.overhead() + root.0.expose_secret().len());
+    out.push(ROOT_FORMAT_BOUND);
+    key.seal_append(&binding.aad(), root.0.expose_secret(), &mut out)?;
+    Ok(out)
+}
+
+/// Opens a root key sealed by [`seal_root_key`] (`binding` `None`) or
+/// [`seal_root_key_bound`] (`binding` the same as at sealing) with the same
+/// `derivation`. A wrong unseal key, derivation or binding, a blob of the other
+/// kind, or a damaged blob, is [`Error::DecryptionFailed`].
+pub fn open_root_key(
+    unseal: &UnsealKey,
+    sealed: &[u8],
+    derivation: Derivation,
+    binding: Option<&RootBinding<'_>>,
+) -> Result<RootKey> {
+    let aad = match (sealed.first(), binding) {
+        (Some(&RECORD_FORMAT_V1), None) => ROOT_KEY_AAD.to_vec(),
+        (Some(&ROOT_FORMAT_BOUND), Some(b)) => b.aad(),
+        _ => return Err(Error::DecryptionFailed),
     };
+    let body = &sealed[1..];
     let key = root_wrapping_key(unseal, derivation)?;
     let mut out = Zeroizing::new(Vec::with_capacity(body.len()));
-    key.open_append(ROOT_KEY_AAD, body, &mut out)
+    key.open_append(&aad, body, &mut out)
         .map_err(|_| Error::DecryptionFailed)?;
     KeyMaterial::from_slice(&out)
         .map(RootKey)
@@ -347,31 +412,79 @@ mod tests {
         let r = root(9);
         let sealed = seal_root_key(&unseal(3), &r, Derivation::V2).unwrap();
         assert_eq!(sealed.len(), 1 + 24 + 32 + 16);
-        let back = open_root_key(&unseal(3), &sealed, Derivation::V2).unwrap();
+        let back = open_root_key(&unseal(3), &sealed, Derivation::V2, None).unwrap();
         assert_eq!(
             back.expose_material().expose_secret(),
             r.expose_material().expose_secret()
         );
     }
 
+    /// A bound root key opens only with the binding it was sealed with: any
+    /// change to the seal id, generation, threshold or share count, dropping
+    /// the binding, or relabelling the blob as unbound fails.
+    #[test]
+    fn a_bound_root_key_opens_only_with_its_binding() {
+        let r = root(9);
+        let id = [7u8; crate::shamir::SEAL_ID_LEN];
+        let other_id = [8u8; crate::shamir::SEAL_ID_LEN];
+        let b = RootBinding {
+            seal_id: &id,
+            root_generation: 3,
+            threshold: 2,
+            shares: 5,
+        };
+        let sealed = seal_root_key_bound(&unseal(3), &r, Derivation::V2, &b).unwrap();
+        assert_eq!(sealed[0], ROOT_FORMAT_BOUND);
+        let back = open_root_key(&unseal(3), &sealed, Derivation::V2, Some(&b)).unwrap();
+        assert_eq!(
+            back.expose_material().expose_secret(),
+            r.expose_material().expose_secret()
+        );
+        for changed in [
+            RootBinding {
+                seal_id: &other_id,
+                ..b
+            },
+            RootBinding {
+                root_generation: 4,
+                ..b
+            },
+            RootBinding { threshold: 1, ..b },
+            RootBinding { shares: 4, ..b },
+        ] {
+            assert_eq!(
+                open_root_key(&unseal(3), &sealed, Derivation::V2, Some(&changed)).unwrap_err(),
+                Error::DecryptionFailed,
+                "{changed:?}"
+            );
+        }
+        assert!(open_root_key(&unseal(3), &sealed, Derivation::V2, None).is_err());
+        let mut relabelled = sealed.clone();
+        relabelled[0] = RECORD_FORMAT_V1;
+        assert!(open_root_key(&unseal(3), &relabelled, Derivation::V2, None).is_err());
+        // And an unbound blob does not open as a bound one.
+        let unbound = seal_root_key(&unseal(3), &r, Derivation::V2).unwrap();
+        assert!(open_root_key(&unseal(3), &unbound, Derivation::V2, Some(&b)).is_err());
+    }
+
     #[test]
     fn wrong_unseal_key_or_damage_fails() {
         let sealed = seal_root_key(&unseal(3), &root(9), Derivation::V2).unwrap();
         assert_eq!(
-            open_root_key(&unseal(4), &sealed, Derivation::V2).unwrap_err(),
+            open_root_key(&unseal(4), &sealed, Derivation::V2, None).unwrap_err(),
             Error::DecryptionFailed
         );
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x01;
             assert_eq!(
-                open_root_key(&unseal(3), &bad, Derivation::V2).unwrap_err(),
+                open_root_key(&unseal(3), &bad, Derivation::V2, None).unwrap_err(),
                 Error::DecryptionFailed,
                 "byte {i}"
             );
         }
         assert_eq!(
-            open_root_key(&unseal(3), &[], Derivation::V2).unwrap_err(),
+            open_root_key(&unseal(3), &[], Derivation::V2, None).unwrap_err(),
             Error::DecryptionFailed
         );
     }
@@ -383,7 +496,7 @@ mod tests {
         let as_root = root(5);
         let barrier = Barrier::new(&as_root, 0, Derivation::V2).unwrap();
         let record = barrier.seal("", &[0x11; 32]).unwrap();
-        assert!(open_root_key(&unseal_key, &record, Derivation::V2).is_err());
+        assert!(open_root_key(&unseal_key, &record, Derivation::V2, None).is_err());
         let sealed_root = seal_root_key(&unseal_key, &root(6), Derivation::V2).unwrap();
         assert!(barrier.open("", &sealed_root).is_err());
     }
@@ -421,9 +534,9 @@ mod tests {
         assert_eq!(out, b"record");
 
         let sealed = seal_root_key(&unseal(3), &root(9), Derivation::V1).unwrap();
-        assert!(open_root_key(&unseal(3), &sealed, Derivation::V1).is_ok());
+        assert!(open_root_key(&unseal(3), &sealed, Derivation::V1, None).is_ok());
         assert_eq!(
-            open_root_key(&unseal(3), &sealed, Derivation::V2).unwrap_err(),
+            open_root_key(&unseal(3), &sealed, Derivation::V2, None).unwrap_err(),
             Error::DecryptionFailed
         );
     }

@@ -15,11 +15,17 @@
 //! | format | written by | HKDF derivation (barrier, root wrapping) | shares |
 //! | --- | --- | --- | --- |
 //! | 1 | initializations before derivations were versioned | `Derivation::V1` | `cipherd-share:v1:` (unkeyed check) |
-//! | 2 | every new `Init` | `Derivation::V2` | `cipherd-share:v2:`, check keyed with the record's random `seal_id` |
+//! | 2 | initializations before the root key was bound to its parameters | `Derivation::V2` | `cipherd-share:v2:`, check keyed with the record's random `seal_id` |
+//! | 3 | every new `Init`, and format 2 once unsealed | `Derivation::V2` | as format 2 |
 //!
-//! A data dir keeps its format for life, so existing ones open as before. Under
-//! format 2 a share of another initialization, or a made-up one, is refused when
-//! it is submitted and never touches the progress of an unseal in flight.
+//! Under format 3 the sealed root key is bound (`barrier::seal_root_key_bound`)
+//! to the seal id, `root_generation`, `threshold` and `shares`: those fields are
+//! plain JSON (they are read before unsealing), and changing any of them makes
+//! the root key fail to open. A format-2 record is rewritten as format 3 the
+//! first time it unseals (the unseal key is in memory only then); format 1 is
+//! kept as it is (its v1 shares carry no seal id to bind). Under formats 2 and 3
+//! a share of another initialization, or a made-up one, is refused when it is
+//! submitted and never touches the progress of an unseal in flight.
 //!
 //! Share texts are held in zeroizing buffers here; the copies in the gRPC request
 //! and response messages (and tonic's buffers) are outside this module's reach.
@@ -34,7 +40,7 @@ use std::{
 
 use base64::Engine as _;
 use cipherd_core::{
-    barrier::{self, Barrier, RootKey, UnsealKey},
+    barrier::{self, Barrier, RootBinding, RootKey, UnsealKey},
     secret::{Derivation, KeyMaterial},
     shamir::{self, SealId, Share, ShareBinding},
 };
@@ -99,7 +105,7 @@ enum State {
 }
 
 /// The seal record format every new initialization writes (see the module docs).
-const SEAL_FORMAT: u32 = 2;
+const SEAL_FORMAT: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +124,8 @@ struct SealRecord {
 /// A validated seal record: what its format means for derivation and shares.
 struct Seal {
     record: SealRecord,
+    /// The store revision it was read at.
+    revision: u64,
     derivation: Derivation,
     /// `None` for format 1 (v1 shares, unbound).
     id: Option<SealId>,
@@ -128,6 +136,19 @@ impl Seal {
         match &self.id {
             Some(id) => ShareBinding::Seal(id),
             None => ShareBinding::Unbound,
+        }
+    }
+
+    /// What the sealed root key is bound to (format 3), for a generation.
+    fn root_binding(&self, root_generation: u32) -> Option<RootBinding<'_>> {
+        match (&self.id, self.record.format) {
+            (Some(id), 3) => Some(RootBinding {
+                seal_id: id.as_bytes(),
+                root_generation,
+                threshold: self.record.threshold,
+                shares: self.record.shares,
+            }),
+            _ => None,
         }
     }
 }
@@ -231,8 +252,18 @@ impl Core {
         let split = shamir::split(&unseal_material, t, n)?;
         let unseal_key = UnsealKey::from_material(unseal_material);
         let root = RootKey::generate()?;
-        let sealed_root = barrier::seal_root_key(&unseal_key, &root, Derivation::V2)?;
         let seal_id = SealId::generate()?;
+        let sealed_root = barrier::seal_root_key_bound(
+            &unseal_key,
+            &root,
+            Derivation::V2,
+            &RootBinding {
+                seal_id: seal_id.as_bytes(),
+                root_generation: 1,
+                threshold: t,
+                shares: n,
+            },
+        )?;
         let b64 = &base64::engine::general_purpose::STANDARD;
         let record = SealRecord {
             format: SEAL_FORMAT,
@@ -345,12 +376,22 @@ impl Core {
         let sealed_root = base64::engine::general_purpose::STANDARD
             .decode(&seal.record.sealed_root_key)
             .map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
-        let root =
-            barrier::open_root_key(&unseal_key, &sealed_root, seal.derivation).map_err(|_| {
-                Error::UnsealFailed(
-                    "the shares do not reconstruct the unseal key; start over".into(),
-                )
-            })?;
+        let binding = seal.root_binding(seal.record.root_generation);
+        let root = barrier::open_root_key(
+            &unseal_key,
+            &sealed_root,
+            seal.derivation,
+            binding.as_ref(),
+        )
+        .map_err(|_| {
+            Error::UnsealFailed(
+                "the shares do not reconstruct the unseal key, or the seal record was altered; start over"
+                    .into(),
+            )
+        })?;
+        if seal.record.format == 2 {
+            self.bind_seal_record(seal, &unseal_key, &root).await?;
+        }
         let barrier = Arc::new(Barrier::new(
             &root,
             seal.record.root_generation,
@@ -359,6 +400,52 @@ impl Core {
         let auth = AuthState::load(Arc::clone(&self.store), Arc::clone(&barrier)).await?;
         let keys = KeyManager::new(Arc::clone(&self.store), barrier, self.params.usage);
         Ok(Unsealed { keys, auth })
+    }
+
+    /// Rewrites a format-2 seal record as format 3: the same root key, sealed
+    /// under the same unseal key, bound to the record's parameters. A record
+    /// changed since it was read is left to whoever changed it.
+    async fn bind_seal_record(
+        &self,
+        seal: &Seal,
+        unseal_key: &UnsealKey,
+        root: &RootKey,
+    ) -> Result<()> {
+        let Some(id) = &seal.id else {
+            return Ok(());
+        };
+        let sealed_root = barrier::seal_root_key_bound(
+            unseal_key,
+            root,
+            seal.derivation,
+            &RootBinding {
+                seal_id: id.as_bytes(),
+                root_generation: seal.record.root_generation,
+                threshold: seal.record.threshold,
+                shares: seal.record.shares,
+            },
+        )?;
+        let record = SealRecord {
+            format: 3,
+            sealed_root_key: base64::engine::general_purpose::STANDARD.encode(sealed_root),
+            seal_id: seal.record.seal_id.clone(),
+            ..seal.record
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+        match self
+            .store
+            .compare_and_set(SEAL_PATH, seal.revision, &json)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    "seal record upgraded to format 3 (root key bound to its parameters)"
+                );
+                Ok(())
+            }
+            Err(cipherd_store::Error::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn seal_record(&self) -> Result<Option<Seal>> {
@@ -372,7 +459,7 @@ impl Core {
         }
         let (derivation, id) = match (record.format, &record.seal_id) {
             (1, None) => (Derivation::V1, None),
-            (2, Some(id)) => {
+            (2 | 3, Some(id)) => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(id)
                     .map_err(|_| corrupt())?;
@@ -383,6 +470,7 @@ impl Core {
         };
         Ok(Some(Seal {
             record,
+            revision: rec.revision,
             derivation,
             id,
         }))
@@ -718,16 +806,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn new_seal_records_use_format_2_and_reject_mixed_fields() {
+    async fn new_seal_records_use_format_3_and_reject_mixed_fields() {
         let core = core().await;
         core.init(1, 1).await.unwrap();
         let stored = core.store.get(SEAL_PATH).await.unwrap().unwrap();
         let json: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
-        assert_eq!(json["format"], 2);
+        assert_eq!(json["format"], 3);
         let id = BASE64.decode(json["seal_id"].as_str().unwrap()).unwrap();
         assert_eq!(id.len(), shamir::SEAL_ID_LEN);
 
-        // Format 2 without an id, or format 1 with one, is corrupt.
+        // Format 3 without an id, or format 1 with one, is corrupt.
         for mutate in [
             |j: &mut serde_json::Value| {
                 j.as_object_mut().unwrap().remove("seal_id");
@@ -745,5 +833,112 @@ mod tests {
             let other = Core::new(store, Params::for_data_dir("unused", false));
             assert!(matches!(other.status().await, Err(Error::Corrupt(_))));
         }
+    }
+
+    /// A store holding `record` (JSON) as its seal record, and a core over it.
+    async fn core_with_seal(record: &serde_json::Value) -> (Arc<dyn Store>, Arc<Core>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        store
+            .create(SEAL_PATH, &serde_json::to_vec(record).unwrap())
+            .await
+            .unwrap();
+        let core = Core::new(Arc::clone(&store), Params::for_data_dir("unused", false));
+        (store, core)
+    }
+
+    async fn unseal_with(core: &Core, shares: &[String]) -> Result<SealStatus> {
+        let mut status = core.status().await?;
+        for share in shares {
+            status = core.unseal(share.clone(), false).await?;
+        }
+        Ok(status)
+    }
+
+    /// The plain-JSON parameters of a format-3 seal record are bound to the
+    /// root key: changing the threshold, the share count or the root generation
+    /// (to values that still look valid) makes the right shares fail to unseal.
+    #[tokio::test]
+    async fn altering_the_seal_parameters_makes_unsealing_fail() {
+        let core = core().await;
+        let shares = core.init(5, 3).await.unwrap().0;
+        let stored = core.store.get(SEAL_PATH).await.unwrap().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+        let (_, same) = core_with_seal(&json).await;
+        assert!(!unseal_with(&same, &shares[..3]).await.unwrap().sealed);
+        for (field, value) in [("threshold", 2), ("shares", 4), ("root_generation", 2)] {
+            let mut bad = json.clone();
+            bad[field] = value.into();
+            let (_, other) = core_with_seal(&bad).await;
+            let need = if field == "threshold" { 2 } else { 3 };
+            match unseal_with(&other, &shares[..need]).await {
+                Err(Error::UnsealFailed(_)) => {}
+                other => panic!("{field} = {value}: {other:?}"),
+            }
+        }
+    }
+
+    /// A seal record of format 2 (root key not bound) unseals with its shares
+    /// and is rewritten as format 3, which the same shares unseal again and
+    /// whose parameters are then bound.
+    #[tokio::test]
+    async fn a_format_2_seal_record_is_bound_when_it_unseals() {
+        let unseal_material = KeyMaterial::generate().unwrap();
+        let split = shamir::split(&unseal_material, 2, 3).unwrap();
+        let unseal_key = UnsealKey::from_material(unseal_material);
+        let root = RootKey::generate().unwrap();
+        let id = SealId::generate().unwrap();
+        let sealed_root = barrier::seal_root_key(&unseal_key, &root, Derivation::V2).unwrap();
+        let record = serde_json::json!({
+            "format": 2,
+            "shares": 3,
+            "threshold": 2,
+            "root_generation": 1,
+            "sealed_root_key": BASE64.encode(sealed_root),
+            "seal_id": BASE64.encode(id.as_bytes()),
+        });
+        let shares: Vec<String> = split
+            .iter()
+            .map(|s| s.to_text(ShareBinding::Seal(&id)).to_string())
+            .collect();
+        let (store, core) = core_with_seal(&record).await;
+        // Something under the barrier, to read back after the upgrade.
+        let barrier = Barrier::new(&root, 1, Derivation::V2).unwrap();
+        store
+            .create(
+                "sys/probe",
+                &barrier.seal("sys/probe", b"still here").unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(!unseal_with(&core, &shares[..2]).await.unwrap().sealed);
+
+        let stored = store.get(SEAL_PATH).await.unwrap().unwrap();
+        let upgraded: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+        assert_eq!(upgraded["format"], 3);
+        assert_eq!(upgraded["seal_id"], record["seal_id"]);
+        assert_ne!(upgraded["sealed_root_key"], record["sealed_root_key"]);
+
+        let (again_store, again) = core_with_seal(&upgraded).await;
+        again_store
+            .create("sys/probe", &stored_probe(&store).await)
+            .await
+            .unwrap();
+        assert!(!unseal_with(&again, &shares[1..]).await.unwrap().sealed);
+        let mut bad = upgraded.clone();
+        bad["threshold"] = 3.into();
+        let (_, tampered) = core_with_seal(&bad).await;
+        assert!(matches!(
+            unseal_with(&tampered, &shares).await,
+            Err(Error::UnsealFailed(_))
+        ));
+        // The same root: what the old barrier sealed still opens.
+        let opened = barrier
+            .open("sys/probe", &stored_probe(&store).await)
+            .unwrap();
+        assert_eq!(opened.expose_secret(), b"still here");
+    }
+
+    async fn stored_probe(store: &Arc<dyn Store>) -> Vec<u8> {
+        store.get("sys/probe").await.unwrap().unwrap().value
     }
 }
