@@ -54,6 +54,7 @@ enum Req {
     Init(pb::InitRequest),
     Unseal(pb::UnsealRequest),
     Seal,
+    Rekey(pb::RekeyRequest),
     CreateToken(pb::CreateTokenRequest),
     WritePolicy(pb::WritePolicyRequest),
     AuditHash(pb::HashRequest),
@@ -1206,6 +1207,7 @@ async fn send_as(
         Req::Init(m) => reply(s.init(with_auth(&header, m)).await).map(drop),
         Req::Unseal(m) => reply(s.unseal(with_auth(&header, m)).await).map(drop),
         Req::Seal => reply(s.seal(with_auth(&header, pb::SealRequest {})).await).map(drop),
+        Req::Rekey(m) => reply(s.rekey(with_auth(&header, m)).await).map(drop),
         Req::CreateToken(m) => {
             reply(client.auth().create_token(with_auth(&header, m)).await).map(drop)
         }
@@ -1651,6 +1653,20 @@ const AUTH_ROWS: &[AuthRow] = &[
         DENIED,
     ),
     auth_row(
+        "clinician: start a rekey",
+        |f| bearer(&f.clinician),
+        |_| Req::Rekey(rekey_start()),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "no credential: start a rekey",
+        |_| None,
+        |_| Req::Rekey(rekey_start()),
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
         "clinician: create a token",
         |f| bearer(&f.clinician),
         |_| {
@@ -2081,5 +2097,15 @@ async fn auth_fixture(
         issuer,
         ct,
         ct_clinic,
+    }
+}
+
+fn rekey_start() -> pb::RekeyRequest {
+    pb::RekeyRequest {
+        action: Some(pb::rekey_request::Action::Start(pb::RekeyStart {
+            shares: 1,
+            threshold: 1,
+        })),
+        nonce: String::new(),
     }
 }

@@ -86,6 +86,10 @@ pub enum Command {
     Unseal(UnsealArgs),
     /// Seal cipherd: drop all key material from its memory until unsealed again.
     Seal,
+    /// Replace the unseal shares and threshold (needs a threshold of the current
+    /// shares, then a threshold of the new ones back).
+    #[command(subcommand)]
+    Rekey(RekeyCommand),
     /// Manage named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -306,6 +310,31 @@ pub struct UnsealArgs {
     /// Discard the shares submitted so far first. Without SHARE, only resets.
     #[arg(long)]
     pub reset: bool,
+}
+
+/// `rekey …`.
+#[derive(Debug, Subcommand)]
+pub enum RekeyCommand {
+    /// Start a rekey to N new shares, T of which unseal (discards one in progress).
+    Start(InitArgs),
+    /// Submit one share (from the argument, or one line read from stdin): of the
+    /// current seal first; the one that completes them prints the new shares,
+    /// once; then submit a threshold of the new shares to put them in force.
+    Submit(RekeySubmitArgs),
+    /// Show where the rekey stands.
+    Status,
+    /// Abandon the rekey in progress; the current shares stay in force.
+    Cancel,
+}
+
+/// `rekey submit`.
+#[derive(Debug, Args)]
+pub struct RekeySubmitArgs {
+    /// The rekey's nonce, as `rekey start` and `rekey status` print it.
+    #[arg(long)]
+    pub nonce: String,
+    /// The share. Omit it (or pass `-`) to read it from stdin.
+    pub share: Option<SecretArg>,
 }
 
 /// `key …`.

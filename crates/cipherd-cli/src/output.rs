@@ -223,6 +223,86 @@ impl View for UnsealView {
     }
 }
 
+/// `rekey …`.
+#[derive(Debug, Serialize)]
+pub struct RekeyView {
+    /// `none`, `collecting`, `verifying` or `done`.
+    pub phase: &'static str,
+    /// The rekey's nonce (empty when none is in progress).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
+    /// Shares submitted in this phase, and how many it needs.
+    pub progress: u32,
+    pub required: u32,
+    /// The new shares' count and threshold.
+    pub new_shares: u32,
+    pub new_threshold: u32,
+    /// The new shares, once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<String>,
+}
+
+impl From<pb::RekeyResponse> for RekeyView {
+    fn from(r: pb::RekeyResponse) -> Self {
+        let phase = match pb::RekeyPhase::try_from(r.phase) {
+            Ok(pb::RekeyPhase::Collecting) => "collecting",
+            Ok(pb::RekeyPhase::Verifying) => "verifying",
+            Ok(pb::RekeyPhase::Done) => "done",
+            _ => "none",
+        };
+        Self {
+            phase,
+            nonce: r.nonce,
+            progress: r.progress,
+            required: r.required,
+            new_shares: r.new_shares,
+            new_threshold: r.new_threshold,
+            shares: r.shares,
+        }
+    }
+}
+
+impl View for RekeyView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = vec![("rekey".to_owned(), self.phase.to_owned())];
+        if !self.nonce.is_empty() {
+            rows.push(("nonce".to_owned(), self.nonce.clone()));
+        }
+        match self.phase {
+            "collecting" => rows.push((
+                "current shares".to_owned(),
+                format!("{}/{}", self.progress, self.required),
+            )),
+            "verifying" => rows.push((
+                "new shares verified".to_owned(),
+                format!("{}/{}", self.progress, self.required),
+            )),
+            _ => {}
+        }
+        if self.phase != "none" {
+            rows.push((
+                "new shares".to_owned(),
+                format!("{} (threshold {})", self.new_shares, self.new_threshold),
+            ));
+        }
+        for (i, share) in self.shares.iter().enumerate() {
+            rows.push((format!("new unseal share {}", i + 1), share.clone()));
+        }
+        write_rows(w, &rows)
+    }
+}
+
+/// The warning printed (on stderr) with the new shares from `rekey submit`.
+pub fn rekey_warning(shares: usize, threshold: u32) -> String {
+    format!(
+        "WARNING: the {shares} new unseal share(s) above are shown this once; cipherd does not \
+         store them.\nGive each to a different person and store them separately. They are NOT \
+         in force yet: the current shares still unseal until {threshold} of the new ones are \
+         submitted back with `cipherctl rekey submit --nonce NONCE`; after that the current \
+         shares are refused."
+    )
+}
+
 /// `seal`.
 #[derive(Debug, Serialize)]
 pub struct SealView {

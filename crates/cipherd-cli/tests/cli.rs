@@ -868,6 +868,81 @@ async fn init_unseal_seal_lifecycle() {
         .await
         .success();
     assert_eq!(run.stdout, b"v");
+
+    // Rekey from 2-of-3 to 2-of-2: the current shares, then the new ones back.
+    let v = cipherctl(
+        addr,
+        &[
+            "--json",
+            "rekey",
+            "start",
+            "--shares",
+            "2",
+            "--threshold",
+            "2",
+        ],
+        None,
+    )
+    .await
+    .success()
+    .json();
+    assert_eq!(v["phase"], "collecting");
+    let nonce = v["nonce"].as_str().expect("nonce").to_owned();
+    cipherctl(
+        addr,
+        &["rekey", "submit", "--nonce", &nonce, &shares[0]],
+        None,
+    )
+    .await
+    .success();
+    let stdin = format!("{}\n", shares[2]);
+    let run = cipherctl(
+        addr,
+        &["--json", "rekey", "submit", "--nonce", &nonce],
+        Some(stdin.as_bytes()),
+    )
+    .await
+    .success();
+    assert!(run.stderr.contains("NOT in force yet"), "{}", run.stderr);
+    let v = run.json();
+    assert_eq!(v["phase"], "verifying");
+    let new: Vec<String> = v["shares"]
+        .as_array()
+        .expect("new shares")
+        .iter()
+        .map(|s| s.as_str().expect("share").to_owned())
+        .collect();
+    assert_eq!(new.len(), 2);
+    let run = cipherctl(addr, &["rekey", "status"], None).await.success();
+    assert!(
+        run.out().contains("new shares verified: 0/2\n"),
+        "{}",
+        run.out()
+    );
+    for share in &new {
+        cipherctl(addr, &["rekey", "submit", "--nonce", &nonce, share], None)
+            .await
+            .success();
+    }
+    let v = cipherctl(addr, &["--json", "status"], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(
+        (v["shares"].as_u64(), v["threshold"].as_u64()),
+        (Some(2), Some(2))
+    );
+    cipherctl(addr, &["seal"], None).await.success();
+    cipherctl(addr, &["unseal", &shares[1]], None)
+        .await
+        .failure("INVALID_ARGUMENT");
+    for share in &new {
+        cipherctl(addr, &["unseal", share], None).await.success();
+    }
+    let run = cipherctl(addr, &["decrypt", "k", &ct], None)
+        .await
+        .success();
+    assert_eq!(run.stdout, b"v");
 }
 
 /// `cipherctl … | head -1`: when stdout's reader goes away, stop without an error

@@ -9,8 +9,8 @@ use std::fmt;
 
 use crate::v1::{
     CreateTokenResponse, DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse,
-    ExportedKeyVersion, GenerateDataKeyResponse, InitResponse, PlaintextResult, UnsealRequest,
-    plaintext_result,
+    ExportedKeyVersion, GenerateDataKeyResponse, InitResponse, PlaintextResult, RekeyRequest,
+    RekeyResponse, UnsealRequest, plaintext_result, rekey_request,
 };
 
 /// Formats a secret byte field as its length only.
@@ -122,6 +122,33 @@ impl fmt::Debug for UnsealRequest {
         f.debug_struct("UnsealRequest")
             .field("share", &Redacted(self.share.len()))
             .field("reset", &self.reset)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RekeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RekeyRequest");
+        match &self.action {
+            Some(rekey_request::Action::Start(start)) => d.field("start", start),
+            Some(rekey_request::Action::Share(share)) => d.field("share", &Redacted(share.len())),
+            Some(rekey_request::Action::Cancel(cancel)) => d.field("cancel", cancel),
+            None => d.field("action", &"none"),
+        };
+        d.field("nonce", &self.nonce).finish()
+    }
+}
+
+impl fmt::Debug for RekeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RekeyResponse")
+            .field("phase", &self.phase)
+            .field("nonce", &self.nonce)
+            .field("progress", &self.progress)
+            .field("required", &self.required)
+            .field("new_shares", &self.new_shares)
+            .field("new_threshold", &self.new_threshold)
+            .field("shares", &Redacted(self.shares.len()))
             .finish()
     }
 }

@@ -69,8 +69,10 @@ pub struct Core {
     /// lets a data call on a fresh server say "not initialized" rather than
     /// "sealed" without a storage read. Never goes back to false.
     initialized: AtomicBool,
-    /// Serializes `init`, `unseal` and `seal` so share collection is consistent.
-    lifecycle: Mutex<()>,
+    /// Serializes `init`, `unseal`, `seal` and `rekey` so share collection is
+    /// consistent; holds the rekey in progress (in memory only: a restart
+    /// abandons it, and the current shares stay in force).
+    lifecycle: Mutex<Option<RekeyState>>,
     sealed_tx: watch::Sender<bool>,
 }
 
@@ -164,7 +166,7 @@ impl Core {
                 pending: Vec::new(),
             }),
             initialized: AtomicBool::new(false),
-            lifecycle: Mutex::new(()),
+            lifecycle: Mutex::new(None),
             sealed_tx,
         })
     }
@@ -234,17 +236,7 @@ impl Core {
         keep: impl FnOnce(&[String]) -> Result<()>,
     ) -> Result<(Vec<String>, Zeroizing<String>)> {
         let _guard = self.lifecycle.lock().await;
-        let (n, t) = match (u8::try_from(shares), u8::try_from(threshold)) {
-            // 1-of-1 (dev and tests), or t-of-n with 2 <= t <= n.
-            (Ok(1), Ok(1)) => (1, 1),
-            (Ok(n), Ok(t)) if t >= 2 && t <= n => (n, t),
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "shares must be 1..=255 and threshold 2..=shares, or both 1 \
-                     (got shares {shares}, threshold {threshold})"
-                )));
-            }
-        };
+        let (n, t) = share_counts(shares, threshold)?;
         if self.seal_record().await?.is_some() {
             return Err(Error::AlreadyInitialized);
         }
@@ -359,10 +351,12 @@ impl Core {
 
     /// Drops all key material from memory.
     pub async fn seal(&self) -> Result<()> {
-        let _guard = self.lifecycle.lock().await;
+        let mut guard = self.lifecycle.lock().await;
         if self.seal_record().await?.is_none() {
             return Err(Error::NotInitialized);
         }
+        // A rekey needs the `system` operation, which needs the unsealed state.
+        *guard = None;
         *self.write_state() = State::Sealed {
             pending: Vec::new(),
         };
@@ -373,22 +367,7 @@ impl Core {
 
     async fn open(&self, seal: &Seal, shares: &[Share]) -> Result<Unsealed> {
         let unseal_key = UnsealKey::from_material(shamir::combine(shares)?);
-        let sealed_root = base64::engine::general_purpose::STANDARD
-            .decode(&seal.record.sealed_root_key)
-            .map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
-        let binding = seal.root_binding(seal.record.root_generation);
-        let root = barrier::open_root_key(
-            &unseal_key,
-            &sealed_root,
-            seal.derivation,
-            binding.as_ref(),
-        )
-        .map_err(|_| {
-            Error::UnsealFailed(
-                "the shares do not reconstruct the unseal key, or the seal record was altered; start over"
-                    .into(),
-            )
-        })?;
+        let root = self.open_root(seal, &unseal_key)?;
         if seal.record.format == 2 {
             self.bind_seal_record(seal, &unseal_key, &root).await?;
         }
@@ -485,6 +464,360 @@ impl Core {
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Validates a share count and threshold: 1-of-1 (dev and tests), or t-of-n
+/// with 2 <= t <= n <= 255.
+fn share_counts(shares: u32, threshold: u32) -> Result<(u8, u8)> {
+    match (u8::try_from(shares), u8::try_from(threshold)) {
+        (Ok(1), Ok(1)) => Ok((1, 1)),
+        (Ok(n), Ok(t)) if t >= 2 && t <= n => Ok((n, t)),
+        _ => Err(Error::InvalidArgument(format!(
+            "shares must be 1..=255 and threshold 2..=shares, or both 1 \
+             (got shares {shares}, threshold {threshold})"
+        ))),
+    }
+}
+
+/// A rekey in progress.
+#[derive(Debug)]
+enum RekeyState {
+    /// Collecting shares of the current seal.
+    Collecting {
+        nonce: String,
+        new_shares: u8,
+        new_threshold: u8,
+        pending: Vec<Share>,
+    },
+    /// The new shares were handed out; collecting a threshold of them back
+    /// before `record` replaces the seal record read at `base_revision`.
+    Verifying {
+        nonce: String,
+        new_shares: u8,
+        new_threshold: u8,
+        pending: Vec<Share>,
+        new_id: SealId,
+        /// The new seal record (JSON), committed once verified.
+        record: Vec<u8>,
+        /// Its sealed root key, opened by the new shares to verify them.
+        sealed_root: Vec<u8>,
+        root_generation: u32,
+        base_revision: u64,
+    },
+}
+
+/// One step of a rekey ([`Core::rekey`]).
+#[derive(Debug)]
+pub enum RekeyAction {
+    /// Where the rekey stands.
+    Status,
+    /// Starts a rekey to `shares` new shares, `threshold` of which unseal.
+    Start { shares: u32, threshold: u32 },
+    /// Submits a share for the rekey `nonce`.
+    Share {
+        text: Zeroizing<String>,
+        nonce: String,
+    },
+    /// Abandons the rekey in progress.
+    Cancel,
+}
+
+/// Where a rekey stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RekeyPhase {
+    /// None in progress.
+    None,
+    /// Collecting shares of the current seal.
+    Collecting,
+    /// Collecting the new shares back.
+    Verifying,
+    /// The new shares are in force.
+    Done,
+}
+
+/// What a rekey step answers.
+#[derive(Debug)]
+pub struct RekeyStatus {
+    pub phase: RekeyPhase,
+    pub nonce: String,
+    /// Shares submitted in this phase, and how many it needs.
+    pub progress: u8,
+    pub required: u8,
+    pub new_shares: u8,
+    pub new_threshold: u8,
+    /// The new shares, once: when the collection of the current ones completes.
+    pub shares: Vec<String>,
+}
+
+impl RekeyStatus {
+    fn of(state: &Option<RekeyState>, current_threshold: u8) -> Self {
+        match state {
+            None => RekeyStatus {
+                phase: RekeyPhase::None,
+                nonce: String::new(),
+                progress: 0,
+                required: 0,
+                new_shares: 0,
+                new_threshold: 0,
+                shares: Vec::new(),
+            },
+            Some(RekeyState::Collecting {
+                nonce,
+                new_shares,
+                new_threshold,
+                pending,
+            }) => RekeyStatus {
+                phase: RekeyPhase::Collecting,
+                nonce: nonce.clone(),
+                progress: pending.len() as u8,
+                required: current_threshold,
+                new_shares: *new_shares,
+                new_threshold: *new_threshold,
+                shares: Vec::new(),
+            },
+            Some(RekeyState::Verifying {
+                nonce,
+                new_shares,
+                new_threshold,
+                pending,
+                ..
+            }) => RekeyStatus {
+                phase: RekeyPhase::Verifying,
+                nonce: nonce.clone(),
+                progress: pending.len() as u8,
+                required: *new_threshold,
+                new_shares: *new_shares,
+                new_threshold: *new_threshold,
+                shares: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Adds `share` to `pending` unless one with its x is there.
+fn add_share(pending: &mut Vec<Share>, share: Share) -> Result<()> {
+    if pending.iter().any(|s| s.x() == share.x()) {
+        return Err(Error::InvalidArgument(
+            "this share was already submitted".into(),
+        ));
+    }
+    pending.push(share);
+    Ok(())
+}
+
+fn parse_share(text: &str, binding: ShareBinding<'_>) -> Result<Share> {
+    Share::parse(text.trim(), binding).map_err(|e| match e {
+        cipherd_core::Error::Shamir(why) => {
+            Error::InvalidArgument(format!("unseal share refused: {why}"))
+        }
+        e => e.into(),
+    })
+}
+
+impl Core {
+    /// One step of a rekey: replaces the unseal shares (and threshold) from a
+    /// threshold of the current ones, in two phases. Collecting: shares of the
+    /// current seal are submitted; the one that completes them opens the root
+    /// key, which is sealed under a new unseal key split into the new shares
+    /// (bound to a new seal id), and the reply carries those shares, once.
+    /// Verifying: a threshold of the new shares is submitted back; the one that
+    /// completes them checks they open the new sealed root, then the seal
+    /// record is replaced (compare-and-set, so a concurrent change aborts the
+    /// rekey). The current shares work until then and are refused afterwards
+    /// (they are bound to the old seal id). Callers need the `system`
+    /// operation; the server must be unsealed.
+    pub async fn rekey(&self, action: RekeyAction) -> Result<RekeyStatus> {
+        let mut guard = self.lifecycle.lock().await;
+        let seal = self.seal_record().await?.ok_or(Error::NotInitialized)?;
+        self.unsealed()?;
+        let current_threshold = seal.record.threshold;
+        let (text, nonce) = match action {
+            RekeyAction::Status => return Ok(RekeyStatus::of(&guard, current_threshold)),
+            RekeyAction::Cancel => {
+                if guard.take().is_some() {
+                    tracing::info!("rekey cancelled");
+                }
+                return Ok(RekeyStatus::of(&guard, current_threshold));
+            }
+            RekeyAction::Start { shares, threshold } => {
+                let (new_shares, new_threshold) = share_counts(shares, threshold)?;
+                if seal.id.is_none() {
+                    return Err(Error::FailedPrecondition(
+                        "this seal (format 1) cannot be rekeyed; its shares carry no seal id"
+                            .into(),
+                    ));
+                }
+                let nonce = hex_of(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
+                *guard = Some(RekeyState::Collecting {
+                    nonce,
+                    new_shares,
+                    new_threshold,
+                    pending: Vec::new(),
+                });
+                tracing::info!(new_shares, new_threshold, "rekey started");
+                return Ok(RekeyStatus::of(&guard, current_threshold));
+            }
+            RekeyAction::Share { text, nonce } => (text, nonce),
+        };
+        let state = guard.as_mut().ok_or_else(|| {
+            Error::FailedPrecondition("no rekey in progress; start one first".into())
+        })?;
+        let (RekeyState::Collecting { nonce: ours, .. }
+        | RekeyState::Verifying { nonce: ours, .. }) = &*state;
+        if *ours != nonce {
+            return Err(Error::InvalidArgument(
+                "this share is for another rekey (nonce mismatch)".into(),
+            ));
+        }
+        match state {
+            RekeyState::Collecting {
+                nonce,
+                new_shares,
+                new_threshold,
+                pending,
+            } => {
+                add_share(pending, parse_share(&text, seal.binding())?)?;
+                drop(text);
+                if pending.len() < usize::from(current_threshold) {
+                    return Ok(RekeyStatus::of(&guard, current_threshold));
+                }
+                let shares = std::mem::take(pending);
+                let root =
+                    self.open_root(&seal, &UnsealKey::from_material(shamir::combine(&shares)?))?;
+                let (n, t) = (*new_shares, *new_threshold);
+                let material = KeyMaterial::generate()?;
+                let split = shamir::split(&material, t, n)?;
+                let new_unseal = UnsealKey::from_material(material);
+                let new_id = SealId::generate()?;
+                let generation = seal.record.root_generation;
+                let sealed_root = barrier::seal_root_key_bound(
+                    &new_unseal,
+                    &root,
+                    seal.derivation,
+                    &RootBinding {
+                        seal_id: new_id.as_bytes(),
+                        root_generation: generation,
+                        threshold: t,
+                        shares: n,
+                    },
+                )?;
+                let b64 = &base64::engine::general_purpose::STANDARD;
+                let record = SealRecord {
+                    format: SEAL_FORMAT,
+                    shares: n,
+                    threshold: t,
+                    root_generation: generation,
+                    sealed_root_key: b64.encode(&sealed_root),
+                    seal_id: Some(b64.encode(new_id.as_bytes())),
+                };
+                let record =
+                    serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+                let binding = ShareBinding::Seal(&new_id);
+                let texts: Vec<String> = split
+                    .iter()
+                    .map(|s| std::mem::take(&mut *s.to_text(binding)))
+                    .collect();
+                let nonce = std::mem::take(nonce);
+                *guard = Some(RekeyState::Verifying {
+                    nonce,
+                    new_shares: n,
+                    new_threshold: t,
+                    pending: Vec::new(),
+                    new_id,
+                    record,
+                    sealed_root,
+                    root_generation: generation,
+                    base_revision: seal.revision,
+                });
+                tracing::info!(
+                    "rekey: current shares complete; new shares handed out, awaiting verification"
+                );
+                let mut status = RekeyStatus::of(&guard, current_threshold);
+                status.shares = texts;
+                Ok(status)
+            }
+            RekeyState::Verifying {
+                new_shares,
+                new_threshold,
+                pending,
+                new_id,
+                record,
+                sealed_root,
+                root_generation,
+                base_revision,
+                ..
+            } => {
+                add_share(pending, parse_share(&text, ShareBinding::Seal(new_id))?)?;
+                drop(text);
+                if pending.len() < usize::from(*new_threshold) {
+                    return Ok(RekeyStatus::of(&guard, current_threshold));
+                }
+                let shares = std::mem::take(pending);
+                let key = UnsealKey::from_material(shamir::combine(&shares)?);
+                let binding = RootBinding {
+                    seal_id: new_id.as_bytes(),
+                    root_generation: *root_generation,
+                    threshold: *new_threshold,
+                    shares: *new_shares,
+                };
+                barrier::open_root_key(&key, sealed_root, seal.derivation, Some(&binding))
+                    .map_err(|_| {
+                        Error::UnsealFailed(
+                            "the new shares do not reconstruct the new unseal key; submit them again"
+                                .into(),
+                        )
+                    })?;
+                let outcome = self
+                    .store
+                    .compare_and_set(SEAL_PATH, *base_revision, record)
+                    .await;
+                let (n, t) = (*new_shares, *new_threshold);
+                *guard = None;
+                match outcome {
+                    Ok(_) => {}
+                    Err(cipherd_store::Error::Conflict { .. }) => {
+                        return Err(Error::FailedPrecondition(
+                            "the seal record changed during the rekey; start over".into(),
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                tracing::info!(
+                    shares = n,
+                    threshold = t,
+                    "rekey done: the new shares are in force"
+                );
+                Ok(RekeyStatus {
+                    phase: RekeyPhase::Done,
+                    nonce: String::new(),
+                    progress: 0,
+                    required: 0,
+                    new_shares: n,
+                    new_threshold: t,
+                    shares: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// Opens the root key of `seal` with `unseal_key` (no state change).
+    fn open_root(&self, seal: &Seal, unseal_key: &UnsealKey) -> Result<RootKey> {
+        let sealed_root = base64::engine::general_purpose::STANDARD
+            .decode(&seal.record.sealed_root_key)
+            .map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
+        let binding = seal.root_binding(seal.record.root_generation);
+        barrier::open_root_key(unseal_key, &sealed_root, seal.derivation, binding.as_ref())
+            .map_err(|_| {
+                Error::UnsealFailed(
+                    "the shares do not reconstruct the unseal key, or the seal record was altered; start over"
+                        .into(),
+                )
+            })
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads every key after unseal. Holds only a weak reference between keys, so
@@ -940,5 +1273,140 @@ mod tests {
 
     async fn stored_probe(store: &Arc<dyn Store>) -> Vec<u8> {
         store.get("sys/probe").await.unwrap().unwrap().value
+    }
+
+    fn share(text: &str, nonce: &str) -> RekeyAction {
+        RekeyAction::Share {
+            text: Zeroizing::new(text.to_owned()),
+            nonce: nonce.to_owned(),
+        }
+    }
+
+    /// A rekey from 2-of-3 to 3-of-5: the current shares are collected (a
+    /// share sent with another nonce is refused), the new shares handed out
+    /// once, the current shares keep unsealing until a threshold of the new
+    /// ones is verified, and afterwards the old shares are refused while the
+    /// new ones unseal the same root (a key created before still reads).
+    #[tokio::test]
+    async fn a_rekey_replaces_the_shares_only_once_the_new_ones_are_verified() {
+        let core = core().await;
+        let old = core.init(3, 2).await.unwrap().0;
+        unseal_with(&core, &old[..2]).await.unwrap();
+        let name = KeyName::new("before-rekey").unwrap();
+        core.unsealed()
+            .unwrap()
+            .keys
+            .create(&name, Default::default())
+            .await
+            .unwrap();
+
+        let started = core
+            .rekey(RekeyAction::Start {
+                shares: 5,
+                threshold: 3,
+            })
+            .await
+            .unwrap();
+        assert_eq!(started.phase, RekeyPhase::Collecting);
+        assert_eq!((started.progress, started.required), (0, 2));
+        let nonce = started.nonce.clone();
+        assert_eq!(nonce.len(), 32);
+        assert!(matches!(
+            core.rekey(share(&old[0], "0000")).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(
+            core.rekey(share(&old[0], &nonce)).await.unwrap().progress,
+            1
+        );
+        assert!(matches!(
+            core.rekey(share(&old[0], &nonce)).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        let handed = core.rekey(share(&old[2], &nonce)).await.unwrap();
+        assert_eq!(handed.phase, RekeyPhase::Verifying);
+        assert_eq!((handed.progress, handed.required), (0, 3));
+        let new = handed.shares;
+        assert_eq!(new.len(), 5);
+        assert!(
+            core.rekey(RekeyAction::Status)
+                .await
+                .unwrap()
+                .shares
+                .is_empty()
+        );
+
+        // Not yet in force: the current shares still unseal a second server.
+        let stored = core.store.get(SEAL_PATH).await.unwrap().unwrap();
+        let (_, second) = core_with_seal(&serde_json::from_slice(&stored.value).unwrap()).await;
+        assert!(!unseal_with(&second, &old[1..]).await.unwrap().sealed);
+
+        // An old share is not one of the new ones.
+        assert!(matches!(
+            core.rekey(share(&old[1], &nonce)).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        for s in &new[1..3] {
+            core.rekey(share(s, &nonce)).await.unwrap();
+        }
+        let done = core.rekey(share(&new[4], &nonce)).await.unwrap();
+        assert_eq!(done.phase, RekeyPhase::Done);
+        assert_eq!((done.new_shares, done.new_threshold), (5, 3));
+        let status = core.status().await.unwrap();
+        assert_eq!((status.shares, status.threshold), (5, 3));
+        assert_eq!(
+            core.rekey(RekeyAction::Status).await.unwrap().phase,
+            RekeyPhase::None
+        );
+
+        // In force: on the same storage, old shares are refused, new ones unseal.
+        let reopened = Core::new(
+            Arc::clone(&core.store),
+            Params::for_data_dir("unused", false),
+        );
+        assert!(matches!(
+            reopened.unseal(old[0].clone(), false).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(!unseal_with(&reopened, &new[2..5]).await.unwrap().sealed);
+        reopened.unsealed().unwrap().keys.get(&name).await.unwrap();
+    }
+
+    /// A cancelled rekey leaves the seal record as it was; a rekey needs the
+    /// server unsealed; a format-1 seal cannot be rekeyed.
+    #[tokio::test]
+    async fn a_cancelled_rekey_changes_nothing_and_a_sealed_server_refuses_one() {
+        let core = core().await;
+        let old = core.init(3, 2).await.unwrap().0;
+        assert!(matches!(
+            core.rekey(RekeyAction::Status).await,
+            Err(Error::Sealed)
+        ));
+        unseal_with(&core, &old[..2]).await.unwrap();
+        let before = core.store.get(SEAL_PATH).await.unwrap().unwrap();
+        let nonce = core
+            .rekey(RekeyAction::Start {
+                shares: 1,
+                threshold: 1,
+            })
+            .await
+            .unwrap()
+            .nonce;
+        core.rekey(share(&old[0], &nonce)).await.unwrap();
+        let cancelled = core.rekey(RekeyAction::Cancel).await.unwrap();
+        assert_eq!(cancelled.phase, RekeyPhase::None);
+        assert!(matches!(
+            core.rekey(share(&old[1], &nonce)).await,
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(core.store.get(SEAL_PATH).await.unwrap().unwrap(), before);
+        assert!(matches!(
+            core.rekey(RekeyAction::Start {
+                shares: 2,
+                threshold: 3
+            })
+            .await,
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -2,17 +2,18 @@
 //!
 //! `Status`, `Init` and `Unseal` need no credential (a sealed server cannot check
 //! one, and `Init` creates the first); they are audited like every call. `Seal`
-//! needs the `system` operation.
+//! and `Rekey` need the `system` operation (and `Rekey` then the shares).
 
 use std::sync::Arc;
 
 use cipherd_proto::v1::{self as pb, system_service_server::SystemService};
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use crate::{
     access::CallCtx,
     auth::policy::Operation,
-    seal::{Core, SealStatus},
+    seal::{Core, RekeyAction, RekeyPhase, SealStatus},
 };
 
 /// The implementation of the `SystemService` gRPC service.
@@ -85,5 +86,42 @@ impl SystemService for SystemHandler {
         ctx.authorize(Operation::System, None, "", "")?;
         self.core.seal().await?;
         Ok(Response::new(pb::SealResponse {}))
+    }
+
+    async fn rekey(
+        &self,
+        request: Request<pb::RekeyRequest>,
+    ) -> Result<Response<pb::RekeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        ctx.authorize(Operation::System, None, "", "")?;
+        let r = request.into_inner();
+        let action = match r.action {
+            None => RekeyAction::Status,
+            Some(pb::rekey_request::Action::Start(start)) => RekeyAction::Start {
+                shares: start.shares,
+                threshold: start.threshold,
+            },
+            Some(pb::rekey_request::Action::Share(share)) => RekeyAction::Share {
+                text: Zeroizing::new(share),
+                nonce: r.nonce,
+            },
+            Some(pb::rekey_request::Action::Cancel(_)) => RekeyAction::Cancel,
+        };
+        let s = self.core.rekey(action).await?;
+        Ok(Response::new(pb::RekeyResponse {
+            phase: match s.phase {
+                RekeyPhase::None => pb::RekeyPhase::None,
+                RekeyPhase::Collecting => pb::RekeyPhase::Collecting,
+                RekeyPhase::Verifying => pb::RekeyPhase::Verifying,
+                RekeyPhase::Done => pb::RekeyPhase::Done,
+            } as i32,
+            nonce: s.nonce,
+            progress: s.progress.into(),
+            required: s.required.into(),
+            new_shares: s.new_shares.into(),
+            new_threshold: s.new_threshold.into(),
+            // The reply is the one copy handed out.
+            shares: s.shares,
+        }))
     }
 }

@@ -12,9 +12,9 @@ use zeroize::Zeroizing;
 
 use super::{Ctx, read_stdin_all, read_stdin_line};
 use crate::{
-    cli::{InitArgs, SecretArg, UnsealArgs},
+    cli::{InitArgs, RekeyCommand, SecretArg, UnsealArgs},
     error::Failure,
-    output::{InitView, SealView, StatusView, UnsealView, init_warning},
+    output::{InitView, RekeyView, SealView, StatusView, UnsealView, init_warning, rekey_warning},
 };
 
 /// `status`.
@@ -78,6 +78,44 @@ pub(super) async fn seal(ctx: &Ctx) -> anyhow::Result<()> {
         .await
         .map_err(Failure::from)?;
     ctx.emit(&SealView { sealed: true })
+}
+
+/// `rekey start|submit|status|cancel`. The reply that completes the current
+/// shares carries the new ones: they are printed once, with a warning on stderr.
+pub(super) async fn rekey(ctx: &Ctx, command: RekeyCommand) -> anyhow::Result<()> {
+    use pb::rekey_request::Action;
+    let (action, nonce) = match command {
+        RekeyCommand::Start(args) => (
+            Some(Action::Start(pb::RekeyStart {
+                shares: args.shares,
+                threshold: args.threshold,
+            })),
+            String::new(),
+        ),
+        RekeyCommand::Submit(args) => {
+            let share = match args.share.as_ref().map(SecretArg::expose) {
+                Some("-") | None => read_share().await?,
+                Some(share) => find_share(share)?,
+            };
+            (Some(Action::Share(share.to_string())), args.nonce)
+        }
+        RekeyCommand::Status => (None, String::new()),
+        RekeyCommand::Cancel => (Some(Action::Cancel(true)), String::new()),
+    };
+    let reply = ctx
+        .client
+        .system()
+        .rekey(pb::RekeyRequest { action, nonce })
+        .await
+        .map_err(Failure::from)?
+        .into_inner();
+    let handed_out =
+        (!reply.shares.is_empty()).then_some((reply.shares.len(), reply.new_threshold));
+    ctx.emit(&RekeyView::from(reply))?;
+    if let Some((count, threshold)) = handed_out {
+        eprintln!("\n{}", rekey_warning(count, threshold));
+    }
+    Ok(())
 }
 
 /// The share from stdin: one line typed at a terminal, or everything piped in

@@ -2594,6 +2594,108 @@ pub struct SealRequest {}
 /// Seal's reply (empty).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SealResponse {}
+/// Rekey: one step.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RekeyRequest {
+    /// With `share`: the rekey it is for (`RekeyResponse.nonce`). A share sent for
+    /// another rekey is refused and changes nothing.
+    #[prost(string, tag = "4")]
+    pub nonce: ::prost::alloc::string::String,
+    #[prost(oneof = "rekey_request::Action", tags = "1, 2, 3")]
+    pub action: ::core::option::Option<rekey_request::Action>,
+}
+/// Nested message and enum types in `RekeyRequest`.
+pub mod rekey_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[prost(skip_debug)]
+    pub enum Action {
+        /// Starts a rekey, discarding one in progress.
+        #[prost(message, tag = "1")]
+        Start(super::RekeyStart),
+        /// Submits one share: of the current seal while collecting, one of the new
+        /// shares while verifying.
+        #[prost(string, tag = "2")]
+        Share(::prost::alloc::string::String),
+        /// Abandons the rekey in progress; the current shares stay in force.
+        #[prost(bool, tag = "3")]
+        Cancel(bool),
+    }
+}
+/// The new shares' parameters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RekeyStart {
+    /// n: how many new shares (1..=255).
+    #[prost(uint32, tag = "1")]
+    pub shares: u32,
+    /// t: how many of them unseal (2..=n, or 1 when n is 1).
+    #[prost(uint32, tag = "2")]
+    pub threshold: u32,
+}
+/// Rekey's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RekeyResponse {
+    #[prost(enumeration = "RekeyPhase", tag = "1")]
+    pub phase: i32,
+    /// Identifies the rekey in progress; send it with every share.
+    #[prost(string, tag = "2")]
+    pub nonce: ::prost::alloc::string::String,
+    /// Shares submitted in this phase, and how many it needs.
+    #[prost(uint32, tag = "3")]
+    pub progress: u32,
+    #[prost(uint32, tag = "4")]
+    pub required: u32,
+    /// The new shares' count and threshold.
+    #[prost(uint32, tag = "5")]
+    pub new_shares: u32,
+    #[prost(uint32, tag = "6")]
+    pub new_threshold: u32,
+    /// The new shares, exactly once: in the reply that completes the collection
+    /// of the current shares. Never stored by the server.
+    #[prost(string, repeated, tag = "7")]
+    pub shares: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Where a rekey stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RekeyPhase {
+    Unspecified = 0,
+    /// No rekey in progress (after a cancel, or never started).
+    None = 1,
+    /// Collecting shares of the current seal.
+    Collecting = 2,
+    /// The new shares were handed out; collecting a threshold of them back.
+    Verifying = 3,
+    /// The new shares are in force; the old ones are refused.
+    Done = 4,
+}
+impl RekeyPhase {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REKEY_PHASE_UNSPECIFIED",
+            Self::None => "REKEY_PHASE_NONE",
+            Self::Collecting => "REKEY_PHASE_COLLECTING",
+            Self::Verifying => "REKEY_PHASE_VERIFYING",
+            Self::Done => "REKEY_PHASE_DONE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REKEY_PHASE_UNSPECIFIED" => Some(Self::Unspecified),
+            "REKEY_PHASE_NONE" => Some(Self::None),
+            "REKEY_PHASE_COLLECTING" => Some(Self::Collecting),
+            "REKEY_PHASE_VERIFYING" => Some(Self::Verifying),
+            "REKEY_PHASE_DONE" => Some(Self::Done),
+            _ => None,
+        }
+    }
+}
 /// Generated client implementations.
 pub mod system_service_client {
     #![allow(
@@ -2775,6 +2877,33 @@ pub mod system_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.SystemService", "Seal"));
             self.inner.unary(req, path, codec).await
         }
+        /// Replaces the unseal shares and threshold. Needs the `system` operation, then
+        /// a threshold of the current shares; the reply that completes them carries
+        /// the new shares, once. The new shares take effect only after a threshold of
+        /// them has been submitted back (verification), so shares that never reached
+        /// their holders cannot lock anyone out; until then the current shares keep
+        /// working. Afterwards the old shares are refused.
+        pub async fn rekey(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RekeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::RekeyResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/Rekey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "Rekey"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2810,6 +2939,16 @@ pub mod system_service_server {
             &self,
             request: tonic::Request<super::SealRequest>,
         ) -> std::result::Result<tonic::Response<super::SealResponse>, tonic::Status>;
+        /// Replaces the unseal shares and threshold. Needs the `system` operation, then
+        /// a threshold of the current shares; the reply that completes them carries
+        /// the new shares, once. The new shares take effect only after a threshold of
+        /// them has been submitted back (verification), so shares that never reached
+        /// their holders cannot lock anyone out; until then the current shares keep
+        /// working. Afterwards the old shares are refused.
+        async fn rekey(
+            &self,
+            request: tonic::Request<super::RekeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::RekeyResponse>, tonic::Status>;
     }
     /// The lifecycle of the server: initialize, unseal with Shamir shares, seal. Always
     /// served, sealed or not.
@@ -3052,6 +3191,50 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SealSvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/Rekey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RekeySvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::UnaryService<super::RekeyRequest> for RekeySvc<T> {
+                        type Response = super::RekeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RekeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::rekey(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RekeySvc(inner);
                         let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
