@@ -230,6 +230,94 @@ async fn sigkill_during_the_first_dev_start_never_leaves_a_data_dir_that_cannot_
     eprintln!("{KILLS} kills over {span:?}; {killed_initialized} left a share file behind");
 }
 
+/// `[seal] auto_unseal_file` and `auto_unseal_env` unseal a restarted server with no operator; a file every user may read is refused (the server stays sealed and says why); the shares never reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_unseal_from_a_file_or_the_environment() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = Daemon::start(dir.path(), &data, &[]).await;
+    let client = first.client().await;
+    let init = reply(
+        client
+            .system()
+            .init(pb::InitRequest {
+                shares: 3,
+                threshold: 2,
+            })
+            .await,
+    )
+    .unwrap();
+    let root = cipherd_client::Token::from(init.root_token.as_str());
+    let shares = init.shares;
+    drop(client);
+    first.terminate().await;
+
+    let file = dir.path().join("unseal-shares");
+    std::fs::write(
+        &file,
+        format!("# two of three\n{}\n{}\n", shares[0], shares[2]),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let config = format!(
+        "[seal]\nauto_unseal_file = {:?}\n",
+        file.display().to_string()
+    );
+    let daemon = Daemon::start_with(dir.path(), &data, &[], &config, &[]).await;
+    let client = daemon.client().await.with_token(&root).unwrap();
+    assert!(
+        !client.status().await.unwrap().sealed,
+        "unsealed from the file"
+    );
+    create_key_with(
+        &client,
+        pb::CreateKeyRequest {
+            name: "k".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    drop(client);
+    let mut logs = vec![daemon.terminate().await];
+
+    let env = [("TEST_UNSEAL_SHARES", format!("{} {}", shares[1], shares[2]))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &data,
+        &[],
+        "[seal]\nauto_unseal_env = \"TEST_UNSEAL_SHARES\"\n",
+        &env,
+    )
+    .await;
+    let client = daemon.client().await.with_token(&root).unwrap();
+    assert!(
+        !client.status().await.unwrap().sealed,
+        "unsealed from the environment"
+    );
+    encrypt(&client, "k", b"after an unattended restart").await;
+    drop(client);
+    logs.push(daemon.terminate().await);
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let daemon = Daemon::start_with(dir.path(), &data, &[], &config, &[]).await;
+    let client = daemon.client().await;
+    assert!(
+        client.status().await.unwrap().sealed,
+        "a world-readable file is refused"
+    );
+    drop(client);
+    let log = daemon.terminate().await;
+    assert!(log.contains("is readable by every user"), "{log}");
+    logs.push(log);
+    for log in &logs {
+        for share in &shares {
+            assert!(!log.contains(share.as_str()), "an unseal share in the log");
+        }
+    }
+}
+
 /// The real binary without --dev needs Init and Unseal, comes back sealed after a restart until unsealed, and exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_without_dev_mode_needs_init_and_unseal() {

@@ -48,6 +48,20 @@ pub struct RawConfig {
     /// JWT/OIDC access tokens (`[jwt]`).
     #[serde(default)]
     pub jwt: crate::auth::jwt::RawJwt,
+    /// Unattended unseal (`[seal]`).
+    #[serde(default)]
+    pub seal: RawSeal,
+}
+
+/// `[seal]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSeal {
+    /// A file holding a threshold of unseal shares, one per line, submitted at
+    /// start (a mounted Kubernetes Secret, say).
+    pub auto_unseal_file: Option<PathBuf>,
+    /// The name of an environment variable holding them (whitespace-separated).
+    pub auto_unseal_env: Option<String>,
 }
 
 /// `[auth]`
@@ -162,6 +176,17 @@ pub struct Params {
     pub auth: AuthParams,
     /// JWT verification; `None` when JWTs are not accepted.
     pub jwt: Option<crate::auth::jwt::JwtParams>,
+    /// Where unseal shares for an unattended start come from, if anywhere.
+    pub auto_unseal: Option<AutoUnseal>,
+}
+
+/// The source of the unseal shares submitted at start (`[seal]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoUnseal {
+    /// `seal.auto_unseal_file`: one share per line (other lines ignored).
+    File(PathBuf),
+    /// `seal.auto_unseal_env`: the variable's name.
+    Env(String),
 }
 
 /// Token lifetimes (`[auth]`).
@@ -495,6 +520,21 @@ impl TryFrom<RawConfig> for Params {
             audit,
             auth: auth_params(&raw.auth)?,
             jwt: crate::auth::jwt::JwtParams::from_raw(&raw.jwt)?,
+            auto_unseal: match (raw.seal.auto_unseal_file, raw.seal.auto_unseal_env) {
+                (None, None) => None,
+                (Some(path), None) if !path.as_os_str().is_empty() => Some(AutoUnseal::File(path)),
+                (None, Some(var)) if !var.is_empty() => Some(AutoUnseal::Env(var)),
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError(
+                        "seal.auto_unseal_file and seal.auto_unseal_env: set one, not both".into(),
+                    ));
+                }
+                _ => {
+                    return Err(ConfigError(
+                        "seal.auto_unseal_file / seal.auto_unseal_env must not be empty".into(),
+                    ));
+                }
+            },
         })
     }
 }
@@ -614,6 +654,7 @@ impl Params {
             tls: None,
             auth: AuthParams::DEFAULT,
             jwt: None,
+            auto_unseal: None,
         }
     }
 }

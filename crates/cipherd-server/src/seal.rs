@@ -911,6 +911,83 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     Ok(())
 }
 
+/// Unattended unseal at start (`[seal] auto_unseal_file` or `auto_unseal_env`):
+/// submits the unseal shares found in the file or variable (words starting
+/// with `cipherd-share:`, `#` lines ignored) until the server unseals.
+///
+/// The risk is the point: whoever can read that file or the process's
+/// environment can unseal this server's storage, so the shares must live
+/// somewhere other than the storage (a Kubernetes Secret mounted read-only with
+/// mode 0400, a secrets manager's agent). A file others may read is refused.
+/// An uninitialized server is left alone; a failure leaves it sealed (health
+/// says NOT_SERVING) for an operator to unseal by hand.
+pub async fn auto_unseal(core: &Core, source: &crate::config::AutoUnseal) -> Result<()> {
+    use crate::config::AutoUnseal;
+    if !core.status().await?.initialized {
+        tracing::warn!("auto-unseal: the server is not initialized yet; run `cipherctl init`");
+        return Ok(());
+    }
+    let (text, from) = match source {
+        AutoUnseal::File(path) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| {
+                        Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display()))
+                    })?
+                    .permissions()
+                    .mode();
+                if mode & 0o004 != 0 {
+                    return Err(Error::FailedPrecondition(format!(
+                        "auto-unseal: {} is readable by every user (mode {:o}); make it 0400 or 0600",
+                        path.display(),
+                        mode & 0o777
+                    )));
+                }
+            }
+            let text = read_private(path).map_err(|e| {
+                Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display()))
+            })?;
+            (text, format!("file {}", path.display()))
+        }
+        AutoUnseal::Env(var) => {
+            let text = std::env::var(var).map_err(|_| {
+                Error::FailedPrecondition(format!("auto-unseal: ${var} is not set or not UTF-8"))
+            })?;
+            (Zeroizing::new(text), format!("${var}"))
+        }
+    };
+    let shares: Vec<Zeroizing<String>> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(str::split_whitespace)
+        .filter(|w| w.starts_with("cipherd-share:"))
+        .map(|w| Zeroizing::new(w.to_owned()))
+        .collect();
+    drop(text);
+    if shares.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "auto-unseal: no unseal share in {from}"
+        )));
+    }
+    let mut status = core.status().await?;
+    for share in shares {
+        if !status.sealed {
+            break;
+        }
+        status = core.unseal(share, false).await?;
+    }
+    if status.sealed {
+        return Err(Error::FailedPrecondition(format!(
+            "auto-unseal: {from} holds {} of the {} shares needed",
+            status.progress, status.threshold
+        )));
+    }
+    tracing::info!(source = %from, "auto-unsealed");
+    Ok(())
+}
+
 /// File name of the dev-mode root token inside the data dir.
 pub const DEV_ROOT_TOKEN_FILE: &str = "root-token.INSECURE";
 

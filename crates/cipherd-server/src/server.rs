@@ -100,6 +100,11 @@ pub async fn run(
     let core = Core::new(store, params.clone());
     if params.dev {
         seal::dev_auto_unseal(&core).await.map_err(RunError::Dev)?;
+    } else if let Some(source) = &params.auto_unseal
+        && let Err(e) = seal::auto_unseal(&core, source).await
+    {
+        // Stays sealed (health NOT_SERVING) for an operator to unseal by hand.
+        tracing::error!(error = %e, "auto-unseal failed; the server stays sealed");
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
