@@ -55,6 +55,7 @@ enum Req {
     Unseal(pb::UnsealRequest),
     Seal,
     Rekey(pb::RekeyRequest),
+    RotateRoot(pb::RotateRootRequest),
     CreateToken(pb::CreateTokenRequest),
     WritePolicy(pb::WritePolicyRequest),
     AuditHash(pb::HashRequest),
@@ -1208,6 +1209,7 @@ async fn send_as(
         Req::Unseal(m) => reply(s.unseal(with_auth(&header, m)).await).map(drop),
         Req::Seal => reply(s.seal(with_auth(&header, pb::SealRequest {})).await).map(drop),
         Req::Rekey(m) => reply(s.rekey(with_auth(&header, m)).await).map(drop),
+        Req::RotateRoot(m) => reply(s.rotate_root(with_auth(&header, m)).await).map(drop),
         Req::CreateToken(m) => {
             reply(client.auth().create_token(with_auth(&header, m)).await).map(drop)
         }
@@ -1656,6 +1658,18 @@ const AUTH_ROWS: &[AuthRow] = &[
         "clinician: start a rekey",
         |f| bearer(&f.clinician),
         |_| Req::Rekey(rekey_start()),
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: start a root rotation",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::RotateRoot(pb::RotateRootRequest {
+                action: Some(pb::rotate_root_request::Action::Start(true)),
+                nonce: String::new(),
+            })
+        },
         PermissionDenied,
         DENIED,
     ),

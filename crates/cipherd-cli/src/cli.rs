@@ -90,6 +90,10 @@ pub enum Command {
     /// shares, then a threshold of the new ones back).
     #[command(subcommand)]
     Rekey(RekeyCommand),
+    /// Rotate the root key (needs a threshold of the current shares); every
+    /// stored record is then re-sealed under the new root in the background.
+    #[command(subcommand)]
+    RotateRoot(RotateRootCommand),
     /// Manage named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -327,7 +331,21 @@ pub enum RekeyCommand {
     Cancel,
 }
 
-/// `rekey submit`.
+/// `rotate-root …`.
+#[derive(Debug, Subcommand)]
+pub enum RotateRootCommand {
+    /// Start collecting shares for a root rotation.
+    Start,
+    /// Submit one current share (argument, or one line of stdin); the one that
+    /// completes the threshold starts the re-seal.
+    Submit(RekeySubmitArgs),
+    /// Show where the rotation stands (shares collected, records re-sealed).
+    Status,
+    /// Abandon the collection of shares.
+    Cancel,
+}
+
+/// `rekey submit`, `rotate-root submit`.
 #[derive(Debug, Args)]
 pub struct RekeySubmitArgs {
     /// The rekey's nonce, as `rekey start` and `rekey status` print it.

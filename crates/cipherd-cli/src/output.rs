@@ -292,6 +292,71 @@ impl View for RekeyView {
     }
 }
 
+/// `rotate-root …`.
+#[derive(Debug, Serialize)]
+pub struct RotateRootView {
+    /// `none`, `collecting`, `resealing`, `done` or `stopped`.
+    pub phase: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
+    /// Shares submitted, and how many are needed (collecting).
+    pub progress: u32,
+    pub required: u32,
+    /// The root generation sealed under (from re-sealing on).
+    pub root_generation: u32,
+    /// Records re-sealed so far.
+    pub resealed: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl From<pb::RotateRootResponse> for RotateRootView {
+    fn from(r: pb::RotateRootResponse) -> Self {
+        let phase = match pb::RotateRootPhase::try_from(r.phase) {
+            Ok(pb::RotateRootPhase::Collecting) => "collecting",
+            Ok(pb::RotateRootPhase::Resealing) => "resealing",
+            Ok(pb::RotateRootPhase::Done) => "done",
+            Ok(pb::RotateRootPhase::Stopped) => "stopped",
+            _ => "none",
+        };
+        Self {
+            phase,
+            nonce: r.nonce,
+            progress: r.progress,
+            required: r.required,
+            root_generation: r.root_generation,
+            resealed: r.resealed,
+            error: r.error,
+        }
+    }
+}
+
+impl View for RotateRootView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut rows = vec![("root rotation".to_owned(), self.phase.to_owned())];
+        if !self.nonce.is_empty() {
+            rows.push(("nonce".to_owned(), self.nonce.clone()));
+        }
+        if self.phase == "collecting" {
+            rows.push((
+                "shares".to_owned(),
+                format!("{}/{}", self.progress, self.required),
+            ));
+        }
+        if matches!(self.phase, "resealing" | "done" | "stopped") {
+            rows.push((
+                "root generation".to_owned(),
+                self.root_generation.to_string(),
+            ));
+            rows.push(("records re-sealed".to_owned(), self.resealed.to_string()));
+        }
+        if !self.error.is_empty() {
+            rows.push(("error".to_owned(), self.error.clone()));
+        }
+        write_rows(w, &rows)
+    }
+}
+
 /// The warning printed (on stderr) with the new shares from `rekey submit`.
 pub fn rekey_warning(shares: usize, threshold: u32) -> String {
     format!(

@@ -943,6 +943,48 @@ async fn init_unseal_seal_lifecycle() {
         .await
         .success();
     assert_eq!(run.stdout, b"v");
+
+    // Root rotation with the new shares; the re-seal runs in the background.
+    let v = cipherctl(addr, &["--json", "rotate-root", "start"], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(v["phase"], "collecting");
+    let nonce = v["nonce"].as_str().expect("nonce").to_owned();
+    for share in &new {
+        cipherctl(
+            addr,
+            &["rotate-root", "submit", "--nonce", &nonce, share],
+            None,
+        )
+        .await
+        .success();
+    }
+    let mut phase = String::new();
+    for _ in 0..500 {
+        let v = cipherctl(addr, &["--json", "rotate-root", "status"], None)
+            .await
+            .success()
+            .json();
+        phase = v["phase"].as_str().expect("phase").to_owned();
+        if phase != "resealing" {
+            assert_eq!(v["root_generation"], 2);
+            break;
+        }
+    }
+    assert_eq!(phase, "done");
+    let run = cipherctl(addr, &["decrypt", "k", &ct], None)
+        .await
+        .success();
+    assert_eq!(run.stdout, b"v");
+    cipherctl(addr, &["seal"], None).await.success();
+    for share in &new {
+        cipherctl(addr, &["unseal", share], None).await.success();
+    }
+    let run = cipherctl(addr, &["decrypt", "k", &ct], None)
+        .await
+        .success();
+    assert_eq!(run.stdout, b"v");
 }
 
 /// `cipherctl … | head -1`: when stdout's reader goes away, stop without an error

@@ -147,10 +147,14 @@ impl fmt::Debug for UnsealKey {
     }
 }
 
-/// Encrypts and authenticates stored records under one root generation.
+/// Encrypts and authenticates stored records. It seals under one root
+/// generation (the newest it holds) and opens records of every generation it
+/// holds: one normally, two while a root rotation re-seals the store
+/// ([`add_generation`](Self::add_generation), then
+/// [`retire_older`](Self::retire_older) once no record needs the old one).
 pub struct Barrier {
-    key: AeadKey,
-    generation: u32,
+    /// Generation keys, newest last; never empty.
+    keys: std::sync::RwLock<Vec<(u32, std::sync::Arc<AeadKey>)>>,
 }
 
 impl Barrier {
@@ -160,27 +164,75 @@ impl Barrier {
     /// u32 BE)`, so each generation has its own key even if the root material were
     /// reused. `derivation` is the seal instance's (see the module docs).
     pub fn new(root: &RootKey, generation: u32, derivation: Derivation) -> Result<Self> {
-        let material = root
-            .0
-            .derive(derivation, BARRIER_LABEL, &generation.to_be_bytes())?;
         Ok(Self {
-            key: AeadKey::new(BARRIER_KEY_TYPE, &material)?,
-            generation,
+            keys: std::sync::RwLock::new(vec![(
+                generation,
+                std::sync::Arc::new(generation_key(root, generation, derivation)?),
+            )]),
         })
     }
 
-    /// The root generation this barrier seals under and accepts.
+    /// The root generation this barrier seals under (the newest it holds).
     pub fn generation(&self) -> u32 {
-        self.generation
+        self.read().last().map_or(0, |(g, _)| *g)
+    }
+
+    /// Every generation this barrier opens, oldest first.
+    pub fn generations(&self) -> Vec<u32> {
+        self.read().iter().map(|(g, _)| *g).collect()
+    }
+
+    /// Adds generation `generation` of `root`, newer than every one held, and
+    /// seals under it from now on; older records still open.
+    pub fn add_generation(
+        &self,
+        root: &RootKey,
+        generation: u32,
+        derivation: Derivation,
+    ) -> Result<()> {
+        let key = std::sync::Arc::new(generation_key(root, generation, derivation)?);
+        let mut keys = self.write();
+        if keys.last().is_some_and(|(g, _)| *g >= generation) {
+            return Err(Error::Precondition(format!(
+                "root generation {generation} is not newer than {}",
+                newest(&keys)
+            )));
+        }
+        keys.push((generation, key));
+        Ok(())
+    }
+
+    /// Drops every generation older than the one it seals under: their records
+    /// no longer open.
+    pub fn retire_older(&self) {
+        let mut keys = self.write();
+        let keep = keys.len().saturating_sub(1);
+        keys.drain(..keep);
+    }
+
+    fn current(&self) -> (u32, std::sync::Arc<AeadKey>) {
+        let keys = self.read();
+        let (g, key) = keys.last().expect("a barrier holds a generation");
+        (*g, std::sync::Arc::clone(key))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(u32, std::sync::Arc<AeadKey>)>> {
+        // No code panics while holding the lock; recover regardless.
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<(u32, std::sync::Arc<AeadKey>)>> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Seals `plaintext` for storage at `path`.
     pub fn seal(&self, path: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let header = record_header(self.generation);
-        let mut out = Vec::with_capacity(RECORD_HEADER_LEN + self.key.overhead() + plaintext.len());
+        let (generation, key) = self.current();
+        let header = record_header(generation);
+        let mut out = Vec::with_capacity(RECORD_HEADER_LEN + key.overhead() + plaintext.len());
         out.extend_from_slice(&header);
         with_joined(&[BARRIER_AAD_PREFIX, &header, path.as_bytes()], |aad| {
-            self.key.seal_append(aad, plaintext, &mut out)
+            key.seal_append(aad, plaintext, &mut out)
         })?;
         Ok(out)
     }
@@ -196,21 +248,21 @@ impl Barrier {
         let (header, body) = sealed
             .split_first_chunk::<RECORD_HEADER_LEN>()
             .ok_or_else(failed)?;
-        if *header != record_header(self.generation) {
-            return Err(failed());
-        }
-        let plaintext_len = body
-            .len()
-            .checked_sub(self.key.overhead())
-            .ok_or_else(failed)?;
+        let key = {
+            let keys = self.read();
+            let found = keys
+                .iter()
+                .find(|(g, _)| *header == record_header(*g))
+                .map(|(_, k)| std::sync::Arc::clone(k));
+            found.ok_or_else(failed)?
+        };
+        let plaintext_len = body.len().checked_sub(key.overhead()).ok_or_else(failed)?;
         // The AEAD copies `ciphertext || tag` into `out`, decrypts in place and
         // then cuts the tag off: reserve room for the tag too, or the copy
         // reallocates.
-        let mut out = Zeroizing::new(Vec::with_capacity(
-            plaintext_len + self.key.key_type().tag_len(),
-        ));
+        let mut out = Zeroizing::new(Vec::with_capacity(plaintext_len + key.key_type().tag_len()));
         with_joined(&[BARRIER_AAD_PREFIX, header, path.as_bytes()], |aad| {
-            self.key.open_append(aad, body, &mut out)
+            key.open_append(aad, body, &mut out)
         })
         .map_err(|_| failed())?;
         Ok(SecretBytes::new(std::mem::take(&mut *out)))
@@ -220,9 +272,22 @@ impl Barrier {
 impl fmt::Debug for Barrier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Barrier")
-            .field("generation", &self.generation)
+            .field("generations", &self.generations())
             .finish_non_exhaustive()
     }
+}
+
+/// The barrier key of `generation` of `root`: `root.derive(derivation,
+/// BARRIER_LABEL, generation as u32 BE)`.
+fn generation_key(root: &RootKey, generation: u32, derivation: Derivation) -> Result<AeadKey> {
+    let material = root
+        .0
+        .derive(derivation, BARRIER_LABEL, &generation.to_be_bytes())?;
+    AeadKey::new(BARRIER_KEY_TYPE, &material)
+}
+
+fn newest(keys: &[(u32, std::sync::Arc<AeadKey>)]) -> u32 {
+    keys.last().map_or(0, |(g, _)| *g)
 }
 
 /// The root generation a barrier record claims, without authenticating it.
@@ -467,6 +532,28 @@ mod tests {
         assert!(open_root_key(&unseal(3), &unbound, Derivation::V2, Some(&b)).is_err());
     }
 
+    /// During a root rotation the barrier opens both generations and seals
+    /// under the new one; once the old one is retired its records fail.
+    #[test]
+    fn a_second_generation_seals_while_the_first_still_opens_until_retired() {
+        let b = Barrier::new(&root(1), 1, Derivation::V2).unwrap();
+        let old = b.seal("keys/a", b"old").unwrap();
+        assert!(b.add_generation(&root(2), 1, Derivation::V2).is_err());
+        b.add_generation(&root(2), 2, Derivation::V2).unwrap();
+        assert_eq!((b.generation(), b.generations()), (2, vec![1, 2]));
+        let new = b.seal("keys/a", b"new").unwrap();
+        assert_eq!(sealed_generation(&new), Some(2));
+        assert_eq!(b.open("keys/a", &old).unwrap().expose_secret(), b"old");
+        assert_eq!(b.open("keys/a", &new).unwrap().expose_secret(), b"new");
+        b.retire_older();
+        assert_eq!(b.generations(), vec![2]);
+        assert!(b.open("keys/a", &old).is_err());
+        assert_eq!(b.open("keys/a", &new).unwrap().expose_secret(), b"new");
+        // Generation 2 of root 2 is not generation 2 of root 1.
+        let other = Barrier::new(&root(1), 2, Derivation::V2).unwrap();
+        assert!(other.open("keys/a", &new).is_err());
+    }
+
     #[test]
     fn wrong_unseal_key_or_damage_fails() {
         let sealed = seal_root_key(&unseal(3), &root(9), Derivation::V2).unwrap();
@@ -553,6 +640,6 @@ mod tests {
                 "{s}"
             );
         }
-        assert!(format!("{b:?}").contains("generation: 3"));
+        assert!(format!("{b:?}").contains("generations: [3]"));
     }
 }

@@ -10,7 +10,8 @@ use std::fmt;
 use crate::v1::{
     CreateTokenResponse, DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse,
     ExportedKeyVersion, GenerateDataKeyResponse, InitResponse, PlaintextResult, RekeyRequest,
-    RekeyResponse, UnsealRequest, plaintext_result, rekey_request,
+    RekeyResponse, RotateRootRequest, UnsealRequest, plaintext_result, rekey_request,
+    rotate_root_request,
 };
 
 /// Formats a secret byte field as its length only.
@@ -133,6 +134,21 @@ impl fmt::Debug for RekeyRequest {
             Some(rekey_request::Action::Start(start)) => d.field("start", start),
             Some(rekey_request::Action::Share(share)) => d.field("share", &Redacted(share.len())),
             Some(rekey_request::Action::Cancel(cancel)) => d.field("cancel", cancel),
+            None => d.field("action", &"none"),
+        };
+        d.field("nonce", &self.nonce).finish()
+    }
+}
+
+impl fmt::Debug for RotateRootRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RotateRootRequest");
+        match &self.action {
+            Some(rotate_root_request::Action::Start(start)) => d.field("start", start),
+            Some(rotate_root_request::Action::Share(share)) => {
+                d.field("share", &Redacted(share.len()))
+            }
+            Some(rotate_root_request::Action::Cancel(cancel)) => d.field("cancel", cancel),
             None => d.field("action", &"none"),
         };
         d.field("nonce", &self.nonce).finish()

@@ -66,7 +66,7 @@ fn generated_code_is_up_to_date() {
 }
 
 /// Fully qualified names of messages whose Debug is hand-written and redacting.
-const REDACTED_MESSAGES: [&str; 12] = [
+const REDACTED_MESSAGES: [&str; 13] = [
     "cipherd.v1.EncryptRequest",
     "cipherd.v1.EncryptItem",
     "cipherd.v1.DecryptResponse",
@@ -79,6 +79,7 @@ const REDACTED_MESSAGES: [&str; 12] = [
     "cipherd.v1.CreateTokenResponse",
     "cipherd.v1.RekeyRequest",
     "cipherd.v1.RekeyResponse",
+    "cipherd.v1.RotateRootRequest",
 ];
 
 /// Names of `bytes` or `string` fields that carry plaintext, key material, unseal

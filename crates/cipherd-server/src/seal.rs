@@ -74,6 +74,24 @@ pub struct Core {
     /// abandons it, and the current shares stay in force).
     lifecycle: Mutex<Option<RekeyState>>,
     sealed_tx: watch::Sender<bool>,
+    /// The root rotation's re-seal, as `RotateRoot` reports it.
+    rotation: Arc<std::sync::Mutex<Rotation>>,
+}
+
+/// Where the re-seal of a root rotation stands (in memory; the seal record's
+/// `rotation` field is what survives a restart).
+#[derive(Debug, Clone, Default)]
+pub enum Rotation {
+    /// None since this process started.
+    #[default]
+    Idle,
+    /// Re-sealing every record under `generation`.
+    Resealing { generation: u32, resealed: u64 },
+    /// Done: every record is under `generation`, the old root is gone.
+    Done { generation: u32, resealed: u64 },
+    /// Stopped (a seal, a storage error); resumes at the next unseal or
+    /// `RotateRoot`.
+    Stopped { generation: u32, why: String },
 }
 
 /// What `Status` reports.
@@ -98,6 +116,8 @@ pub struct Unsealed {
     pub keys: KeyManager,
     /// Tokens, policies, roles and the MAC keys.
     pub auth: AuthState,
+    /// The barrier both use (two generations during a root rotation).
+    barrier: Arc<Barrier>,
 }
 
 #[derive(Debug)]
@@ -121,6 +141,21 @@ struct SealRecord {
     /// Format 2: base64 of the random seal id that keys the share check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seal_id: Option<String>,
+    /// Format 3, during a root rotation: the next root key, sealed under the
+    /// same unseal key and bound to its generation. Records of both
+    /// generations open until every one is re-sealed under the next; then it
+    /// becomes `sealed_root_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation: Option<PendingRoot>,
+}
+
+/// The next root key of a rotation in progress.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingRoot {
+    root_generation: u32,
+    /// base64 of `barrier::seal_root_key_bound` output.
+    sealed_root_key: String,
 }
 
 /// A validated seal record: what its format means for derivation and shares.
@@ -168,6 +203,7 @@ impl Core {
             initialized: AtomicBool::new(false),
             lifecycle: Mutex::new(None),
             sealed_tx,
+            rotation: Arc::default(),
         })
     }
 
@@ -264,6 +300,7 @@ impl Core {
             root_generation: 1,
             sealed_root_key: b64.encode(sealed_root),
             seal_id: Some(b64.encode(seal_id.as_bytes())),
+            rotation: None,
         };
         let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
         let binding = ShareBinding::Seal(&seal_id);
@@ -340,10 +377,18 @@ impl Core {
             }
         };
         if let Some(shares) = ready {
-            let unsealed = Arc::new(self.open(&seal, &shares).await?);
+            let (unsealed, resume) = self.open(&seal, &shares).await?;
+            let unsealed = Arc::new(unsealed);
             *self.write_state() = State::Unsealed(Arc::clone(&unsealed));
             self.sealed_tx.send_replace(false);
             tracing::info!("unsealed");
+            if let Some(generation) = resume {
+                tracing::warn!(
+                    generation,
+                    "a root rotation was interrupted; re-sealing resumes"
+                );
+                self.spawn_reseal(Arc::clone(&unsealed.barrier), generation);
+            }
             tokio::spawn(warm_cache(Arc::downgrade(&unsealed)));
         }
         self.status().await
@@ -365,7 +410,9 @@ impl Core {
         Ok(())
     }
 
-    async fn open(&self, seal: &Seal, shares: &[Share]) -> Result<Unsealed> {
+    /// The unsealed state from `shares`, and the generation of a root rotation
+    /// to resume, if one was interrupted.
+    async fn open(&self, seal: &Seal, shares: &[Share]) -> Result<(Unsealed, Option<u32>)> {
         let unseal_key = UnsealKey::from_material(shamir::combine(shares)?);
         let root = self.open_root(seal, &unseal_key)?;
         if seal.record.format == 2 {
@@ -376,9 +423,32 @@ impl Core {
             seal.record.root_generation,
             seal.derivation,
         )?);
+        drop(root);
+        // A rotation interrupted by a restart: the next root opens with the same
+        // unseal key, records of both generations open, and the re-seal resumes.
+        let resume = match &seal.record.rotation {
+            Some(pending) => {
+                let next = self.open_pending_root(seal, pending, &unseal_key)?;
+                barrier.add_generation(&next, pending.root_generation, seal.derivation)?;
+                Some(pending.root_generation)
+            }
+            None => None,
+        };
+        drop(unseal_key);
         let auth = AuthState::load(Arc::clone(&self.store), Arc::clone(&barrier)).await?;
-        let keys = KeyManager::new(Arc::clone(&self.store), barrier, self.params.usage);
-        Ok(Unsealed { keys, auth })
+        let keys = KeyManager::new(
+            Arc::clone(&self.store),
+            Arc::clone(&barrier),
+            self.params.usage,
+        );
+        Ok((
+            Unsealed {
+                keys,
+                auth,
+                barrier,
+            },
+            resume,
+        ))
     }
 
     /// Rewrites a format-2 seal record as format 3: the same root key, sealed
@@ -408,6 +478,7 @@ impl Core {
             format: 3,
             sealed_root_key: base64::engine::general_purpose::STANDARD.encode(sealed_root),
             seal_id: seal.record.seal_id.clone(),
+            rotation: None,
             ..seal.record
         };
         let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
@@ -479,9 +550,11 @@ fn share_counts(shares: u32, threshold: u32) -> Result<(u8, u8)> {
     }
 }
 
-/// A rekey in progress.
+/// A share ceremony in progress: a rekey, or a root rotation collecting shares.
 #[derive(Debug)]
 enum RekeyState {
+    /// Collecting shares of the current seal for a root rotation.
+    RotateRoot { nonce: String, pending: Vec<Share> },
     /// Collecting shares of the current seal.
     Collecting {
         nonce: String,
@@ -552,7 +625,7 @@ pub struct RekeyStatus {
 impl RekeyStatus {
     fn of(state: &Option<RekeyState>, current_threshold: u8) -> Self {
         match state {
-            None => RekeyStatus {
+            None | Some(RekeyState::RotateRoot { .. }) => RekeyStatus {
                 phase: RekeyPhase::None,
                 nonce: String::new(),
                 progress: 0,
@@ -592,6 +665,166 @@ impl RekeyStatus {
             },
         }
     }
+}
+
+/// One step of a root rotation ([`Core::rotate_root`]).
+#[derive(Debug)]
+pub enum RotateAction {
+    /// Where it stands.
+    Status,
+    /// Starts collecting shares (discards a rekey or rotation collecting).
+    Start,
+    /// Submits a share for the rotation `nonce`.
+    Share {
+        text: Zeroizing<String>,
+        nonce: String,
+    },
+    /// Abandons the collection of shares (not a re-seal under way).
+    Cancel,
+}
+
+/// Where a root rotation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RotatePhase {
+    /// None since this process started.
+    #[default]
+    None,
+    /// Collecting shares.
+    Collecting,
+    /// Re-sealing every record under the new root.
+    Resealing,
+    /// Done.
+    Done,
+    /// Stopped; resumes at the next unseal or `RotateRoot`.
+    Stopped,
+}
+
+/// What a root rotation step answers.
+#[derive(Debug, Default)]
+pub struct RotateStatus {
+    pub phase: RotatePhase,
+    pub nonce: String,
+    pub progress: u8,
+    pub required: u8,
+    /// The generation being sealed under (re-sealing, done, stopped).
+    pub root_generation: u32,
+    /// Records re-sealed so far.
+    pub resealed: u64,
+    /// Why it stopped.
+    pub error: String,
+}
+
+/// Re-seals every record (but the seal record) not yet under `generation`,
+/// then makes the next root the seal record's root and drops the older
+/// generation from `barrier`. A second pass checks that nothing old is left
+/// (nothing writes under the old generation once the barrier seals under the
+/// new one; another process on the same storage might, and then the rotation
+/// stops rather than drop a root still in use). Stops, resumable, when the
+/// server seals.
+async fn reseal(
+    store: &dyn Store,
+    barrier: &Barrier,
+    generation: u32,
+    progress: &std::sync::Mutex<Rotation>,
+    sealed: &watch::Receiver<bool>,
+) -> Result<u64> {
+    const PAGE: usize = 256;
+    let mut total = 0;
+    let mut clean = false;
+    for _pass in 0..3 {
+        let mut changed = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.scan("", after.as_deref(), PAGE).await?;
+            let full = page.len() == PAGE;
+            after = page.last().map(|(p, _)| p.clone());
+            for (path, record) in page {
+                if *sealed.borrow() {
+                    return Err(Error::Sealed);
+                }
+                if path == SEAL_PATH {
+                    continue;
+                }
+                if reseal_one(store, barrier, generation, &path, record).await? {
+                    changed += 1;
+                    if let Rotation::Resealing { resealed, .. } =
+                        &mut *progress.lock().unwrap_or_else(|e| e.into_inner())
+                    {
+                        *resealed += 1;
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        total += changed;
+        if changed == 0 {
+            clean = true;
+            break;
+        }
+    }
+    if !clean {
+        return Err(Error::FailedPrecondition(
+            "records are still being written under the old root generation (another process on this storage?)".into(),
+        ));
+    }
+    finish_rotation(store, generation).await?;
+    barrier.retire_older();
+    Ok(total)
+}
+
+/// Re-seals one record under `generation` unless it is already; `true` if
+/// it wrote. A concurrent write wins (and is already under the new generation).
+async fn reseal_one(
+    store: &dyn Store,
+    barrier: &Barrier,
+    generation: u32,
+    path: &str,
+    mut record: cipherd_store::Record,
+) -> Result<bool> {
+    for _ in 0..16 {
+        if barrier::sealed_generation(&record.value) == Some(generation) {
+            return Ok(false);
+        }
+        let plain = barrier.open(path, &record.value)?;
+        let sealed = barrier.seal(path, plain.expose_secret())?;
+        drop(plain);
+        match store.compare_and_set(path, record.revision, &sealed).await {
+            Ok(_) => return Ok(true),
+            Err(cipherd_store::Error::Conflict { .. }) => match store.get(path).await? {
+                Some(r) => record = r,
+                None => return Ok(false),
+            },
+            Err(cipherd_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Aborted(path.to_owned()))
+}
+
+/// Makes the pending root the seal record's root.
+async fn finish_rotation(store: &dyn Store, generation: u32) -> Result<()> {
+    for _ in 0..16 {
+        let rec = store.get(SEAL_PATH).await?.ok_or(Error::NotInitialized)?;
+        let mut record: SealRecord =
+            serde_json::from_slice(&rec.value).map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
+        let Some(pending) = record.rotation.take() else {
+            return Ok(());
+        };
+        if pending.root_generation != generation {
+            return Err(Error::Corrupt(SEAL_PATH.into()));
+        }
+        record.root_generation = generation;
+        record.sealed_root_key = pending.sealed_root_key;
+        let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+        match store.compare_and_set(SEAL_PATH, rec.revision, &json).await {
+            Ok(_) => return Ok(()),
+            Err(cipherd_store::Error::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Aborted(SEAL_PATH.into()))
 }
 
 /// Adds `share` to `pending` unless one with its x is there.
@@ -641,6 +874,11 @@ impl Core {
             }
             RekeyAction::Start { shares, threshold } => {
                 let (new_shares, new_threshold) = share_counts(shares, threshold)?;
+                if seal.record.rotation.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        "a root rotation is under way; rekey once it is done".into(),
+                    ));
+                }
                 if seal.id.is_none() {
                     return Err(Error::FailedPrecondition(
                         "this seal (format 1) cannot be rekeyed; its shares carry no seal id"
@@ -663,13 +901,17 @@ impl Core {
             Error::FailedPrecondition("no rekey in progress; start one first".into())
         })?;
         let (RekeyState::Collecting { nonce: ours, .. }
-        | RekeyState::Verifying { nonce: ours, .. }) = &*state;
+        | RekeyState::Verifying { nonce: ours, .. }
+        | RekeyState::RotateRoot { nonce: ours, .. }) = &*state;
         if *ours != nonce {
             return Err(Error::InvalidArgument(
                 "this share is for another rekey (nonce mismatch)".into(),
             ));
         }
         match state {
+            RekeyState::RotateRoot { .. } => Err(Error::FailedPrecondition(
+                "a root rotation is collecting shares, not a rekey".into(),
+            )),
             RekeyState::Collecting {
                 nonce,
                 new_shares,
@@ -709,6 +951,7 @@ impl Core {
                     root_generation: generation,
                     sealed_root_key: b64.encode(&sealed_root),
                     seal_id: Some(b64.encode(new_id.as_bytes())),
+                    rotation: seal.record.rotation.clone(),
                 };
                 let record =
                     serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
@@ -797,6 +1040,242 @@ impl Core {
                     shares: Vec::new(),
                 })
             }
+        }
+    }
+
+    /// Opens the next root key of a rotation in progress.
+    fn open_pending_root(
+        &self,
+        seal: &Seal,
+        pending: &PendingRoot,
+        unseal_key: &UnsealKey,
+    ) -> Result<RootKey> {
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(&pending.sealed_root_key)
+            .map_err(|_| Error::Corrupt(SEAL_PATH.into()))?;
+        let binding = seal
+            .root_binding(pending.root_generation)
+            .ok_or_else(|| Error::Corrupt(SEAL_PATH.into()))?;
+        barrier::open_root_key(unseal_key, &sealed, seal.derivation, Some(&binding))
+            .map_err(|_| Error::Corrupt(SEAL_PATH.into()))
+    }
+
+    /// Starts re-sealing every record under `generation` in the background
+    /// (unless a re-seal is running).
+    fn spawn_reseal(&self, barrier: Arc<Barrier>, generation: u32) {
+        {
+            let mut progress = self.rotation.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*progress, Rotation::Resealing { .. }) {
+                return;
+            }
+            *progress = Rotation::Resealing {
+                generation,
+                resealed: 0,
+            };
+        }
+        let store = Arc::clone(&self.store);
+        let progress = Arc::clone(&self.rotation);
+        let sealed = self.sealed_tx.subscribe();
+        tokio::spawn(async move {
+            let outcome = reseal(&*store, &barrier, generation, &progress, &sealed).await;
+            drop(barrier);
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            *p = match outcome {
+                Ok(resealed) => {
+                    tracing::info!(
+                        generation,
+                        resealed,
+                        "root rotation done; the old root key is gone"
+                    );
+                    Rotation::Done {
+                        generation,
+                        resealed,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(generation, error = %e, "root rotation stopped; it resumes at the next unseal or RotateRoot");
+                    Rotation::Stopped {
+                        generation,
+                        why: e.to_string(),
+                    }
+                }
+            };
+        });
+    }
+
+    /// One step of a root rotation: a new root key (the next generation) from a
+    /// threshold of the current shares, then every record re-sealed under it
+    /// in the background, and the old root dropped. The shares are needed
+    /// because the new root is sealed under the unseal key, which exists only
+    /// while they are combined. Safe to interrupt: until the last record is
+    /// re-sealed the seal record holds both roots (under the same unseal key)
+    /// and records of both generations open; the next unseal (or `RotateRoot`)
+    /// resumes. Data keys and ciphertexts are unaffected. Callers need the
+    /// `system` operation; the server must be unsealed.
+    pub async fn rotate_root(&self, action: RotateAction) -> Result<RotateStatus> {
+        let mut guard = self.lifecycle.lock().await;
+        let seal = self.seal_record().await?.ok_or(Error::NotInitialized)?;
+        let unsealed = self.unsealed()?;
+        let threshold = seal.record.threshold;
+        let (text, nonce) = match action {
+            RotateAction::Status => return Ok(self.rotate_status(&guard, threshold)),
+            RotateAction::Cancel => {
+                if matches!(*guard, Some(RekeyState::RotateRoot { .. })) {
+                    *guard = None;
+                }
+                return Ok(self.rotate_status(&guard, threshold));
+            }
+            RotateAction::Start => {
+                if seal.record.format != 3 {
+                    return Err(Error::FailedPrecondition(
+                        "this seal (format 1) cannot rotate its root key".into(),
+                    ));
+                }
+                if matches!(self.rotation_progress(), Rotation::Resealing { .. }) {
+                    return Err(Error::FailedPrecondition(
+                        "a root rotation is re-sealing; wait for it (RotateRoot status)".into(),
+                    ));
+                }
+                let nonce = hex_of(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
+                *guard = Some(RekeyState::RotateRoot {
+                    nonce,
+                    pending: Vec::new(),
+                });
+                tracing::info!("root rotation started: collecting shares");
+                return Ok(self.rotate_status(&guard, threshold));
+            }
+            RotateAction::Share { text, nonce } => (text, nonce),
+        };
+        let Some(RekeyState::RotateRoot {
+            nonce: ours,
+            pending,
+        }) = guard.as_mut()
+        else {
+            return Err(Error::FailedPrecondition(
+                "no root rotation is collecting shares; start one first".into(),
+            ));
+        };
+        if *ours != nonce {
+            return Err(Error::InvalidArgument(
+                "this share is for another root rotation (nonce mismatch)".into(),
+            ));
+        }
+        add_share(pending, parse_share(&text, seal.binding())?)?;
+        drop(text);
+        if pending.len() < usize::from(threshold) {
+            return Ok(self.rotate_status(&guard, threshold));
+        }
+        let shares = std::mem::take(pending);
+        let unseal_key = UnsealKey::from_material(shamir::combine(&shares)?);
+        // The shares must open the current root before anything is written.
+        drop(self.open_root(&seal, &unseal_key)?);
+        let (generation, next) = match &seal.record.rotation {
+            Some(p) => (
+                p.root_generation,
+                self.open_pending_root(&seal, p, &unseal_key)?,
+            ),
+            None => {
+                let generation = seal
+                    .record
+                    .root_generation
+                    .checked_add(1)
+                    .ok_or_else(|| Error::Internal("root generation overflow".into()))?;
+                let next = RootKey::generate()?;
+                let binding = seal
+                    .root_binding(generation)
+                    .ok_or_else(|| Error::Corrupt(SEAL_PATH.into()))?;
+                let sealed =
+                    barrier::seal_root_key_bound(&unseal_key, &next, seal.derivation, &binding)?;
+                let record = SealRecord {
+                    format: seal.record.format,
+                    shares: seal.record.shares,
+                    threshold: seal.record.threshold,
+                    root_generation: seal.record.root_generation,
+                    sealed_root_key: seal.record.sealed_root_key.clone(),
+                    seal_id: seal.record.seal_id.clone(),
+                    rotation: Some(PendingRoot {
+                        root_generation: generation,
+                        sealed_root_key: base64::engine::general_purpose::STANDARD.encode(sealed),
+                    }),
+                };
+                let json =
+                    serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+                match self
+                    .store
+                    .compare_and_set(SEAL_PATH, seal.revision, &json)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(cipherd_store::Error::Conflict { .. }) => {
+                        *guard = None;
+                        return Err(Error::FailedPrecondition(
+                            "the seal record changed meanwhile; start over".into(),
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                (generation, next)
+            }
+        };
+        drop(unseal_key);
+        if !unsealed.barrier.generations().contains(&generation) {
+            unsealed
+                .barrier
+                .add_generation(&next, generation, seal.derivation)?;
+        }
+        drop(next);
+        *guard = None;
+        tracing::info!(
+            generation,
+            "root rotation: new root in place; re-sealing every record"
+        );
+        self.spawn_reseal(Arc::clone(&unsealed.barrier), generation);
+        Ok(self.rotate_status(&guard, threshold))
+    }
+
+    fn rotation_progress(&self) -> Rotation {
+        self.rotation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn rotate_status(&self, ceremony: &Option<RekeyState>, threshold: u8) -> RotateStatus {
+        if let Some(RekeyState::RotateRoot { nonce, pending }) = ceremony {
+            return RotateStatus {
+                phase: RotatePhase::Collecting,
+                nonce: nonce.clone(),
+                progress: pending.len() as u8,
+                required: threshold,
+                ..RotateStatus::default()
+            };
+        }
+        match self.rotation_progress() {
+            Rotation::Idle => RotateStatus::default(),
+            Rotation::Resealing {
+                generation,
+                resealed,
+            } => RotateStatus {
+                phase: RotatePhase::Resealing,
+                root_generation: generation,
+                resealed,
+                ..RotateStatus::default()
+            },
+            Rotation::Done {
+                generation,
+                resealed,
+            } => RotateStatus {
+                phase: RotatePhase::Done,
+                root_generation: generation,
+                resealed,
+                ..RotateStatus::default()
+            },
+            Rotation::Stopped { generation, why } => RotateStatus {
+                phase: RotatePhase::Stopped,
+                root_generation: generation,
+                error: why,
+                ..RotateStatus::default()
+            },
         }
     }
 
@@ -1485,5 +1964,180 @@ mod tests {
             .await,
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    /// Polls RotateRoot's status until the re-seal is no longer running.
+    async fn rotation_settles(core: &Core) -> RotateStatus {
+        for _ in 0..10_000 {
+            let status = core.rotate_root(RotateAction::Status).await.unwrap();
+            if status.phase != RotatePhase::Resealing {
+                return status;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the re-seal never ended");
+    }
+
+    /// The generations of every stored record but the seal record.
+    async fn generations_in(store: &Arc<dyn Store>) -> Vec<Option<u32>> {
+        let mut out = Vec::new();
+        for (path, record) in store.scan("", None, 10_000).await.unwrap() {
+            if path != SEAL_PATH {
+                out.push(barrier::sealed_generation(&record.value));
+            }
+        }
+        out
+    }
+
+    async fn seal_json(store: &Arc<dyn Store>) -> serde_json::Value {
+        serde_json::from_slice(&store.get(SEAL_PATH).await.unwrap().unwrap().value).unwrap()
+    }
+
+    /// RotateRoot from a threshold of the shares: every record ends under
+    /// generation 2, the seal record names generation 2 and no rotation, keys
+    /// and tokens still work, and the same shares unseal a restarted server.
+    #[tokio::test]
+    async fn a_root_rotation_reseals_every_record_under_the_next_generation() {
+        let core = core().await;
+        let (shares, _root_token) = core.init(3, 2).await.unwrap();
+        unseal_with(&core, &shares[..2]).await.unwrap();
+        let name = KeyName::new("patients").unwrap();
+        let keys = &core.unsealed().unwrap().keys;
+        keys.create(&name, Default::default()).await.unwrap();
+        keys.update(&name, |k| {
+            k.rotate(0)?;
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        assert!(
+            generations_in(&core.store)
+                .await
+                .iter()
+                .all(|g| *g == Some(1))
+        );
+
+        let nonce = core.rotate_root(RotateAction::Start).await.unwrap().nonce;
+        let wrong = core
+            .rotate_root(RotateAction::Share {
+                text: Zeroizing::new(shares[0].clone()),
+                nonce: "other".into(),
+            })
+            .await;
+        assert!(matches!(wrong, Err(Error::InvalidArgument(_))));
+        for share in &shares[1..] {
+            core.rotate_root(RotateAction::Share {
+                text: Zeroizing::new(share.clone()),
+                nonce: nonce.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        let done = rotation_settles(&core).await;
+        assert_eq!(done.phase, RotatePhase::Done, "{done:?}");
+        assert_eq!(done.root_generation, 2);
+        let gens = generations_in(&core.store).await;
+        assert!(done.resealed >= gens.len() as u64 && !gens.is_empty());
+        assert!(gens.iter().all(|g| *g == Some(2)), "{gens:?}");
+        let json = seal_json(&core.store).await;
+        assert_eq!(json["root_generation"], 2);
+        assert!(json.get("rotation").is_none());
+        assert_eq!(core.unsealed().unwrap().barrier.generations(), vec![2]);
+        core.unsealed().unwrap().keys.get(&name).await.unwrap();
+
+        let again = Core::new(
+            Arc::clone(&core.store),
+            Params::for_data_dir("unused", false),
+        );
+        assert!(!unseal_with(&again, &shares[..2]).await.unwrap().sealed);
+        let loaded = again.unsealed().unwrap().keys.get(&name).await.unwrap();
+        assert_eq!(loaded.key().latest_version().get(), 2);
+    }
+
+    /// A rotation interrupted after the next root was stored and some records
+    /// were re-sealed: every record still opens, and the next unseal resumes
+    /// and finishes the re-seal.
+    #[tokio::test]
+    async fn an_interrupted_root_rotation_resumes_at_the_next_unseal() {
+        let core = core().await;
+        let (shares, _) = core.init(3, 2).await.unwrap();
+        unseal_with(&core, &shares[..2]).await.unwrap();
+        let name = KeyName::new("patients").unwrap();
+        core.unsealed()
+            .unwrap()
+            .keys
+            .create(&name, Default::default())
+            .await
+            .unwrap();
+        let store = Arc::clone(&core.store);
+        drop(core);
+
+        // What a crash leaves: the next root in the seal record, the key record
+        // already re-sealed under generation 2, the rest still under 1.
+        let mut json = seal_json(&store).await;
+        let id =
+            SealId::from_slice(&BASE64.decode(json["seal_id"].as_str().unwrap()).unwrap()).unwrap();
+        let parsed: Vec<Share> = shares[..2]
+            .iter()
+            .map(|s| Share::parse(s, ShareBinding::Seal(&id)).unwrap())
+            .collect();
+        let unseal_key = UnsealKey::from_material(shamir::combine(&parsed).unwrap());
+        let binding = |g| RootBinding {
+            seal_id: id.as_bytes(),
+            root_generation: g,
+            threshold: 2,
+            shares: 3,
+        };
+        let sealed_root = BASE64
+            .decode(json["sealed_root_key"].as_str().unwrap())
+            .unwrap();
+        let root =
+            barrier::open_root_key(&unseal_key, &sealed_root, Derivation::V2, Some(&binding(1)))
+                .unwrap();
+        let next = RootKey::generate().unwrap();
+        let sealed_next =
+            barrier::seal_root_key_bound(&unseal_key, &next, Derivation::V2, &binding(2)).unwrap();
+        json["rotation"] = serde_json::json!({
+            "root_generation": 2,
+            "sealed_root_key": BASE64.encode(sealed_next),
+        });
+        let rec = store.get(SEAL_PATH).await.unwrap().unwrap();
+        store
+            .compare_and_set(SEAL_PATH, rec.revision, &serde_json::to_vec(&json).unwrap())
+            .await
+            .unwrap();
+        let both = Barrier::new(&root, 1, Derivation::V2).unwrap();
+        both.add_generation(&next, 2, Derivation::V2).unwrap();
+        let key_rec = store.get("keys/patients").await.unwrap().unwrap();
+        let plain = both.open("keys/patients", &key_rec.value).unwrap();
+        store
+            .compare_and_set(
+                "keys/patients",
+                key_rec.revision,
+                &both.seal("keys/patients", plain.expose_secret()).unwrap(),
+            )
+            .await
+            .unwrap();
+        let gens = generations_in(&store).await;
+        assert!(
+            gens.contains(&Some(1)) && gens.contains(&Some(2)),
+            "{gens:?}"
+        );
+
+        let restarted = Core::new(Arc::clone(&store), Params::for_data_dir("unused", false));
+        assert!(!unseal_with(&restarted, &shares[1..]).await.unwrap().sealed);
+        restarted.unsealed().unwrap().keys.get(&name).await.unwrap();
+        let done = rotation_settles(&restarted).await;
+        assert_eq!(done.phase, RotatePhase::Done, "{done:?}");
+        assert!(generations_in(&store).await.iter().all(|g| *g == Some(2)));
+        assert_eq!(seal_json(&store).await["root_generation"], 2);
+        // A rekey is refused while a rotation is pending, allowed after.
+        restarted
+            .rekey(RekeyAction::Start {
+                shares: 3,
+                threshold: 2,
+            })
+            .await
+            .unwrap();
     }
 }

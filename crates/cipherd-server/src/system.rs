@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use crate::{
     access::CallCtx,
     auth::policy::Operation,
-    seal::{Core, RekeyAction, RekeyPhase, SealStatus},
+    seal::{Core, RekeyAction, RekeyPhase, RotateAction, RotatePhase, SealStatus},
 };
 
 /// The implementation of the `SystemService` gRPC service.
@@ -86,6 +86,40 @@ impl SystemService for SystemHandler {
         ctx.authorize(Operation::System, None, "", "")?;
         self.core.seal().await?;
         Ok(Response::new(pb::SealResponse {}))
+    }
+
+    async fn rotate_root(
+        &self,
+        request: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotateRootResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        ctx.authorize(Operation::System, None, "", "")?;
+        let r = request.into_inner();
+        let action = match r.action {
+            None => RotateAction::Status,
+            Some(pb::rotate_root_request::Action::Start(_)) => RotateAction::Start,
+            Some(pb::rotate_root_request::Action::Share(share)) => RotateAction::Share {
+                text: Zeroizing::new(share),
+                nonce: r.nonce,
+            },
+            Some(pb::rotate_root_request::Action::Cancel(_)) => RotateAction::Cancel,
+        };
+        let s = self.core.rotate_root(action).await?;
+        Ok(Response::new(pb::RotateRootResponse {
+            phase: match s.phase {
+                RotatePhase::None => pb::RotateRootPhase::None,
+                RotatePhase::Collecting => pb::RotateRootPhase::Collecting,
+                RotatePhase::Resealing => pb::RotateRootPhase::Resealing,
+                RotatePhase::Done => pb::RotateRootPhase::Done,
+                RotatePhase::Stopped => pb::RotateRootPhase::Stopped,
+            } as i32,
+            nonce: s.nonce,
+            progress: s.progress.into(),
+            required: s.required.into(),
+            root_generation: s.root_generation,
+            resealed: s.resealed,
+            error: s.error,
+        }))
     }
 
     async fn rekey(

@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unseal(args) => system::unseal(&ctx, args).await?,
         Command::Seal => system::seal(&ctx).await?,
         Command::Rekey(command) => system::rekey(&ctx, command).await?,
+        Command::RotateRoot(command) => system::rotate_root(&ctx, command).await?,
         Command::Key(cmd) => keys::run(&ctx, cmd).await?,
         Command::Encrypt(args) if args.lines => lines::encrypt(&ctx, args).await?,
         Command::Encrypt(args) => transit::encrypt(&ctx, args).await?,

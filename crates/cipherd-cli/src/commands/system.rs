@@ -12,9 +12,12 @@ use zeroize::Zeroizing;
 
 use super::{Ctx, read_stdin_all, read_stdin_line};
 use crate::{
-    cli::{InitArgs, RekeyCommand, SecretArg, UnsealArgs},
+    cli::{InitArgs, RekeyCommand, RotateRootCommand, SecretArg, UnsealArgs},
     error::Failure,
-    output::{InitView, RekeyView, SealView, StatusView, UnsealView, init_warning, rekey_warning},
+    output::{
+        InitView, RekeyView, RotateRootView, SealView, StatusView, UnsealView, init_warning,
+        rekey_warning,
+    },
 };
 
 /// `status`.
@@ -116,6 +119,31 @@ pub(super) async fn rekey(ctx: &Ctx, command: RekeyCommand) -> anyhow::Result<()
         eprintln!("\n{}", rekey_warning(count, threshold));
     }
     Ok(())
+}
+
+/// `rotate-root start|submit|status|cancel`.
+pub(super) async fn rotate_root(ctx: &Ctx, command: RotateRootCommand) -> anyhow::Result<()> {
+    use pb::rotate_root_request::Action;
+    let (action, nonce) = match command {
+        RotateRootCommand::Start => (Some(Action::Start(true)), String::new()),
+        RotateRootCommand::Submit(args) => {
+            let share = match args.share.as_ref().map(SecretArg::expose) {
+                Some("-") | None => read_share().await?,
+                Some(share) => find_share(share)?,
+            };
+            (Some(Action::Share(share.to_string())), args.nonce)
+        }
+        RotateRootCommand::Status => (None, String::new()),
+        RotateRootCommand::Cancel => (Some(Action::Cancel(true)), String::new()),
+    };
+    let reply = ctx
+        .client
+        .system()
+        .rotate_root(pb::RotateRootRequest { action, nonce })
+        .await
+        .map_err(Failure::from)?
+        .into_inner();
+    ctx.emit(&RotateRootView::from(reply))
 }
 
 /// The share from stdin: one line typed at a terminal, or everything piped in

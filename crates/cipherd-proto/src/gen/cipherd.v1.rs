@@ -2656,6 +2656,55 @@ pub struct RekeyResponse {
     #[prost(string, repeated, tag = "7")]
     pub shares: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
+/// RotateRoot: one step. Without an action: where the rotation stands.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RotateRootRequest {
+    /// With `share`: the rotation it is for (`RotateRootResponse.nonce`).
+    #[prost(string, tag = "4")]
+    pub nonce: ::prost::alloc::string::String,
+    #[prost(oneof = "rotate_root_request::Action", tags = "1, 2, 3")]
+    pub action: ::core::option::Option<rotate_root_request::Action>,
+}
+/// Nested message and enum types in `RotateRootRequest`.
+pub mod rotate_root_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[prost(skip_debug)]
+    pub enum Action {
+        /// Starts collecting shares (discards a rekey or rotation collecting).
+        #[prost(bool, tag = "1")]
+        Start(bool),
+        /// Submits one share of the current seal.
+        #[prost(string, tag = "2")]
+        Share(::prost::alloc::string::String),
+        /// Abandons the collection of shares.
+        #[prost(bool, tag = "3")]
+        Cancel(bool),
+    }
+}
+/// RotateRoot's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateRootResponse {
+    #[prost(enumeration = "RotateRootPhase", tag = "1")]
+    pub phase: i32,
+    /// Identifies the collection in progress; send it with every share.
+    #[prost(string, tag = "2")]
+    pub nonce: ::prost::alloc::string::String,
+    /// Shares submitted, and how many are needed.
+    #[prost(uint32, tag = "3")]
+    pub progress: u32,
+    #[prost(uint32, tag = "4")]
+    pub required: u32,
+    /// The root generation being sealed under (re-sealing, done, stopped).
+    #[prost(uint32, tag = "5")]
+    pub root_generation: u32,
+    /// Records re-sealed so far.
+    #[prost(uint64, tag = "6")]
+    pub resealed: u64,
+    /// Why it stopped.
+    #[prost(string, tag = "7")]
+    pub error: ::prost::alloc::string::String,
+}
 /// Where a rekey stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -2692,6 +2741,50 @@ impl RekeyPhase {
             "REKEY_PHASE_COLLECTING" => Some(Self::Collecting),
             "REKEY_PHASE_VERIFYING" => Some(Self::Verifying),
             "REKEY_PHASE_DONE" => Some(Self::Done),
+            _ => None,
+        }
+    }
+}
+/// Where a root rotation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RotateRootPhase {
+    Unspecified = 0,
+    /// None since the server started.
+    None = 1,
+    /// Collecting shares.
+    Collecting = 2,
+    /// Re-sealing every record under the new root.
+    Resealing = 3,
+    /// Every record is under the new root; the old one is gone.
+    Done = 4,
+    /// Stopped (see `error`); resumes at the next unseal or RotateRoot.
+    Stopped = 5,
+}
+impl RotateRootPhase {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROTATE_ROOT_PHASE_UNSPECIFIED",
+            Self::None => "ROTATE_ROOT_PHASE_NONE",
+            Self::Collecting => "ROTATE_ROOT_PHASE_COLLECTING",
+            Self::Resealing => "ROTATE_ROOT_PHASE_RESEALING",
+            Self::Done => "ROTATE_ROOT_PHASE_DONE",
+            Self::Stopped => "ROTATE_ROOT_PHASE_STOPPED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROTATE_ROOT_PHASE_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROTATE_ROOT_PHASE_NONE" => Some(Self::None),
+            "ROTATE_ROOT_PHASE_COLLECTING" => Some(Self::Collecting),
+            "ROTATE_ROOT_PHASE_RESEALING" => Some(Self::Resealing),
+            "ROTATE_ROOT_PHASE_DONE" => Some(Self::Done),
+            "ROTATE_ROOT_PHASE_STOPPED" => Some(Self::Stopped),
             _ => None,
         }
     }
@@ -2904,6 +2997,36 @@ pub mod system_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.SystemService", "Rekey"));
             self.inner.unary(req, path, codec).await
         }
+        /// Rotates the root key: a new root generation from a threshold of the current
+        /// shares (the new root is sealed under the unseal key, which exists only while
+        /// they are combined), then every stored record re-sealed under it in the
+        /// background and the old root dropped. Needs the `system` operation. Data keys,
+        /// ciphertexts and shares are unchanged. Safe to interrupt: records of both
+        /// generations open until the re-seal ends, and the next unseal resumes it.
+        pub async fn rotate_root(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateRootRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateRootResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/RotateRoot",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "RotateRoot"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2949,6 +3072,19 @@ pub mod system_service_server {
             &self,
             request: tonic::Request<super::RekeyRequest>,
         ) -> std::result::Result<tonic::Response<super::RekeyResponse>, tonic::Status>;
+        /// Rotates the root key: a new root generation from a threshold of the current
+        /// shares (the new root is sealed under the unseal key, which exists only while
+        /// they are combined), then every stored record re-sealed under it in the
+        /// background and the old root dropped. Needs the `system` operation. Data keys,
+        /// ciphertexts and shares are unchanged. Safe to interrupt: records of both
+        /// generations open until the re-seal ends, and the next unseal resumes it.
+        async fn rotate_root(
+            &self,
+            request: tonic::Request<super::RotateRootRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateRootResponse>,
+            tonic::Status,
+        >;
     }
     /// The lifecycle of the server: initialize, unseal with Shamir shares, seal. Always
     /// served, sealed or not.
@@ -3235,6 +3371,51 @@ pub mod system_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RekeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/RotateRoot" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateRootSvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::UnaryService<super::RotateRootRequest>
+                    for RotateRootSvc<T> {
+                        type Response = super::RotateRootResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateRootRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::rotate_root(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateRootSvc(inner);
                         let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
