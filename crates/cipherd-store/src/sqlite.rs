@@ -303,9 +303,11 @@ impl Store for SqliteStore {
         self.changes.subscribe()
     }
 
+    /// A trivial read of the database (the revision counter's one row), so that
+    /// a file that cannot be read, not only a closed pool, fails the ping.
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        sqlx::query("SELECT current FROM revision_counter WHERE id = 1")
+            .fetch_optional(&self.pool)
             .await
             .map(|_| ())
             .map_err(|e| map_sqlx("ping", e))
