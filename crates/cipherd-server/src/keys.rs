@@ -24,9 +24,10 @@
 //!    in the key record (compare-and-set, one extra write per version's lifetime).
 //!    A version counted before the flag existed gets it at its next block.
 //! 2. A usage record that is absent while the key record's flag says the version
-//!    was counted is refused: `DATA_LOSS`/`STORAGE_INTEGRITY`, for encryption and
-//!    for the usage shown by `GetKey`. Nothing is re-created; an operator restores
-//!    the record or rotates the key.
+//!    was counted is refused: `DATA_LOSS`/`STORAGE_INTEGRITY` for encryption (and
+//!    from [`KeyManager::reserved_encryptions`]; `GetKey` shows such a version as
+//!    used up). Nothing is re-created; an operator restores the record or
+//!    rotates the key.
 //! 3. "Absent" is only ever concluded from a successful read: a read error is
 //!    that error (retryable or not), never zero.
 //!
@@ -38,6 +39,7 @@
 //! authenticates content and path, not freshness).
 
 use std::{
+    future::Future,
     ops::Deref,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -407,14 +409,16 @@ impl KeyManager {
             if !counted || count == 0 {
                 return Ok((loaded, version));
             }
-            match self.usage.reserve(name, version, count).await {
-                Ok(Reserved::InMemory) => return Ok((loaded, version)),
-                Ok(Reserved::Stored) => {
-                    if !loaded.key.usage_reserved(version)? {
-                        self.mark_usage_reserved(name, version).await?;
-                    }
-                    return Ok((loaded, version));
+            let flagged = loaded.key.usage_reserved(version)?;
+            let mark = || async move {
+                if flagged {
+                    Ok(())
+                } else {
+                    self.mark_usage_reserved(name, version).await
                 }
+            };
+            match self.usage.reserve(name, version, count, mark).await {
+                Ok(()) => return Ok((loaded, version)),
                 Err(Error::UsageExhausted(_))
                     if requested.is_none() && policy.on_limit == LimitAction::Rotate =>
                 {
@@ -496,16 +500,6 @@ fn open_key(barrier: &Barrier, path: &str, sealed: &[u8]) -> Result<NamedKey> {
     Ok(key)
 }
 
-/// Where [`UsageLedger::reserve`] found the encryptions it handed out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reserved {
-    /// From this process's block: nothing was written.
-    InMemory,
-    /// From a block just reserved in storage: the caller makes sure the key
-    /// record's usage flag is set before using it.
-    Stored,
-}
-
 impl Drop for KeyManager {
     fn drop(&mut self) {
         self.invalidator.abort();
@@ -583,9 +577,24 @@ impl UsageLedger {
     /// Takes `count` encryptions of `version`: from this process's block, or by
     /// reserving a new block in storage. `UsageExhausted` when the version's limit
     /// leaves no room for `count` more.
-    async fn reserve(&self, name: &KeyName, version: KeyVersion, count: u64) -> Result<Reserved> {
+    ///
+    /// After a block is reserved in storage and before any of it is handed out
+    /// (to this call or a concurrent one), `mark` runs: it sets the version's
+    /// usage flag in the key record (rule 1 of the module docs). If it fails, the
+    /// block is abandoned (counted as used, the safe direction) and so is the call.
+    async fn reserve<F, Fut>(
+        &self,
+        name: &KeyName,
+        version: KeyVersion,
+        count: u64,
+        mark: F,
+    ) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
         if count == 0 {
-            return Ok(Reserved::InMemory);
+            return Ok(());
         }
         let reservation = Arc::clone(
             self.blocks
@@ -594,13 +603,14 @@ impl UsageLedger {
                 .value(),
         );
         if lock_block(&reservation).take(count) {
-            return Ok(Reserved::InMemory);
+            return Ok(());
         }
         let _reserving = reservation.reserving.lock().await;
         if lock_block(&reservation).take(count) {
-            return Ok(Reserved::InMemory);
+            return Ok(());
         }
         let (start, end) = self.reserve_block(name, version, count).await?;
+        mark().await?;
         // The unused rest of the previous block is abandoned: counting it as used
         // is the safe direction.
         let mut block = Block { next: start, end };
@@ -611,7 +621,7 @@ impl UsageLedger {
             return Err(Error::Internal("usage block smaller than requested".into()));
         }
         *lock_block(&reservation) = block;
-        Ok(Reserved::Stored)
+        Ok(())
     }
 
     /// Encryptions reserved so far for `version` (an upper bound on those made).
@@ -1014,6 +1024,60 @@ mod tests {
         assert_eq!(
             restarted.reserved_encryptions(&name, v2).await.unwrap(),
             350
+        );
+    }
+
+    /// A version counted before the flag existed (a usage record, no flag) gets
+    /// the flag at its next block, and from then on is protected as well.
+    #[tokio::test]
+    async fn a_version_counted_before_the_flag_gets_it_at_its_next_block() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let barrier = || Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
+        let name = KeyName::new("legacy").unwrap();
+        let v1 = KeyVersion::FIRST;
+        let opts = CreateOptions {
+            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            ..Default::default()
+        };
+        let manager = || {
+            KeyManager::new(
+                Arc::clone(&store),
+                barrier(),
+                policy(1000, LimitAction::Refuse),
+            )
+        };
+        manager().create(&name, opts).await.unwrap();
+        // What an older server left: a count of 350, no flag in the key record.
+        let usage = usage_path(&name, v1);
+        let body = serde_json::to_vec(&UsageRecord { reserved: 350 }).unwrap();
+        store
+            .create(&usage, &barrier().seal(&usage, &body).unwrap())
+            .await
+            .unwrap();
+        let flagged = |store: Arc<dyn Store>| async move {
+            let path = key_path(&KeyName::new("legacy").unwrap());
+            let stored = store.get(&path).await.unwrap().unwrap();
+            let key = open_key(&barrier(), &path, &stored.value).unwrap();
+            key.usage_reserved(KeyVersion::FIRST).unwrap()
+        };
+        assert!(!flagged(Arc::clone(&store)).await);
+
+        let upgraded = manager();
+        upgraded.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(upgraded.reserved_encryptions(&name, v1).await.unwrap(), 700);
+        assert!(
+            flagged(Arc::clone(&store)).await,
+            "flagged at the next block"
+        );
+        drop(upgraded);
+
+        let rec = store.get(&usage).await.unwrap().unwrap();
+        store.delete(&usage, rec.revision).await.unwrap();
+        let refused = manager().reserve_encryptions(&name, None, 1).await;
+        assert!(
+            matches!(refused, Err(Error::Corrupt(_))),
+            "counted from zero"
         );
     }
 
