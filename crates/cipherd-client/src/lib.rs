@@ -3,7 +3,8 @@
 //! [`Client`] wraps the three gRPC services with one connection, a per-call
 //! deadline, and retries of calls that are safe to repeat when the server is
 //! briefly unavailable (never while it reports `SEALED` or `NOT_INITIALIZED`, which
-//! need an operator).
+//! need an operator, and never `STORAGE_INTEGRITY`: corrupt storage is not fixed by
+//! asking again; see [`Error::is_retryable`]).
 //! Batch helpers split large inputs into server-sized chunks and return exactly one
 //! result per input, in order. The generated service clients remain reachable for
 //! anything not wrapped here ([`Client::transit`] and friends).
@@ -132,6 +133,21 @@ impl Error {
         }
     }
 
+    /// Whether a call that failed with this error may succeed if repeated unchanged
+    /// after a short wait, which is what the client's own retries do: only
+    /// UNAVAILABLE answers, and of those not `SEALED` or `NOT_INITIALIZED` (they
+    /// wait for an operator, not for time) and not `STORAGE_INTEGRITY` (corrupt or
+    /// inconsistent storage, which repeating can never fix; servers send it as
+    /// DATA_LOSS or INTERNAL, and the reason is checked too so that no code a
+    /// server picks for it can make a client hammer corrupt data).
+    pub fn is_retryable(&self) -> bool {
+        self.code() == Some(Code::Unavailable)
+            && !matches!(
+                self.reason(),
+                Some("SEALED" | "NOT_INITIALIZED" | "STORAGE_INTEGRITY")
+            )
+    }
+
     /// The error of one batch or stream item (a `google.rpc.Status`).
     pub fn from_item(status: &tonic_types::pb::Status) -> Self {
         Error::Status {
@@ -168,8 +184,9 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
-    /// Extra attempts for calls that failed with UNAVAILABLE (not SEALED or
-    /// NOT_INITIALIZED).
+    /// Extra attempts for calls that failed with a retryable error
+    /// ([`Error::is_retryable`]: UNAVAILABLE, but not SEALED, NOT_INITIALIZED or
+    /// STORAGE_INTEGRITY).
     pub retries: u32,
     /// Items per batch request.
     pub batch_chunk: usize,
@@ -992,8 +1009,7 @@ impl Client {
         Ok(reply.hmac)
     }
 
-    /// Runs `call`, retrying UNAVAILABLE answers other than SEALED and
-    /// NOT_INITIALIZED with a short
+    /// Runs `call`, retrying errors that [`Error::is_retryable`] with a short
     /// exponential back-off. Only used for calls that are safe to repeat.
     async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
@@ -1007,10 +1023,7 @@ impl Client {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => {
                     let err = Error::from(status);
-                    // SEALED and NOT_INITIALIZED wait for an operator, not for time.
-                    let transient = err.code() == Some(Code::Unavailable)
-                        && !matches!(err.reason(), Some("SEALED" | "NOT_INITIALIZED"));
-                    if !transient || attempt >= self.options.retries {
+                    if !err.is_retryable() || attempt >= self.options.retries {
                         return Err(err);
                     }
                     attempt += 1;
@@ -1106,6 +1119,44 @@ mod tests {
         let shown = format!("{options:?}");
         assert!(!shown.contains("TOPSECRET"), "{shown}");
         assert!(shown.contains("research"), "{shown}");
+    }
+
+    #[test]
+    fn only_transient_unavailability_is_retried() {
+        let status = |code: Code, reason: &str| -> Error {
+            tonic::Status::with_error_details(
+                code,
+                "m",
+                tonic_types::ErrorDetails::with_error_info(
+                    reason,
+                    "cipherd.dev",
+                    std::collections::HashMap::new(),
+                ),
+            )
+            .into()
+        };
+        for (code, reason, retry) in [
+            (Code::Unavailable, "STORAGE_UNAVAILABLE", true),
+            (Code::Unavailable, "AUDIT_UNAVAILABLE", true),
+            (Code::Unavailable, "SEALED", false),
+            (Code::Unavailable, "NOT_INITIALIZED", false),
+            // Corruption is never retried, whatever code carries it.
+            (Code::DataLoss, "STORAGE_INTEGRITY", false),
+            (Code::Internal, "STORAGE_INTEGRITY", false),
+            (Code::Unavailable, "STORAGE_INTEGRITY", false),
+            (Code::Internal, "INTERNAL", false),
+            (Code::InvalidArgument, "DECRYPTION_FAILED", false),
+            (Code::ResourceExhausted, "OVERLOADED", false),
+        ] {
+            assert_eq!(
+                status(code, reason).is_retryable(),
+                retry,
+                "{code:?} {reason}"
+            );
+        }
+        // A bare UNAVAILABLE (a proxy, a reset connection) is retried.
+        assert!(Error::from(tonic::Status::unavailable("reset")).is_retryable());
+        assert!(!Error::Protocol("x".into()).is_retryable());
     }
 
     #[test]

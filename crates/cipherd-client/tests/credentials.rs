@@ -63,6 +63,18 @@ impl SystemService for Fake {
     ) -> Result<Response<pb::SealResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn rekey(
+        &self,
+        _: Request<pb::RekeyRequest>,
+    ) -> Result<Response<pb::RekeyResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn rotate_root(
+        &self,
+        _: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotateRootResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;

@@ -22,6 +22,13 @@
 //! It also serializes a key to and from its storage record, validating every invariant
 //! on load so that a corrupted record is refused rather than silently repaired.
 //!
+//! Each version also records whether encryptions under it have ever been counted
+//! ([`NamedKey::usage_reserved`]): the server counts the encryptions of 96-bit-nonce
+//! versions in separate usage records, and this flag, set once and never cleared,
+//! lets it tell "never used" from "used, but the usage record has gone" (which must
+//! fail closed, not restart the count at zero). Records of versions without the
+//! flag stay as they were (the field is written only when set).
+//!
 //! This module does not do I/O, does not encrypt records (that is the
 //! [`barrier`](crate::barrier)), and does not count encryptions per version (the
 //! server does, durably). It knows nothing about time except the `now_ms` values
@@ -283,6 +290,28 @@ impl NamedKey {
         self.versions.iter().map(|(v, e)| (*v, e.created_at_ms))
     }
 
+    /// Whether encryptions under `v` have been counted in storage (see the module
+    /// docs); `VersionNotFound` for a version the key does not hold.
+    pub fn usage_reserved(&self, v: KeyVersion) -> Result<bool> {
+        self.versions
+            .get(&v)
+            .map(|e| e.usage_reserved)
+            .ok_or(Error::VersionNotFound(v.get()))
+    }
+
+    /// Records that encryptions under `v` are counted in storage from now on.
+    /// Returns whether this changed anything (false if it was already recorded).
+    /// The flag is never cleared.
+    pub fn mark_usage_reserved(&mut self, v: KeyVersion) -> Result<bool> {
+        let entry = self
+            .versions
+            .get_mut(&v)
+            .ok_or(Error::VersionNotFound(v.get()))?;
+        let changed = !entry.usage_reserved;
+        entry.usage_reserved = true;
+        Ok(changed)
+    }
+
     /// Adds a version with fresh material and makes it the latest.
     ///
     /// Existing versions and their material are untouched; the new number is one
@@ -496,6 +525,7 @@ impl NamedKey {
                     // for V1, so records of older versions stay as they were.
                     derivation: (self.derived && entry.derivation != Derivation::V1)
                         .then(|| entry.derivation.number()),
+                    usage_reserved: entry.usage_reserved,
                 })
                 .collect(),
         };
@@ -578,6 +608,7 @@ impl NamedKey {
                     material: v.material.0,
                     created_at_ms: v.created_at_ms,
                     derivation,
+                    usage_reserved: v.usage_reserved,
                 },
             );
         }
@@ -627,6 +658,8 @@ struct VersionEntry {
     created_at_ms: u64,
     /// How working keys of a derived key are derived from `material`.
     derivation: Derivation,
+    /// Whether encryptions under this version are counted in storage.
+    usage_reserved: bool,
 }
 
 impl VersionEntry {
@@ -635,6 +668,7 @@ impl VersionEntry {
             material: KeyMaterial::generate()?,
             created_at_ms: now_ms,
             derivation: Derivation::V2,
+            usage_reserved: false,
         })
     }
 }
@@ -667,6 +701,13 @@ struct VersionRecordRef<'a> {
     material: MaterialB64Ref<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     derivation: Option<u32>,
+    /// Written only when set, so records of versions never counted are unchanged.
+    #[serde(skip_serializing_if = "is_false")]
+    usage_reserved: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The record as read. Unknown fields are refused: a record this code does not
@@ -697,6 +738,9 @@ struct VersionRecordOwned {
     /// Absent in records written before derivations were versioned: V1.
     #[serde(default)]
     derivation: Option<u32>,
+    /// Absent for versions whose encryptions were never counted.
+    #[serde(default)]
+    usage_reserved: bool,
 }
 
 /// Base64 length of [`KEY_LEN`] bytes with padding.
@@ -1358,6 +1402,7 @@ mod tests {
                     "version": ver,
                     "created_at_ms": u64::MAX,
                     "material": BASE64.encode([0xFF; KEY_LEN]),
+                    "usage_reserved": true,
                 })
             })
             .collect();
@@ -1378,6 +1423,24 @@ mod tests {
         let k = load(&record).unwrap();
         let out = k.to_record();
         assert!(out.len() < RECORD_BASE_CAPACITY + 3 * RECORD_PER_VERSION_CAPACITY);
+    }
+
+    #[test]
+    fn usage_reserved_is_set_once_kept_and_written_only_when_set() {
+        let mut k = key(CreateOptions::default());
+        let v1 = KeyVersion::FIRST;
+        assert!(!k.usage_reserved(v1).unwrap());
+        assert!(!String::from_utf8_lossy(k.to_record().expose_secret()).contains("usage"));
+        assert!(k.mark_usage_reserved(v1).unwrap());
+        assert!(!k.mark_usage_reserved(v1).unwrap(), "already set");
+        let v2 = k.rotate(2).unwrap();
+        assert!(!k.usage_reserved(v2).unwrap());
+        let reloaded = NamedKey::from_record(k.to_record().expose_secret()).unwrap();
+        assert!(reloaded.usage_reserved(v1).unwrap());
+        assert!(!reloaded.usage_reserved(v2).unwrap());
+        let missing = KeyVersion::new(9).unwrap();
+        assert!(reloaded.usage_reserved(missing).is_err());
+        assert!(k.mark_usage_reserved(missing).is_err());
     }
 
     #[test]

@@ -330,7 +330,15 @@ async fn key_to_proto(keys: &KeyManager, loaded: &LoadedKey) -> Result<pb::Key> 
     let mut versions = Vec::new();
     for (version, created_at_ms) in key.versions() {
         let encryptions = if counted {
-            keys.reserved_encryptions(key.name(), version).await?
+            match keys.reserved_encryptions(key.name(), version).await {
+                Ok(n) => n,
+                // The version's usage record is gone or corrupt (the ledger logs
+                // which): encryption under it is refused. Show it as used up, the
+                // only bound left, so that the key can still be read, rotated and
+                // trimmed.
+                Err(Error::Corrupt(_)) => limit,
+                Err(e) => return Err(e),
+            }
         } else {
             0
         };

@@ -8,6 +8,14 @@
 //! Internal failures (storage, corruption, bugs) reach the client as a generic
 //! message; the detail is logged on the server with a correlation id.
 //!
+//! Storage faults fail closed. Only a store that cannot be reached right now
+//! (`cipherd_store::Error::Unavailable`) is `UNAVAILABLE`/`STORAGE_UNAVAILABLE`,
+//! which clients retry. Corrupt data, a record the barrier refuses, a missing
+//! record that must exist, a schema newer than this binary and store answers no
+//! caller should have let through are `DATA_LOSS` (the data) or `INTERNAL` (the
+//! code) with reason `STORAGE_INTEGRITY`, which clients never retry; no code path
+//! treats such an error as "absent" and creates a record in its place.
+//!
 //! One status is chosen outside `classify`: a request that is not valid protobuf
 //! is answered INVALID_ARGUMENT with reason `MALFORMED_MESSAGE` by the gRPC codec
 //! in `cipherd_proto::codec`, because tonic decodes the message before any service
@@ -140,16 +148,59 @@ pub enum Error {
     /// Concurrent changes kept a read-modify-write from completing; retry.
     #[error("concurrent update of {0:?}; retry")]
     Aborted(String),
-    /// Stored data failed its integrity check or could not be decoded. The service
-    /// refuses to serve instead of guessing (invariant 8).
+    /// Stored data failed its integrity check (the barrier refused it), could not
+    /// be decoded, or is missing while other records say it must exist (a used
+    /// version's usage record). The service refuses to serve instead of guessing
+    /// (invariant 8): `DATA_LOSS`/`STORAGE_INTEGRITY`, never retried.
     #[error("stored record {0:?} failed its integrity check")]
     Corrupt(String),
-    /// The storage backend failed.
+    /// The storage backend failed. Classified by kind (see [`Error::classify`]):
+    /// only [`cipherd_store::Error::Unavailable`] is `UNAVAILABLE` and retryable.
     #[error("storage: {0}")]
     Storage(#[from] cipherd_store::Error),
     /// A bug or an unexpected provider failure.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// The reason of every failure that retrying cannot fix because stored data is
+/// corrupt, missing or inconsistent, or the store broke its own contract. Clients
+/// never retry it, and the server never answers it by creating anything afresh.
+pub const STORAGE_INTEGRITY: &str = "STORAGE_INTEGRITY";
+
+/// The reason of a store that is briefly unreachable; clients retry it.
+pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
+
+/// The client-facing message of every `STORAGE_INTEGRITY` failure: one line, no
+/// path, no backend detail (that goes to the server log).
+const INTEGRITY_MESSAGE: &str = "stored data failed its integrity check; see the server log";
+
+/// The code and reason of a store error that reached a client.
+///
+/// - A lost or refused connection, a lock held past the busy timeout, a closed
+///   store ([`cipherd_store::Error::Unavailable`]): `UNAVAILABLE`, retryable.
+/// - Data the backend finds corrupt ([`cipherd_store::Error::Corrupt`]):
+///   `DATA_LOSS`.
+/// - Everything else: `INTERNAL`. A schema newer than this binary or another
+///   permanent backend failure ([`cipherd_store::Error::Backend`]), an invalid
+///   path (a bug here), and the precondition answers (`AlreadyExists`,
+///   `Conflict`, `NotFound`), which every caller handles itself, so one that
+///   reaches a client is an invariant violation, not a reason to retry.
+///
+/// All but the first carry `STORAGE_INTEGRITY`.
+fn storage_status(err: &cipherd_store::Error) -> (Code, &'static str) {
+    use cipherd_store::Error as S;
+    match err {
+        S::Unavailable(_) => (Code::Unavailable, STORAGE_UNAVAILABLE),
+        S::Corrupt(_) => (Code::DataLoss, STORAGE_INTEGRITY),
+        S::Backend(_)
+        | S::InvalidPath(_)
+        | S::AlreadyExists { .. }
+        | S::Conflict { .. }
+        | S::NotFound { .. } => (Code::Internal, STORAGE_INTEGRITY),
+        // A kind added to the store later fails closed until classified here.
+        _ => (Code::Internal, STORAGE_INTEGRITY),
+    }
 }
 
 /// How an [`Error`] is presented to a client.
@@ -203,12 +254,13 @@ impl Error {
             FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
             UsageExhausted(_) => (Code::ResourceExhausted, "KEY_USAGE_EXHAUSTED"),
             Aborted(_) => (Code::Aborted, "CONFLICT"),
-            Corrupt(_) => (Code::Internal, "STORAGE_INTEGRITY"),
-            Storage(_) => (Code::Unavailable, "STORAGE_UNAVAILABLE"),
+            Corrupt(_) => (Code::DataLoss, STORAGE_INTEGRITY),
+            Storage(e) => storage_status(e),
             Internal(_) => (Code::Internal, "INTERNAL"),
         };
         let message = match self {
-            Corrupt(_) => "stored data failed its integrity check; see the server log".to_owned(),
+            Corrupt(_) => INTEGRITY_MESSAGE.to_owned(),
+            Storage(_) if reason == STORAGE_INTEGRITY => INTEGRITY_MESSAGE.to_owned(),
             Storage(_) => "storage is unavailable; see the server log".to_owned(),
             Internal(_) => "internal error; see the server log".to_owned(),
             other => other.to_string(),
@@ -400,6 +452,73 @@ mod tests {
         }
         .to_rpc_status();
         assert!(item.encode_to_vec().len() <= 2 * MAX_ITEM_MESSAGE);
+    }
+
+    /// Every store error kind, and the server's own corrupt-data error, with the
+    /// code and reason a client sees: only unavailability is UNAVAILABLE.
+    #[test]
+    fn storage_errors_are_classified_by_kind() {
+        use cipherd_store::Error as S;
+        let path = || "keys/patients".to_owned();
+        let cases = [
+            (
+                Error::Storage(S::Unavailable("ping: the store is closed".into())),
+                Code::Unavailable,
+                STORAGE_UNAVAILABLE,
+            ),
+            (
+                Error::Storage(S::Corrupt("read: database disk image is malformed".into())),
+                Code::DataLoss,
+                STORAGE_INTEGRITY,
+            ),
+            (
+                Error::Storage(S::Backend("migration 3 is newer".into())),
+                Code::Internal,
+                STORAGE_INTEGRITY,
+            ),
+            (
+                Error::Storage(S::InvalidPath("empty".into())),
+                Code::Internal,
+                STORAGE_INTEGRITY,
+            ),
+            (
+                Error::Storage(S::AlreadyExists { path: path() }),
+                Code::Internal,
+                STORAGE_INTEGRITY,
+            ),
+            (
+                Error::Storage(S::Conflict { path: path() }),
+                Code::Internal,
+                STORAGE_INTEGRITY,
+            ),
+            (
+                Error::Storage(S::NotFound { path: path() }),
+                Code::Internal,
+                STORAGE_INTEGRITY,
+            ),
+            (Error::Corrupt(path()), Code::DataLoss, STORAGE_INTEGRITY),
+            (
+                Error::from(cipherd_core::Error::Barrier { path: path() }),
+                Code::DataLoss,
+                STORAGE_INTEGRITY,
+            ),
+        ];
+        for (err, code, reason) in cases {
+            let shown = format!("{err:?}");
+            let item = err.to_rpc_status();
+            let status: tonic::Status = err.into();
+            assert_eq!(status.code(), code, "{shown}");
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(info.reason, reason, "{shown}");
+            // One line, no path, no backend detail.
+            let message = status.message();
+            assert!(!message.contains('\n'), "{message}");
+            for detail in ["patients", "keys/", "malformed", "migration", "closed"] {
+                assert!(!message.contains(detail), "{shown}: {message}");
+            }
+            assert_eq!(item.code, code as i32, "{shown}");
+            assert_eq!(item.message, message);
+        }
     }
 
     #[test]

@@ -10,8 +10,36 @@
 //! the block is used. A crash loses at most the unused part of a block; a restart
 //! never reuses a count, and replicas sharing storage reserve disjoint blocks, so the
 //! stored total bounds the encryptions made under a version (invariant 3).
+//!
+//! # A usage record cannot vanish alone
+//!
+//! A usage record is a separate record, so it could be deleted (by an operator, a
+//! bad restore, a tool) while the key stays. Counting a missing record as zero
+//! would then restart the count and allow nonce reuse. So the key record remembers
+//! which versions have been counted (`NamedKey::usage_reserved`, a flag per version
+//! that is set once and never cleared), and the ledger keeps to these rules:
+//!
+//! 1. The first block of a version creates its usage record (put-if-absent), and
+//!    before any encryption of that block is handed out the version's flag is set
+//!    in the key record (compare-and-set, one extra write per version's lifetime).
+//!    A version counted before the flag existed gets it at its next block.
+//! 2. A usage record that is absent while the key record's flag says the version
+//!    was counted is refused: `DATA_LOSS`/`STORAGE_INTEGRITY` for encryption (and
+//!    from [`KeyManager::reserved_encryptions`]; `GetKey` shows such a version as
+//!    used up). Nothing is re-created; an operator restores the record or
+//!    rotates the key.
+//! 3. "Absent" is only ever concluded from a successful read: a read error is
+//!    that error (retryable or not), never zero.
+//!
+//! The absent-record check reads the key record from storage rather than the
+//! cache, since another replica may have set the flag. What this does not catch:
+//! a usage record deleted in the moment between its creation and the flag's (a
+//! crash there leaves the record, which rule 1 flags at the next block), or an old
+//! sealed copy of a record replayed in place of the current one (the barrier
+//! authenticates content and path, not freshness).
 
 use std::{
+    future::Future,
     ops::Deref,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -381,7 +409,15 @@ impl KeyManager {
             if !counted || count == 0 {
                 return Ok((loaded, version));
             }
-            match self.usage.reserve(name, version, count).await {
+            let flagged = loaded.key.usage_reserved(version)?;
+            let mark = || async move {
+                if flagged {
+                    Ok(())
+                } else {
+                    self.mark_usage_reserved(name, version).await
+                }
+            };
+            match self.usage.reserve(name, version, count, mark).await {
                 Ok(()) => return Ok((loaded, version)),
                 Err(Error::UsageExhausted(_))
                     if requested.is_none() && policy.on_limit == LimitAction::Rotate =>
@@ -413,6 +449,18 @@ impl KeyManager {
         self.usage.reserved(name, version).await
     }
 
+    /// Sets `version`'s usage flag in the stored key record (rule 1 of the module
+    /// docs). A version trimmed meanwhile needs no flag: it can no longer encrypt.
+    async fn mark_usage_reserved(&self, name: &KeyName, version: KeyVersion) -> Result<()> {
+        self.update(name, |k| match k.mark_usage_reserved(version) {
+            Ok(changed) => Ok(changed),
+            Err(cipherd_core::Error::VersionNotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        })
+        .await?;
+        Ok(())
+    }
+
     /// The configured usage policy.
     pub fn usage_policy(&self) -> UsagePolicy {
         self.usage.policy()
@@ -431,17 +479,25 @@ impl KeyManager {
     }
 
     fn open_record(&self, path: &str, sealed: &[u8], revision: u64) -> Result<LoadedKey> {
-        let plain = self.barrier.open(path, sealed)?;
-        let key = NamedKey::from_record(plain.expose_secret()).map_err(|e| {
-            tracing::error!(path, error = %e, "key record does not decode");
-            Error::Corrupt(path.to_owned())
-        })?;
-        let expected = path.strip_prefix(KEY_PREFIX).unwrap_or_default();
-        if key.name().as_str() != expected {
-            return Err(Error::Corrupt(path.to_owned()));
-        }
-        LoadedKey::prepare(key, revision)
+        LoadedKey::prepare(open_key(&self.barrier, path, sealed)?, revision)
     }
+}
+
+/// Opens a key record through the barrier and decodes it, failing closed
+/// (`Corrupt`) on anything the barrier refuses, that does not decode, or that
+/// names another key than its path.
+fn open_key(barrier: &Barrier, path: &str, sealed: &[u8]) -> Result<NamedKey> {
+    let plain = barrier.open(path, sealed)?;
+    let key = NamedKey::from_record(plain.expose_secret()).map_err(|e| {
+        tracing::error!(path, error = %e, "key record does not decode");
+        Error::Corrupt(path.to_owned())
+    })?;
+    let expected = path.strip_prefix(KEY_PREFIX).unwrap_or_default();
+    if key.name().as_str() != expected {
+        tracing::error!(path, "key record names another key");
+        return Err(Error::Corrupt(path.to_owned()));
+    }
+    Ok(key)
 }
 
 impl Drop for KeyManager {
@@ -466,7 +522,9 @@ impl std::fmt::Debug for KeyManager {
 /// handed out from memory until the block runs out. The stored count only ever
 /// grows: a reservation that would not fit under the limit is refused
 /// (`UsageExhausted`), including when the stored count already meets or exceeds
-/// the limit because an operator lowered it. All arithmetic is checked.
+/// the limit because an operator lowered it. All arithmetic is checked. A missing
+/// record counts as zero only for a version the key record says was never
+/// counted (see the module docs, "A usage record cannot vanish alone").
 struct UsageLedger {
     store: Arc<dyn Store>,
     barrier: Arc<Barrier>,
@@ -519,7 +577,22 @@ impl UsageLedger {
     /// Takes `count` encryptions of `version`: from this process's block, or by
     /// reserving a new block in storage. `UsageExhausted` when the version's limit
     /// leaves no room for `count` more.
-    async fn reserve(&self, name: &KeyName, version: KeyVersion, count: u64) -> Result<()> {
+    ///
+    /// After a block is reserved in storage and before any of it is handed out
+    /// (to this call or a concurrent one), `mark` runs: it sets the version's
+    /// usage flag in the key record (rule 1 of the module docs). If it fails, the
+    /// block is abandoned (counted as used, the safe direction) and so is the call.
+    async fn reserve<F, Fut>(
+        &self,
+        name: &KeyName,
+        version: KeyVersion,
+        count: u64,
+        mark: F,
+    ) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
         if count == 0 {
             return Ok(());
         }
@@ -537,6 +610,7 @@ impl UsageLedger {
             return Ok(());
         }
         let (start, end) = self.reserve_block(name, version, count).await?;
+        mark().await?;
         // The unused rest of the previous block is abandoned: counting it as used
         // is the safe direction.
         let mut block = Block { next: start, end };
@@ -555,8 +629,38 @@ impl UsageLedger {
         let path = usage_path(name, version);
         match self.store.get(&path).await? {
             Some(rec) => Ok(self.open(&path, &rec.value)?.reserved),
-            None => Ok(0),
+            None => {
+                self.check_never_counted(name, version, &path).await?;
+                Ok(0)
+            }
         }
+    }
+
+    /// For a usage record found absent: fails closed unless the stored key record
+    /// (read afresh, not cached) says `version` was never counted.
+    async fn check_never_counted(
+        &self,
+        name: &KeyName,
+        version: KeyVersion,
+        path: &str,
+    ) -> Result<()> {
+        let key_path = key_path(name);
+        let record = self
+            .store
+            .get(&key_path)
+            .await?
+            .ok_or_else(|| Error::KeyNotFound(name.to_string()))?;
+        let key = open_key(&self.barrier, &key_path, &record.value)?;
+        if key.usage_reserved(version)? {
+            tracing::error!(
+                key = %name,
+                %version,
+                path,
+                "usage record missing for a version that has been used; refusing to count from zero"
+            );
+            return Err(Error::Corrupt(path.to_owned()));
+        }
+        Ok(())
     }
 
     /// Forgets a deleted key's blocks and deletes its usage records.
@@ -588,7 +692,10 @@ impl UsageLedger {
             let current = self.store.get(&path).await?;
             let reserved = match &current {
                 Some(rec) => self.open(&path, &rec.value)?.reserved,
-                None => 0,
+                None => {
+                    self.check_never_counted(name, version, &path).await?;
+                    0
+                }
             };
             let Some(end) = next_reservation(reserved, count, self.policy.reservation_block, limit)
             else {
@@ -844,6 +951,134 @@ mod tests {
         };
         assert!(!high.take(u64::MAX));
         assert!(high.take(1));
+    }
+
+    /// Deleting the usage record of a used 96-bit-nonce version must not restart
+    /// its count: the next reservation (here by a restarted manager, which has no
+    /// block in memory) fails closed, and nothing is re-created in its place. A
+    /// version never used still starts from zero.
+    #[tokio::test]
+    async fn a_deleted_usage_record_of_a_used_version_fails_closed() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let barrier = || Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
+        let name = KeyName::new("gcm").unwrap();
+        let v1 = KeyVersion::FIRST;
+        let opts = CreateOptions {
+            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            ..Default::default()
+        };
+        let first = KeyManager::new(
+            Arc::clone(&store),
+            barrier(),
+            policy(1000, LimitAction::Refuse),
+        );
+        first.create(&name, opts).await.unwrap();
+        first.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(first.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        // The key record now says v1 is counted, in storage and in the cache.
+        let stored = store.get(&key_path(&name)).await.unwrap().unwrap();
+        let key = open_key(&barrier(), &key_path(&name), &stored.value).unwrap();
+        assert!(key.usage_reserved(v1).unwrap());
+        assert!(
+            first
+                .get(&name)
+                .await
+                .unwrap()
+                .key()
+                .usage_reserved(v1)
+                .unwrap()
+        );
+        // Rotate: v2 is not used yet.
+        let v2 = first
+            .update(&name, |k| {
+                k.rotate(now_ms()).map(|_| true).map_err(Into::into)
+            })
+            .await
+            .unwrap()
+            .key()
+            .latest_version();
+        drop(first);
+
+        let usage = usage_path(&name, v1);
+        let rec = store.get(&usage).await.unwrap().unwrap();
+        store.delete(&usage, rec.revision).await.unwrap();
+
+        let restarted = KeyManager::new(
+            Arc::clone(&store),
+            barrier(),
+            policy(1000, LimitAction::Refuse),
+        );
+        let pinned = restarted.reserve_encryptions(&name, Some(v1), 1).await;
+        match pinned {
+            Err(Error::Corrupt(p)) => assert_eq!(p, usage),
+            Err(e) => panic!("expected Corrupt, got {e:?}"),
+            Ok(_) => panic!("a used version without its usage record encrypted"),
+        }
+        let shown = restarted.reserved_encryptions(&name, v1).await;
+        assert!(matches!(shown, Err(Error::Corrupt(_))), "{shown:?}");
+        assert_eq!(store.get(&usage).await.unwrap(), None, "nothing re-created");
+        // The never-used latest version is unaffected.
+        let (_, version) = restarted.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(version, v2);
+        assert_eq!(
+            restarted.reserved_encryptions(&name, v2).await.unwrap(),
+            350
+        );
+    }
+
+    /// A version counted before the flag existed (a usage record, no flag) gets
+    /// the flag at its next block, and from then on is protected as well.
+    #[tokio::test]
+    async fn a_version_counted_before_the_flag_gets_it_at_its_next_block() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let barrier = || Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
+        let name = KeyName::new("legacy").unwrap();
+        let v1 = KeyVersion::FIRST;
+        let opts = CreateOptions {
+            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            ..Default::default()
+        };
+        let manager = || {
+            KeyManager::new(
+                Arc::clone(&store),
+                barrier(),
+                policy(1000, LimitAction::Refuse),
+            )
+        };
+        manager().create(&name, opts).await.unwrap();
+        // What an older server left: a count of 350, no flag in the key record.
+        let usage = usage_path(&name, v1);
+        let body = serde_json::to_vec(&UsageRecord { reserved: 350 }).unwrap();
+        store
+            .create(&usage, &barrier().seal(&usage, &body).unwrap())
+            .await
+            .unwrap();
+        let flagged = |store: Arc<dyn Store>| async move {
+            let path = key_path(&KeyName::new("legacy").unwrap());
+            let stored = store.get(&path).await.unwrap().unwrap();
+            let key = open_key(&barrier(), &path, &stored.value).unwrap();
+            key.usage_reserved(KeyVersion::FIRST).unwrap()
+        };
+        assert!(!flagged(Arc::clone(&store)).await);
+
+        let upgraded = manager();
+        upgraded.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(upgraded.reserved_encryptions(&name, v1).await.unwrap(), 700);
+        assert!(
+            flagged(Arc::clone(&store)).await,
+            "flagged at the next block"
+        );
+        drop(upgraded);
+
+        let rec = store.get(&usage).await.unwrap().unwrap();
+        store.delete(&usage, rec.revision).await.unwrap();
+        let refused = manager().reserve_encryptions(&name, None, 1).await;
+        assert!(
+            matches!(refused, Err(Error::Corrupt(_))),
+            "counted from zero"
+        );
     }
 
     #[tokio::test]

@@ -31,6 +31,7 @@ pub mod keys;
 pub mod memory;
 mod seal;
 mod server;
+mod store_health;
 mod system;
 mod transit;
 
@@ -39,5 +40,8 @@ pub use config::Params;
 pub use edge::{ConnInfo, tls};
 pub use error::{Error, Result};
 pub use seal::{DEV_ROOT_TOKEN_FILE, DEV_SHARE_FILE};
-pub use server::{CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run, shutdown_signal};
+pub use server::{
+    CONNECTION_WINDOW, MAX_FRAME, RunError, STREAM_WINDOW, run, run_with_store, shutdown_signal,
+};
+pub use store_health::PROBE_INTERVAL;
 pub use transit::STREAM_CHUNKS_IN_FLIGHT;

@@ -21,6 +21,7 @@ use crate::{
     config::{Params, StorageParams},
     edge::Edge,
     seal::{self, Core},
+    store_health::{self, PROBE_INTERVAL, WatchedStore},
     system::SystemHandler,
     transit::TransitHandler,
 };
@@ -67,20 +68,45 @@ pub enum RunError {
 /// requests and returns.
 ///
 /// Opens the storage named in `params`; in dev mode initializes and unseals from
-/// the data dir. Health (`grpc.health.v1`) reports NOT_SERVING while sealed.
-/// Every connection and request passes the edge (`edge` module) first, which
-/// enforces `params.limits`.
+/// the data dir. Health (`grpc.health.v1`) reports NOT_SERVING while sealed and
+/// while the store cannot be reached (probed every [`PROBE_INTERVAL`] and after
+/// every call that finds it unavailable). Every connection and request passes the
+/// edge (`edge` module) first, which enforces `params.limits`.
 pub async fn run(
     listener: TcpListener,
     params: Params,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    std::fs::create_dir_all(&params.data_dir).map_err(|source| RunError::DataDir {
-        path: params.data_dir.display().to_string(),
-        source,
-    })?;
-    // Held until this returns: one process per data dir.
-    let _lock = crate::datadir::DataDirLock::acquire(&params.data_dir)?;
+    // Held until this returns: one process per data dir, taken before the
+    // store is opened.
+    let lock = lock_data_dir(&params)?;
+    let store: Arc<dyn Store> = match &params.storage {
+        StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+    };
+    serve(listener, params, store, shutdown, lock).await
+}
+
+/// [`run`] over a store the caller opened instead of the one `params.storage`
+/// names: for embedding, and for tests that wrap the store to inject faults.
+/// Everything else (`params.data_dir` for the audit log and dev-mode files
+/// included, and its lock) is as for [`run`].
+pub async fn run_with_store(
+    listener: TcpListener,
+    params: Params,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let lock = lock_data_dir(&params)?;
+    serve(listener, params, store, shutdown, lock).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    params: Params,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    _lock: crate::datadir::DataDirLock,
+) -> Result<(), RunError> {
     // The audit log first: a call must never be served before it can be recorded.
     let auditor = Auditor::open(&params.audit)
         .await
@@ -94,10 +120,13 @@ pub async fn run(
     let _jwks_watcher = jwt
         .as_ref()
         .map(|v| v.spawn_watcher(crate::auth::jwt::JWKS_POLL_INTERVAL));
-    let store: Arc<dyn Store> = match &params.storage {
-        StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
-    };
-    let core = Core::new(store, params.clone());
+    let (watched, store_health) = WatchedStore::new(Arc::clone(&store));
+    let prober = AbortOnDrop(tokio::spawn(store_health::probe(
+        store,
+        Arc::clone(&store_health),
+        PROBE_INTERVAL,
+    )));
+    let core = Core::new(watched, params.clone());
     if params.dev {
         seal::dev_auto_unseal(&core).await.map_err(RunError::Dev)?;
     } else if let Some(source) = &params.auto_unseal
@@ -108,7 +137,11 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(health, core.watch_sealed()));
+    tokio::spawn(report_health(
+        health,
+        core.watch_sealed(),
+        store_health.watch(),
+    ));
     // Reflection in both versions: grpcurl and grpcui speak v1, while grpcio's
     // reflection client, older grpcurl and Postman speak only v1alpha.
     let reflection = || {
@@ -171,9 +204,28 @@ pub async fn run(
         .add_service(audit_service)
         .serve_with_incoming_shutdown(edge.incoming(listener), shutdown)
         .await?;
+    drop(prober);
     auditor.close().await;
     tracing::info!("cipherd stopped");
     Ok(())
+}
+
+/// Creates the data dir if needed and locks it for this process.
+fn lock_data_dir(params: &Params) -> Result<crate::datadir::DataDirLock, RunError> {
+    std::fs::create_dir_all(&params.data_dir).map_err(|source| RunError::DataDir {
+        path: params.data_dir.display().to_string(),
+        source,
+    })?;
+    Ok(crate::datadir::DataDirLock::acquire(&params.data_dir)?)
+}
+
+/// Aborts a background task when the server stops (or its future is dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Tells the operator at start what the server waits for, if anything.
@@ -202,7 +254,8 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest HTTP/2 frame (the protocol maximum is 16 MiB - 1).
 pub const MAX_FRAME: u32 = 1 << 20;
 
-/// The health service names that follow the seal state. `""` is the whole server.
+/// The health service names that follow the seal state and the store's
+/// reachability. `""` is the whole server.
 /// Taken from the generated servers so they cannot drift from the proto names.
 const SEAL_GATED_SERVICES: [&str; 6] = [
     "",
@@ -216,23 +269,32 @@ const SEAL_GATED_SERVICES: [&str; 6] = [
 /// The health service name of the always-served lifecycle service.
 const SYSTEM_SERVICE: &str = <SystemServiceServer<SystemHandler> as NamedService>::NAME;
 
+/// Keeps health current: the gated services are SERVING only while unsealed and
+/// the store is reachable. The lifecycle service stays SERVING, so operators can
+/// still ask it why (its calls fail with `STORAGE_UNAVAILABLE` meanwhile).
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut sealed: tokio::sync::watch::Receiver<bool>,
+    mut reachable: tokio::sync::watch::Receiver<bool>,
 ) {
     reporter
         .set_service_status(SYSTEM_SERVICE, ServingStatus::Serving)
         .await;
     loop {
-        let status = if *sealed.borrow_and_update() {
-            ServingStatus::NotServing
-        } else {
+        let serving = !*sealed.borrow_and_update() && *reachable.borrow_and_update();
+        let status = if serving {
             ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
         };
         for service in SEAL_GATED_SERVICES {
             reporter.set_service_status(service, status).await;
         }
-        if sealed.changed().await.is_err() {
+        let changed = tokio::select! {
+            r = sealed.changed() => r,
+            r = reachable.changed() => r,
+        };
+        if changed.is_err() {
             return;
         }
     }

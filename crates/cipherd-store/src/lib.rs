@@ -243,11 +243,33 @@ pub enum Error {
     #[error("storage backend unavailable: {0}")]
     Unavailable(String),
 
-    /// Any other backend failure, including a database found corrupt or written by
-    /// a newer schema (the store fails closed rather than serve doubtful data).
-    /// The message is for operators' logs; it is redacted of credentials.
+    /// The backend found its own data corrupt or inconsistent: SQLite's
+    /// `SQLITE_CORRUPT` or `SQLITE_NOTADB`, an impossible stored revision, a
+    /// revision counter behind the records. Retrying cannot help and serving
+    /// around it would mean guessing, so callers fail closed (the server answers
+    /// `DATA_LOSS`/`STORAGE_INTEGRITY`). The message is for operators' logs.
+    #[error("storage backend data is corrupt: {0}")]
+    Corrupt(String),
+
+    /// Any other backend failure that retrying will not fix: a database written by
+    /// a newer schema, a modified migration history, a statement the backend
+    /// refuses, a write that broke the backend's own contract. The store fails
+    /// closed rather than serve doubtful data. The message is for operators' logs;
+    /// it is redacted of credentials.
     #[error("storage backend error: {0}")]
     Backend(String),
+}
+
+impl Error {
+    /// Whether the same operation may succeed later without anyone repairing
+    /// anything: true only for [`Error::Unavailable`]. Corruption, schema and
+    /// contract failures ([`Error::Corrupt`], [`Error::Backend`]) and caller bugs
+    /// ([`Error::InvalidPath`]) are permanent; the precondition failures
+    /// ([`Error::AlreadyExists`], [`Error::Conflict`], [`Error::NotFound`]) are
+    /// answers, which callers handle by re-reading, not by retrying blindly.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +280,22 @@ mod tests {
     fn store_is_object_safe() {
         fn takes_dyn(_: Option<&dyn Store>) {}
         takes_dyn(None);
+    }
+
+    #[test]
+    fn only_unavailability_is_transient() {
+        let path = || "keys/a".to_owned();
+        assert!(Error::Unavailable("busy".into()).is_transient());
+        for permanent in [
+            Error::Corrupt("x".into()),
+            Error::Backend("x".into()),
+            Error::InvalidPath("x".into()),
+            Error::AlreadyExists { path: path() },
+            Error::Conflict { path: path() },
+            Error::NotFound { path: path() },
+        ] {
+            assert!(!permanent.is_transient(), "{permanent:?}");
+        }
     }
 
     #[test]

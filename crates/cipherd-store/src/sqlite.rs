@@ -61,7 +61,7 @@ const FILE_POOL_SIZE: u32 = 4;
 ///
 /// The constructors start that writer task on the current tokio runtime; use the
 /// store within that runtime (if the runtime shuts down, writes fail with
-/// [`Error::Backend`]). When the store is dropped, the writer finishes the writes
+/// [`Error::Unavailable`]). When the store is dropped, the writer finishes the writes
 /// already queued, then stops and closes the change feed.
 ///
 /// Cloning is not offered: share it as `Arc<SqliteStore>` or `Arc<dyn Store>`.
@@ -152,10 +152,7 @@ impl SqliteStore {
 
     /// Runs migrations and the consistency check shared by both constructors.
     async fn init(pool: SqlitePool, location: Location) -> Result<Self> {
-        migrator()
-            .run(&pool)
-            .await
-            .map_err(|e| Error::Backend(format!("SQLite schema migration failed: {e}")))?;
+        migrator().run(&pool).await.map_err(map_migrate)?;
         check_revision_counter(&pool).await?;
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
         // An in-memory database lives in its one connection, which must never be
@@ -306,9 +303,11 @@ impl Store for SqliteStore {
         self.changes.subscribe()
     }
 
+    /// A trivial read of the database (the revision counter's one row), so that
+    /// a file that cannot be read, not only a closed pool, fails the ping.
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        sqlx::query("SELECT current FROM revision_counter WHERE id = 1")
+            .fetch_optional(&self.pool)
             .await
             .map(|_| ())
             .map_err(|e| map_sqlx("ping", e))
@@ -427,7 +426,7 @@ fn missing_revision() -> Error {
 
 /// The error for a database that breaks an invariant of the schema.
 fn corrupt(what: &str) -> Error {
-    Error::Backend(format!(
+    Error::Corrupt(format!(
         "SQLite store is inconsistent ({what}); refusing to continue"
     ))
 }
@@ -459,24 +458,93 @@ impl<'a> KeyRange<'a> {
 
 /// Maps an sqlx error, prefixed with what was being done. SQLite messages never
 /// contain bound values, and this backend has no credentials to leak.
+///
+/// The kind decides what callers do (see [`Error`]): a lost or refused file, a
+/// lock held beyond the busy timeout, no free connection, a closed store are
+/// [`Error::Unavailable`] (retry later); a file SQLite finds corrupt or not a
+/// database, or a stored value of the wrong type, is [`Error::Corrupt`]; the rest
+/// (SQL errors, constraint failures this code never provokes) is
+/// [`Error::Backend`]. Both of the latter fail closed and are never retried.
 fn map_sqlx(context: &str, err: sqlx::Error) -> Error {
-    /// Primary result codes SQLITE_BUSY and SQLITE_LOCKED.
-    const BUSY: i64 = 5;
-    const LOCKED: i64 = 6;
     match &err {
         sqlx::Error::PoolTimedOut => {
-            Error::Unavailable(format!("{context}: timed out waiting for a connection"))
+            return Error::Unavailable(format!("{context}: timed out waiting for a connection"));
         }
-        sqlx::Error::PoolClosed => Error::Unavailable(format!("{context}: the store is closed")),
-        sqlx::Error::Database(db)
-            if db
-                .code()
-                .and_then(|code| code.parse::<i64>().ok())
-                .is_some_and(|code| matches!(code & 0xff, BUSY | LOCKED)) =>
-        {
-            Error::Unavailable(format!("{context}: {err}"))
+        sqlx::Error::PoolClosed => {
+            return Error::Unavailable(format!("{context}: the store is closed"));
         }
-        _ => Error::Backend(format!("{context}: {err}")),
+        _ => {}
+    }
+    let kind = match &err {
+        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => Kind::Unavailable,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .map_or(Kind::Backend, classify_result_code),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => Kind::Corrupt,
+        _ => Kind::Backend,
+    };
+    kind.error(format!("{context}: {err}"))
+}
+
+/// Maps a migration failure: the database's own errors keep their kind (a file
+/// that is not a database is corrupt, not a schema problem); a migration history
+/// this build does not know (newer, modified, missing) is [`Error::Backend`].
+fn map_migrate(err: sqlx::migrate::MigrateError) -> Error {
+    use sqlx::migrate::MigrateError as M;
+    match err {
+        M::Execute(e) | M::ExecuteMigration(e, _) => map_sqlx("SQLite schema migration failed", e),
+        other => Error::Backend(format!("SQLite schema migration failed: {other}")),
+    }
+}
+
+/// What a failure means to the caller; see [`map_sqlx`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Unavailable,
+    Corrupt,
+    Backend,
+}
+
+impl Kind {
+    fn error(self, message: String) -> Error {
+        match self {
+            Kind::Unavailable => Error::Unavailable(message),
+            Kind::Corrupt => Error::Corrupt(message),
+            Kind::Backend => Error::Backend(message),
+        }
+    }
+}
+
+/// Classifies an SQLite result code (primary or extended,
+/// <https://www.sqlite.org/rescode.html>).
+fn classify_result_code(code: i64) -> Kind {
+    // Primary codes.
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    const NOMEM: i64 = 7;
+    const READONLY: i64 = 8;
+    const INTERRUPT: i64 = 9;
+    const IOERR: i64 = 10;
+    const CORRUPT: i64 = 11;
+    const FULL: i64 = 13;
+    const CANTOPEN: i64 = 14;
+    const PROTOCOL: i64 = 15;
+    const NOTADB: i64 = 26;
+    /// SQLITE_IOERR_CORRUPTFS: the file system reported the data corrupt.
+    const IOERR_CORRUPTFS: i64 = IOERR | (33 << 8);
+    if code == IOERR_CORRUPTFS {
+        return Kind::Corrupt;
+    }
+    match code & 0xff {
+        // The environment, not the data: locks held too long, memory, a file made
+        // read-only, a failing or full disk, a file that cannot be opened. An
+        // operator (or time) fixes these; the data is as it was.
+        BUSY | LOCKED | NOMEM | READONLY | INTERRUPT | IOERR | FULL | CANTOPEN | PROTOCOL => {
+            Kind::Unavailable
+        }
+        CORRUPT | NOTADB => Kind::Corrupt,
+        _ => Kind::Backend,
     }
 }
 
@@ -630,8 +698,44 @@ mod tests {
             .await
             .expect("delete counter");
         let err = store.create("a", b"x").await.expect_err("must fail");
-        assert!(matches!(err, Error::Backend(_)), "{err:?}");
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
         assert_eq!(store.get("a").await.expect("get"), None, "nothing written");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("garbage.db");
+        std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
+        let err = SqliteStore::open(&path)
+            .await
+            .expect_err("open must refuse");
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn result_codes_are_classified_by_what_retrying_can_do() {
+        // Primary and extended codes (https://www.sqlite.org/rescode.html).
+        for (code, kind) in [
+            (5, Kind::Unavailable),             // SQLITE_BUSY
+            (5 | (2 << 8), Kind::Unavailable),  // SQLITE_BUSY_SNAPSHOT
+            (6, Kind::Unavailable),             // SQLITE_LOCKED
+            (8, Kind::Unavailable),             // SQLITE_READONLY
+            (10, Kind::Unavailable),            // SQLITE_IOERR
+            (10 | (4 << 8), Kind::Unavailable), // SQLITE_IOERR_FSYNC
+            (13, Kind::Unavailable),            // SQLITE_FULL
+            (14, Kind::Unavailable),            // SQLITE_CANTOPEN
+            (11, Kind::Corrupt),                // SQLITE_CORRUPT
+            (11 | (1 << 8), Kind::Corrupt),     // SQLITE_CORRUPT_VTAB
+            (26, Kind::Corrupt),                // SQLITE_NOTADB
+            (10 | (33 << 8), Kind::Corrupt),    // SQLITE_IOERR_CORRUPTFS
+            (1, Kind::Backend),                 // SQLITE_ERROR
+            (19, Kind::Backend),                // SQLITE_CONSTRAINT
+            (17, Kind::Backend),                // SQLITE_SCHEMA
+        ] {
+            assert_eq!(classify_result_code(code), kind, "code {code}");
+        }
     }
 
     #[tokio::test]

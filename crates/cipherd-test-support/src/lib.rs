@@ -7,11 +7,14 @@
 
 pub mod jwt;
 pub mod pki;
+pub mod store;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use cipherd_client::Client;
 pub use cipherd_server::Params;
+use cipherd_store::{SqliteStore, Store};
+pub use store::FaultyStore;
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// A cipherd running in this process via `cipherd_server::run` on 127.0.0.1:0.
@@ -37,6 +40,30 @@ impl TestServer {
         server
     }
 
+    /// A dev-mode server on a fresh data dir whose store (the usual SQLite file)
+    /// is wrapped in a [`FaultyStore`], returned for the test to break, read and
+    /// write directly, bypassing the server and its barrier.
+    pub async fn dev_with_faulty_store() -> (Self, Arc<FaultyStore>) {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let params = Params::for_data_dir(temp.path(), true);
+        let (mut server, store) = Self::start_with_faulty_store(params).await;
+        server._temp = Some(temp);
+        (server, store)
+    }
+
+    /// A server with `params` whose SQLite store (`params.storage`) is opened
+    /// here and wrapped in a [`FaultyStore`] (the data dir is the caller's).
+    pub async fn start_with_faulty_store(params: Params) -> (Self, Arc<FaultyStore>) {
+        let cipherd_server::config::StorageParams::Sqlite { path } = &params.storage else {
+            panic!("FaultyStore wraps the SQLite store only");
+        };
+        std::fs::create_dir_all(&params.data_dir).expect("data dir");
+        let sqlite: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.expect("open store"));
+        let store = FaultyStore::new(sqlite);
+        let server = Self::launch(params, Some(Arc::clone(&store) as Arc<dyn Store>), None).await;
+        (server, store)
+    }
+
     /// A server with `params` (the data dir is the caller's to manage).
     pub async fn start(params: Params) -> Self {
         Self::start_with_tls(params, None).await
@@ -44,15 +71,31 @@ impl TestServer {
 
     /// A server with `params` whose clients connect with `tls` (for `params.tls`).
     pub async fn start_with_tls(params: Params, tls: Option<cipherd_client::TlsOptions>) -> Self {
+        Self::launch(params, None, tls).await
+    }
+
+    /// Binds 127.0.0.1:0 and runs the server (over `store` if given, else the
+    /// store `params` names) until it answers.
+    async fn launch(
+        params: Params,
+        store: Option<Arc<dyn Store>>,
+        tls: Option<cipherd_client::TlsOptions>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let data_dir = params.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cipherd_server::run(listener, params, async {
+        let shutdown = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = match store {
+            Some(store) => tokio::spawn(cipherd_server::run_with_store(
+                listener, params, store, shutdown,
+            )),
+            None => tokio::spawn(cipherd_server::run(listener, params, shutdown)),
+        };
         let server = Self {
             addr,
             data_dir,

@@ -957,7 +957,9 @@ mod tests {
             "/../../docs/config.reference.toml"
         );
         let text = std::fs::read_to_string(path).expect("reference file");
-        let section = text.split("\n[jwt]\n").nth(1).expect("[jwt] section");
+        let after = text.split("\n[jwt]\n").nth(1).expect("[jwt] section");
+        // Up to the next table.
+        let section = after.split("\n[").next().expect("section");
         let raw: toml::Table = toml::from_str(section).expect("TOML");
         let jwt: RawJwt = raw.try_into().expect("RawJwt");
         let defaults = RawJwt::default();

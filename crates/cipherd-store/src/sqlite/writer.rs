@@ -229,9 +229,10 @@ impl Writer {
 }
 
 /// The error for a write whose writer task has stopped (its runtime shut down,
-/// or it panicked); the write may or may not have been committed.
+/// or it panicked); the write may or may not have been committed. The store is
+/// as good as closed, so this is [`Error::Unavailable`], like a closed store.
 fn stopped() -> Error {
-    Error::Backend("the SQLite writer task has stopped".into())
+    Error::Unavailable("the SQLite writer task has stopped".into())
 }
 
 /// The writer task's state.
@@ -452,6 +453,7 @@ fn answer(reply: oneshot::Sender<Outcome>, outcome: Outcome) {
 fn copy_error(err: &Error) -> Error {
     match err {
         Error::Unavailable(message) => Error::Unavailable(message.clone()),
+        Error::Corrupt(message) => Error::Corrupt(message.clone()),
         Error::Backend(message) => Error::Backend(message.clone()),
         // Group-wide failures are backend failures; keep any other kind's message.
         other => Error::Backend(other.to_string()),
