@@ -7,7 +7,7 @@ use cipherd_proto::v1::{
     key_admin_service_server::KeyAdminServiceServer, policy_service_server::PolicyServiceServer,
     system_service_server::SystemServiceServer, transit_service_server::TransitServiceServer,
 };
-use cipherd_store::{SqliteStore, Store};
+use cipherd_store::{PostgresStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
@@ -96,6 +96,7 @@ pub async fn run(
         .map(|v| v.spawn_watcher(crate::auth::jwt::JWKS_POLL_INTERVAL));
     let store: Arc<dyn Store> = match &params.storage {
         StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        StorageParams::Postgres { config } => Arc::new(PostgresStore::open(config).await?),
     };
     let core = Core::new(store, params.clone());
     if params.dev {

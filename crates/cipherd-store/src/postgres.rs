@@ -103,6 +103,11 @@ impl PostgresConfig {
     /// the message does not repeat the URL.
     pub fn new(url: impl Into<String>) -> Result<Self> {
         let url = url.into();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::Backend(
+                "the PostgreSQL URL must start with postgres:// or postgresql://".into(),
+            ));
+        }
         PgConnectOptions::from_str(&url).map_err(|e| {
             Error::Backend(format!(
                 "the PostgreSQL URL is not valid: {}",
