@@ -35,6 +35,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -555,7 +556,8 @@ fn corrupt(what: &str) -> Error {
 ///
 /// Unavailable (the operation did not happen, or may have if it was a write
 /// whose connection broke; retrying later may succeed): the network (refused,
-/// reset, timed out), no pooled connection within the timeout, a closed pool,
+/// reset, timed out; but not a TLS certificate refused, which rustls reports as
+/// invalid data), no pooled connection within the timeout, a closed pool,
 /// and the server's own transient refusals: SQLSTATE class 08 (connection
 /// exception), 53 (insufficient resources, such as too many connections), 57
 /// (operator intervention: shutdown, statement timeout or cancel), and
@@ -571,6 +573,19 @@ fn map_sqlx(context: &str, err: sqlx::Error) -> Error {
             "{context}: timed out waiting for a PostgreSQL connection"
         )),
         sqlx::Error::PoolClosed => Error::Unavailable(format!("{context}: the store is closed")),
+        // rustls reports a refused certificate as InvalidData: configuration (the
+        // CA, the host name), not an outage.
+        sqlx::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::InvalidData
+                    | ErrorKind::InvalidInput
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::Unsupported
+            ) =>
+        {
+            Error::Backend(format!("{context}: {err}"))
+        }
         sqlx::Error::Io(_) => Error::Unavailable(format!("{context}: {err}")),
         sqlx::Error::Database(db) if db.code().is_some_and(|c| transient_sqlstate(&c)) => {
             Error::Unavailable(format!("{context}: {err}"))

@@ -1,7 +1,8 @@
 //! Runs the store conformance suite against the PostgreSQL backend on the real
 //! server (a fresh database per property), plus what only a shared backend has:
 //! replicas that see each other's writes, compare-and-set across instances, the
-//! listener's reconnection, and refusing a newer schema.
+//! listener's reconnection; and the backend's own checks: refusing a newer schema
+//! or a rewound sequence, TLS verify-full, and which failures are UNAVAILABLE.
 //!
 //! Needs PostgreSQL (see `support/postgres.rs`): `make test` starts it; run alone,
 //! `scripts/ensure-postgres.sh` first.
@@ -251,6 +252,42 @@ async fn refuses_a_revision_sequence_behind_the_records() {
     assert!(err.to_string().contains("revision sequence"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_refuses_a_server_whose_certificate_is_not_from_the_ca() {
+    let db = TestDatabase::create("tls").await;
+    // A CA that never signed the server's certificate (if the server has TLS at
+    // all): verify-full must refuse to connect, where the default `prefer` would
+    // have connected.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = params.self_signed(&key).expect("self-signed CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+
+    let mut config = PostgresConfig::new(db.url()).expect("test URL");
+    config.ca_file = Some(ca_file);
+    let err = PostgresStore::open(&config)
+        .await
+        .expect_err("verify-full with the wrong CA must not connect");
+    // Misconfiguration, not a passing outage: not retried.
+    assert!(matches!(err, Error::Backend(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("verify-full"),
+        "names the mode: {err}"
+    );
+    // Without the CA the same database opens.
+    config.ca_file = None;
+    open_config(&config).await;
+}
+
+async fn open_config(config: &PostgresConfig) -> PostgresStore {
+    PostgresStore::open(config)
+        .await
+        .expect("open PostgreSQL store")
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_and_the_password_stays_out() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
@@ -266,6 +303,39 @@ async fn an_unreachable_server_is_unavailable_and_the_password_stays_out() {
         shown.contains("127.0.0.1:1"),
         "the message names the server: {shown}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_timeout_is_unavailable() {
+    let db = TestDatabase::create("statement_timeout").await;
+    let mut config = PostgresConfig::new(db.url()).expect("test URL");
+    config.statement_timeout = Duration::from_millis(200);
+    let store = open_config(&config).await;
+    let revision = store.create("keys/a", b"x").await.expect("create");
+    // Another session holds the row lock, so the compare-and-set waits on it
+    // until PostgreSQL cancels the statement.
+    let mut holder = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("connect");
+    holder.execute("BEGIN").await.expect("begin");
+    holder
+        .execute("SELECT 1 FROM records WHERE path = 'keys/a' FOR UPDATE")
+        .await
+        .expect("lock the row");
+    let started = std::time::Instant::now();
+    let err = store
+        .compare_and_set("keys/a", revision, b"y")
+        .await
+        .expect_err("the row is locked past the timeout");
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let _ = holder.close().await;
+    // Nothing was written; with the lock gone the same write succeeds.
+    store
+        .compare_and_set("keys/a", revision, b"y")
+        .await
+        .expect("compare-and-set after the lock is released");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
