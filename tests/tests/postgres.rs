@@ -25,6 +25,7 @@ async fn a_dev_server_on_postgres_keeps_its_keys_across_a_restart() {
     let client = server.client().await;
     let status = client.status().await.unwrap();
     assert!(status.initialized && !status.sealed, "{status:?}");
+    assert_eq!(status.storage, "postgres");
     assert_eq!(
         decrypt(&client, "patients", &sealed).await.unwrap(),
         &b"record 1"[..]

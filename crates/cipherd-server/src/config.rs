@@ -229,6 +229,16 @@ pub enum StorageParams {
     },
 }
 
+impl StorageParams {
+    /// The backend's name, as in `storage.backend` (and `Status.storage`).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+}
+
 /// Request limits: per item, per message, and the edge's bounds on connections,
 /// streams, concurrency, buffered bytes and time (see `docs/config.reference.toml`
 /// for what each protects against).

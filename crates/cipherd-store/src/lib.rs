@@ -125,9 +125,12 @@ impl Change {
 ///
 /// - **Revisions** are store-wide and strictly increasing: every successful
 ///   [`create`](Store::create) and [`compare_and_set`](Store::compare_and_set)
-///   returns a revision greater than any the store has returned before, including
-///   for records since deleted. Revisions start at 1; 0 is never a valid revision.
-///   A delete does not return a revision.
+///   returns a revision greater than any the store had returned before the call
+///   began, including for records since deleted, and no revision is ever issued
+///   twice. Revisions start at 1; 0 is never a valid revision. A delete does not
+///   return a revision. (Two writes to different paths that run at the same time
+///   may get theirs in either order, and on a shared backend commit in the other
+///   order; for one path, revisions follow commit order.)
 /// - **Paths** must pass [`path::validate`]; otherwise every method returns
 ///   [`Error::InvalidPath`] without touching the backend.
 /// - **Atomicity**: each write either happens completely, and is then durable and

@@ -145,7 +145,7 @@ async fn compare_and_set_is_exclusive_across_instances() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_listener_reconnects_and_makes_subscribers_lag() {
+async fn a_lost_listener_reconnects_and_tells_subscribers_to_resync() {
     let db = TestDatabase::create("reconnect").await;
     let store = open(&db).await;
     let mut feed = store.subscribe();
