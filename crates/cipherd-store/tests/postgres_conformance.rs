@@ -339,6 +339,24 @@ async fn a_statement_past_its_timeout_is_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_dropped_after_its_first_poll_still_commits_and_is_announced() {
+    let db = TestDatabase::create("cancelled").await;
+    let store = open(&db).await;
+    let mut feed = store.subscribe();
+    let write = store.create("keys/a", b"x");
+    // Poll the write once (it starts), then drop it.
+    tokio::select! {
+        biased;
+        _ = write => panic!("a write to PostgreSQL cannot finish within its first poll"),
+        () = std::future::ready(()) => {}
+    }
+    let change = next_record_change(&mut feed).await;
+    assert_eq!(change.path, "keys/a");
+    let record = store.get("keys/a").await.expect("get").expect("committed");
+    assert_eq!(change.revision, Some(record.revision));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_store_is_unavailable() {
     let db = TestDatabase::create("closed").await;
     let store = open(&db).await;
