@@ -24,7 +24,13 @@ if pg_isready -q -d "$url"; then
   exit 0
 fi
 
-if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+# Only a server on this machine is ours to start.
+case "$url" in
+  *@127.0.0.1[:/]* | *@localhost[:/]* | *://127.0.0.1[:/]* | *://localhost[:/]*) local=yes ;;
+  *) local=no ;;
+esac
+
+if [ "$local" = yes ] && command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
   for version in $(ls /etc/postgresql); do
     echo "ensure-postgres: starting PostgreSQL $version/main"
     pg_ctlcluster --skip-systemctl-redirect "$version" main start || true

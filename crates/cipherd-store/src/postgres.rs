@@ -746,9 +746,9 @@ async fn run_listener(
 /// [`Change::resync`], on which consumers reload everything they cache, as on
 /// a lag.
 ///
-/// (A real [`RecvError::Lagged`](broadcast::error::RecvError::Lagged) cannot be
-/// forced: a subscriber reading while the filler changes are sent keeps up with
-/// them and never lags.)
+/// (Forcing a real [`RecvError::Lagged`](broadcast::error::RecvError::Lagged)
+/// by sending more changes than the channel holds does not work: a subscriber
+/// reading meanwhile keeps up and never lags.)
 fn announce_resync(changes: &broadcast::Sender<Change>) {
     // No subscriber is not an error.
     let _ = changes.send(Change::resync());
