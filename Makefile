@@ -26,8 +26,12 @@ proto-lint:
 	  echo "proto-lint: no HEAD~1 with a proto/ dir (shallow clone or first commit?): skipping buf breaking"; \
 	fi
 
-## The README's test command.
+## The README's test command. The PostgreSQL store's tests and the e2e tests on
+## PostgreSQL need a server (CIPHERD_TEST_POSTGRES_URL, default
+## postgres://postgres@127.0.0.1:5432/postgres); scripts/ensure-postgres.sh starts
+## the local cluster if it is down, and is quick when it is up.
 test:
+	scripts/ensure-postgres.sh
 	$(CARGO) test --locked --workspace
 
 doc:

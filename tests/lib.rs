@@ -16,6 +16,7 @@
 //! | `hostile.rs` | the hostile catalogue (malformed, oversized, forged, misdirected requests) and its auth rows (credentials, policies, purposes, break-glass, policy documents) over TLS: each row's status and reason, storage unchanged after |
 //! | `tls.rs` | TLS: X25519MLKEM768 negotiated, plaintext and untrusted clients refused, mTLS, certificate reloads |
 //! | `audit.rs` | the audit log fails closed: with no writable sink every call is refused and nothing changes |
+//! | `postgres.rs` | the PostgreSQL backend (needs PostgreSQL, see `scripts/ensure-postgres.sh`): keys survive a restart on the database; two replicas on one database see each other's rotations; a replica whose change feed was cut off reloads when it is back (a token revoked meanwhile is refused) |
 //! | `edge.rs` | the edge under abuse: declared-size floods (also under a memory cap), stream and connection floods, slow and silent clients, keep-alive, load shedding, timeouts, request ids |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through

@@ -85,13 +85,35 @@ pub struct RawLog {
 }
 
 /// `[storage]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
-    /// `sqlite` (the only backend so far).
+    /// `sqlite` (the default) or `postgres`.
     pub backend: String,
     /// SQLite file; empty means `<data_dir>/cipherd.db`.
     pub path: Option<PathBuf>,
+    /// PostgreSQL connection URL (may carry a password: never logged).
+    pub url: Option<String>,
+    /// PostgreSQL: most pooled connections.
+    pub pool_size: u32,
+    /// PostgreSQL: longest a statement may run, in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL: CA file for `sslmode=verify-full`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// By hand, so that the URL's password never reaches a log line.
+impl std::fmt::Debug for RawStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStorage")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url", &self.url.as_ref().map(|_| "[redacted]"))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// `[limits]` (each option is described in `docs/config.reference.toml`)
@@ -224,6 +246,22 @@ pub enum StorageParams {
         /// Path of the database file.
         path: PathBuf,
     },
+    /// A PostgreSQL database, possibly shared with other replicas.
+    Postgres {
+        /// URL, pool size, statement timeout and TLS (its `Debug` hides the
+        /// password).
+        config: cipherd_store::PostgresConfig,
+    },
+}
+
+impl StorageParams {
+    /// The backend's name, as in `storage.backend` (and `Status.storage`).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
 }
 
 /// Request limits: per item, per message, and the edge's bounds on connections,
@@ -396,6 +434,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("log.level", "info"),
     ("log.format", "text"),
     ("storage.backend", "sqlite"),
+    ("storage.pool_size", "10"),
+    ("storage.statement_timeout_ms", "30000"),
     ("limits.max_plaintext_bytes", "1048576"),
     ("limits.max_associated_data_bytes", "65536"),
     ("limits.max_context_bytes", "4096"),
@@ -427,6 +467,16 @@ impl RawConfig {
         file: Option<&std::path::Path>,
         overrides: &[(&str, String)],
     ) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, None)
+    }
+
+    /// [`load`](Self::load), reading the environment from `env` instead of the
+    /// process's when given (tests: setting process variables needs `unsafe`).
+    fn load_with_env(
+        file: Option<&std::path::Path>,
+        overrides: &[(&str, String)],
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         for (key, value) in DEFAULTS {
             builder = builder
@@ -440,6 +490,7 @@ impl RawConfig {
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
                 .separator("__")
+                .source(env)
                 .try_parsing(true),
         );
         for (key, value) in overrides {
@@ -465,20 +516,7 @@ impl TryFrom<RawConfig> for Params {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let storage = match raw.storage.backend.as_str() {
-            "sqlite" => StorageParams::Sqlite {
-                path: raw
-                    .storage
-                    .path
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or_else(|| raw.data_dir.join("cipherd.db")),
-            },
-            other => {
-                return Err(ConfigError(format!(
-                    "storage.backend = {other:?}: expected \"sqlite\""
-                )));
-            }
-        };
+        let storage = storage_params(&raw.storage, &raw.data_dir)?;
         let limits = Limits::try_from(&raw.limits)?;
         let k = &raw.keys;
         if k.usage_limit == 0 || k.usage_limit > RANDOM_96_BIT_NONCE_LIMIT {
@@ -538,6 +576,82 @@ impl TryFrom<RawConfig> for Params {
         })
     }
 }
+
+/// `[storage]`: the backend and its options; options of the other backend are
+/// refused rather than silently ignored.
+fn storage_params(
+    raw: &RawStorage,
+    data_dir: &std::path::Path,
+) -> Result<StorageParams, ConfigError> {
+    let path = raw.path.clone().filter(|p| !p.as_os_str().is_empty());
+    let url = raw.url.clone().filter(|u| !u.is_empty());
+    let ca_file = raw.ca_file.clone().filter(|p| !p.as_os_str().is_empty());
+    match raw.backend.as_str() {
+        "sqlite" => {
+            if url.is_some() || ca_file.is_some() {
+                return Err(ConfigError(
+                    "storage.url and storage.ca_file are for storage.backend = \"postgres\"; \
+                     the backend is \"sqlite\""
+                        .into(),
+                ));
+            }
+            Ok(StorageParams::Sqlite {
+                path: path.unwrap_or_else(|| data_dir.join("cipherd.db")),
+            })
+        }
+        "postgres" => {
+            if path.is_some() {
+                return Err(ConfigError(
+                    "storage.path is the SQLite file; with storage.backend = \"postgres\" \
+                     set storage.url instead"
+                        .into(),
+                ));
+            }
+            let url = url.ok_or_else(|| {
+                ConfigError(
+                    "storage.backend = \"postgres\" needs storage.url \
+                     (or CIPHERD_SERVER_STORAGE__URL), e.g. \
+                     postgres://cipherd@db.internal:5432/cipherd?sslmode=verify-full"
+                        .into(),
+                )
+            })?;
+            // The store's message never repeats the URL (it may carry a password).
+            let mut config = cipherd_store::PostgresConfig::new(url)
+                .map_err(|e| ConfigError(format!("storage.url: {e}")))?;
+            if raw.pool_size == 0 || raw.pool_size > MAX_POOL_SIZE {
+                return Err(ConfigError(format!(
+                    "storage.pool_size = {}: must be between 1 and {MAX_POOL_SIZE}",
+                    raw.pool_size
+                )));
+            }
+            if raw.statement_timeout_ms == 0 || raw.statement_timeout_ms > MAX_TIMEOUT_MS {
+                return Err(ConfigError(format!(
+                    "storage.statement_timeout_ms = {}: must be between 1 and {MAX_TIMEOUT_MS} (milliseconds)",
+                    raw.statement_timeout_ms
+                )));
+            }
+            if let Some(ca) = &ca_file
+                && !ca.is_file()
+            {
+                return Err(ConfigError(format!(
+                    "storage.ca_file = {}: no such file",
+                    ca.display()
+                )));
+            }
+            config.pool_size = raw.pool_size;
+            config.statement_timeout = Duration::from_millis(raw.statement_timeout_ms);
+            config.ca_file = ca_file;
+            Ok(StorageParams::Postgres { config })
+        }
+        other => Err(ConfigError(format!(
+            "storage.backend = {other:?}: expected \"sqlite\" or \"postgres\""
+        ))),
+    }
+}
+
+/// The largest `storage.pool_size`: more is a typo (PostgreSQL's own default
+/// `max_connections` is 100, for every client together).
+const MAX_POOL_SIZE: u32 = 1000;
 
 fn auth_params(raw: &RawAuth) -> Result<AuthParams, ConfigError> {
     if raw.max_token_ttl_s == 0 || raw.default_token_ttl_s == 0 {
@@ -828,6 +942,93 @@ mod tests {
         let big = vec![0; 60 << 20];
         assert!(Limits::DEFAULT.check_associated_data(big.len()).is_err());
         assert!(Limits::DEFAULT.check_item(b"", b"", &big).is_err());
+    }
+
+    #[test]
+    fn postgres_storage_from_flags_and_environment() {
+        let load = |pairs: &[(&str, &str)]| {
+            let overrides: Vec<(&str, String)> =
+                pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+            Params::try_from(RawConfig::load(None, &overrides).unwrap())
+        };
+        let params = load(&[
+            ("dev", "true"),
+            ("storage.backend", "postgres"),
+            (
+                "storage.url",
+                "postgres://cipherd:pw-7f3a@db.internal:5432/cipherd",
+            ),
+            ("storage.pool_size", "4"),
+            ("storage.statement_timeout_ms", "2500"),
+        ])
+        .unwrap();
+        let StorageParams::Postgres { config } = &params.storage else {
+            panic!("expected postgres, got {:?}", params.storage);
+        };
+        assert_eq!(config.pool_size, 4);
+        assert_eq!(config.statement_timeout, Duration::from_millis(2500));
+        assert!(!format!("{params:?}").contains("pw-7f3a"), "{params:?}");
+
+        for (pairs, named) in [
+            (&[("storage.backend", "postgres")][..], "storage.url"),
+            (
+                &[
+                    ("storage.backend", "postgres"),
+                    ("storage.url", "mysql://x"),
+                ][..],
+                "storage.url",
+            ),
+            (
+                &[
+                    ("storage.backend", "postgres"),
+                    ("storage.url", "postgres://h/d"),
+                    ("storage.pool_size", "0"),
+                ][..],
+                "storage.pool_size",
+            ),
+            (
+                &[
+                    ("storage.backend", "postgres"),
+                    ("storage.url", "postgres://h/d"),
+                    ("storage.ca_file", "/nonexistent/ca.pem"),
+                ][..],
+                "storage.ca_file",
+            ),
+            (&[("storage.url", "postgres://h/d")][..], "storage.url"),
+            (&[("storage.backend", "etcd")][..], "storage.backend"),
+        ] {
+            let err = load(&[&[("dev", "true")], pairs].concat())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn storage_url_comes_from_the_environment() {
+        let env = [
+            ("CIPHERD_SERVER_STORAGE__BACKEND", "postgres"),
+            (
+                "CIPHERD_SERVER_STORAGE__URL",
+                "postgres://cipherd@db:5432/c",
+            ),
+            ("CIPHERD_SERVER_STORAGE__STATEMENT_TIMEOUT_MS", "1234"),
+            ("CIPHERD_SERVER_DEV", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let raw = RawConfig::load_with_env(None, &[], Some(env)).unwrap();
+        let params = Params::try_from(raw).unwrap();
+        let StorageParams::Postgres { config } = params.storage else {
+            panic!("expected postgres");
+        };
+        assert_eq!(config.statement_timeout, Duration::from_millis(1234));
+        assert!(
+            config
+                .redacted()
+                .starts_with("postgres://cipherd@db:5432/c")
+        );
     }
 
     #[test]

@@ -783,6 +783,8 @@ async fn invalidate_on_change(
         let change = changes.recv().await;
         let Some(cache) = cache.upgrade() else { return };
         match change {
+            // The store may have lost changes (a replica's listener reconnected).
+            Ok(change) if change.is_resync() => cache.clear(),
             Ok(Change { path, revision }) => {
                 let Some(name) = path
                     .strip_prefix(KEY_PREFIX)

@@ -7,7 +7,7 @@ use cipherd_proto::v1::{
     key_admin_service_server::KeyAdminServiceServer, policy_service_server::PolicyServiceServer,
     system_service_server::SystemServiceServer, transit_service_server::TransitServiceServer,
 };
-use cipherd_store::{SqliteStore, Store};
+use cipherd_store::{PostgresStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
@@ -82,6 +82,7 @@ pub async fn run(
     let lock = lock_data_dir(&params)?;
     let store: Arc<dyn Store> = match &params.storage {
         StorageParams::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        StorageParams::Postgres { config } => Arc::new(PostgresStore::open(config).await?),
     };
     serve(listener, params, store, shutdown, lock).await
 }

@@ -36,7 +36,7 @@ impl SystemHandler {
             shares: s.shares.into(),
             progress: s.progress.into(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            storage: "sqlite".to_owned(),
+            storage: self.core.params().storage.backend().to_owned(),
             dev_mode: self.core.params().dev,
         }
     }

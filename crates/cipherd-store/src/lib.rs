@@ -1,5 +1,6 @@
 //! cipherd storage: the [`Store`] trait over opaque records, the embedded SQLite
-//! backend ([`SqliteStore`]) and a [`conformance`] suite every backend must pass.
+//! backend ([`SqliteStore`]), the shared PostgreSQL backend ([`PostgresStore`])
+//! and a [`conformance`] suite every backend must pass.
 //!
 //! # What this crate does
 //!
@@ -10,7 +11,8 @@
 //!   A revision is never reused, not even after a delete and re-create of the same
 //!   path, so a compare-and-set based on a stale read can never succeed (no ABA).
 //! - Lists paths by prefix in byte order, with cursor paging.
-//! - Publishes a change feed ([`Store::subscribe`]) so caches can be invalidated.
+//! - Publishes a change feed ([`Store::subscribe`]) so caches can be invalidated;
+//!   with PostgreSQL it carries every replica's writes (LISTEN/NOTIFY).
 //! - Runs its schema migrations when a backend is opened, and refuses to open a
 //!   database written by a newer schema.
 //!
@@ -21,7 +23,7 @@
 //!   and treats values as opaque bytes. It never puts values into errors or logs.
 //! - No caching, no policy, no interpretation of paths beyond validation.
 //! - No consensus or replication of its own: high availability is the job of the
-//!   PostgreSQL backend (a later addition), where replicas share one database.
+//!   PostgreSQL backend, where replicas share one database (see [`PostgresStore`]).
 //!
 //! # Group commit
 //!
@@ -61,8 +63,10 @@
 
 pub mod conformance;
 pub mod path;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 #[doc(hidden)]
 pub use sqlite::SqliteWriteStats;
@@ -82,12 +86,37 @@ pub struct Record {
 }
 
 /// A change notification from the change feed ([`Store::subscribe`]).
+///
+/// One value is special, the resync marker ([`Change::resync`], an empty path,
+/// which names no record): the feed may have lost changes, as after
+/// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged), and
+/// the subscriber must reload everything it caches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
-    /// The path that was written or deleted.
+    /// The path that was written or deleted (empty in the resync marker).
     pub path: String,
     /// The record's new revision, or `None` if the record was deleted.
     pub revision: Option<u64>,
+}
+
+impl Change {
+    /// The resync marker: "changes may have been missed, reload everything".
+    ///
+    /// Sent by a shared backend whose notifications can be lost: the PostgreSQL
+    /// store sends it when its listener connection has been lost and restored.
+    /// A backend cannot force a subscriber into `Lagged` (one that keeps reading
+    /// never lags), hence a value of its own.
+    pub fn resync() -> Self {
+        Self {
+            path: String::new(),
+            revision: None,
+        }
+    }
+
+    /// Whether this is the [resync marker](Self::resync).
+    pub fn is_resync(&self) -> bool {
+        self.path.is_empty()
+    }
 }
 
 /// A key-value store of opaque, barrier-encrypted records.
@@ -96,9 +125,12 @@ pub struct Change {
 ///
 /// - **Revisions** are store-wide and strictly increasing: every successful
 ///   [`create`](Store::create) and [`compare_and_set`](Store::compare_and_set)
-///   returns a revision greater than any the store has returned before, including
-///   for records since deleted. Revisions start at 1; 0 is never a valid revision.
-///   A delete does not return a revision.
+///   returns a revision greater than any the store had returned before the call
+///   began, including for records since deleted, and no revision is ever issued
+///   twice. Revisions start at 1; 0 is never a valid revision. A delete does not
+///   return a revision. (Two writes to different paths that run at the same time
+///   may get theirs in either order, and on a shared backend commit in the other
+///   order; for one path, revisions follow commit order.)
 /// - **Paths** must pass [`path::validate`]; otherwise every method returns
 ///   [`Error::InvalidPath`] without touching the backend.
 /// - **Atomicity**: each write either happens completely, and is then durable and
@@ -192,7 +224,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// [`CHANGE_FEED_CAPACITY`] changes behind receives
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged):
     /// it has missed changes and must reload everything it caches before
-    /// continuing. The channel closes when the store is dropped.
+    /// continuing. A shared backend that may have lost changes sends
+    /// [`Change::resync`], which means the same. The channel closes when the
+    /// store is dropped.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change>;
 
     /// Cheap liveness check of the backend, for health and readiness probes.

@@ -76,6 +76,36 @@ fn next_char(c: char) -> Option<char> {
     }
 }
 
+/// The bounds of a `list` or `scan` page over the primary-key index.
+pub(crate) struct KeyRange<'a> {
+    /// Start strictly after this cursor (only if it is at or past the prefix: a
+    /// cursor before the prefix is the same as no cursor).
+    pub(crate) after: Option<&'a str>,
+    /// The first path past every path with the prefix (`None`: no upper bound).
+    pub(crate) upper: Option<String>,
+    /// At most this many paths (at least 1).
+    pub(crate) limit: i64,
+}
+
+impl<'a> KeyRange<'a> {
+    /// Validates `prefix`; `None` when `limit` is 0 (an empty page).
+    pub(crate) fn new(
+        prefix: &str,
+        start_after: Option<&'a str>,
+        limit: usize,
+    ) -> Result<Option<Self>> {
+        validate_prefix(prefix)?;
+        if limit == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            after: start_after.filter(|cursor| *cursor >= prefix),
+            upper: prefix_upper_bound(prefix),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,7 @@ use sqlx::sqlite::{
 };
 use tokio::sync::broadcast;
 
+use crate::path::KeyRange;
 use crate::{CHANGE_FEED_CAPACITY, Change, Error, Record, Result, Store, path};
 
 mod writer;
@@ -429,31 +430,6 @@ fn corrupt(what: &str) -> Error {
     Error::Corrupt(format!(
         "SQLite store is inconsistent ({what}); refusing to continue"
     ))
-}
-
-/// The bounds of a `list` or `scan` page over the primary-key index.
-struct KeyRange<'a> {
-    /// Start strictly after this cursor (only if it is at or past the prefix: a
-    /// cursor before the prefix is the same as no cursor).
-    after: Option<&'a str>,
-    /// The first path past every path with the prefix (`None`: no upper bound).
-    upper: Option<String>,
-    limit: i64,
-}
-
-impl<'a> KeyRange<'a> {
-    /// Validates `prefix`; `None` when `limit` is 0 (an empty page).
-    fn new(prefix: &str, start_after: Option<&'a str>, limit: usize) -> Result<Option<Self>> {
-        path::validate_prefix(prefix)?;
-        if limit == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            after: start_after.filter(|cursor| *cursor >= prefix),
-            upper: path::prefix_upper_bound(prefix),
-            limit: i64::try_from(limit).unwrap_or(i64::MAX),
-        }))
-    }
 }
 
 /// Maps an sqlx error, prefixed with what was being done. SQLite messages never

@@ -1,12 +1,14 @@
 //! Test helpers for cipherd: a real server on an ephemeral port with a temporary
 //! data dir, a connected client, and readiness by polling, never sleeping.
 //!
-//! Used by the server's and the end-to-end tests; not published.
+//! Used by the server's and the end-to-end tests; not published. [`postgres`]
+//! gives a test its own PostgreSQL database.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod jwt;
 pub mod pki;
+pub mod postgres;
 pub mod store;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

@@ -588,7 +588,8 @@ async fn follow_changes(mut changes: tokio::sync::broadcast::Receiver<Change>, i
         let change = changes.recv().await;
         let Some(inner) = inner.upgrade() else { return };
         let paths: Vec<String> = match change {
-            Ok(Change { path, revision }) => {
+            Ok(change) if !change.is_resync() => {
+                let Change { path, revision } = change;
                 if ![TOKEN_PREFIX, POLICY_PREFIX, ROLE_PREFIX]
                     .iter()
                     .any(|p| path.starts_with(p))
@@ -601,8 +602,9 @@ async fn follow_changes(mut changes: tokio::sync::broadcast::Receiver<Change>, i
                 }
                 vec![path]
             }
-            Err(RecvError::Lagged(_)) => {
-                // Missed changes: re-read every auth record we know of.
+            // Missed changes (or the store may have: a replica's listener
+            // reconnected): re-read every auth record we know of.
+            Ok(_) | Err(RecvError::Lagged(_)) => {
                 let mut all: Vec<String> = Vec::new();
                 all.extend(
                     inner
