@@ -98,7 +98,15 @@ async fn a_replica_whose_feed_was_cut_off_still_learns_of_a_revocation() {
     let on_b = second
         .client_with_token(created.token.expose_secret())
         .await;
-    on_b.lookup_token(None).await.unwrap();
+    // The second replica learns of the new token from the change feed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = on_b.lookup_token(None).await {
+        assert!(
+            Instant::now() < deadline,
+            "the second replica still refuses the new token 10 s after it was created: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Cut both replicas' listeners off, and keep them off (no new connection to
     // the database) while the token is revoked through the first replica: the

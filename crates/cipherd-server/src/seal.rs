@@ -276,38 +276,9 @@ impl Core {
         if self.seal_record().await?.is_some() {
             return Err(Error::AlreadyInitialized);
         }
-        let unseal_material = KeyMaterial::generate()?;
-        let split = shamir::split(&unseal_material, t, n)?;
-        let unseal_key = UnsealKey::from_material(unseal_material);
         let root = RootKey::generate()?;
-        let seal_id = SealId::generate()?;
-        let sealed_root = barrier::seal_root_key_bound(
-            &unseal_key,
-            &root,
-            Derivation::V2,
-            &RootBinding {
-                seal_id: seal_id.as_bytes(),
-                root_generation: 1,
-                threshold: t,
-                shares: n,
-            },
-        )?;
-        let b64 = &base64::engine::general_purpose::STANDARD;
-        let record = SealRecord {
-            format: SEAL_FORMAT,
-            shares: n,
-            threshold: t,
-            root_generation: 1,
-            sealed_root_key: b64.encode(sealed_root),
-            seal_id: Some(b64.encode(seal_id.as_bytes())),
-            rotation: None,
-        };
+        let FreshSeal { record, shares, .. } = FreshSeal::new(&root, 1, t, n)?;
         let json = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
-        let binding = ShareBinding::Seal(&seal_id);
-        let shares: Vec<String> = split
-            .iter()
-            .map(|s| std::mem::take(&mut *s.to_text(binding)))
-            .collect();
         keep(&shares)?;
         match self.store.create(SEAL_PATH, &json).await {
             Ok(_) => {}
@@ -345,12 +316,7 @@ impl Core {
         // Parsed before the state is touched: a refused share changes nothing.
         let share = match share_text.trim() {
             "" => None,
-            text => Some(Share::parse(text, seal.binding()).map_err(|e| match e {
-                cipherd_core::Error::Shamir(why) => {
-                    Error::InvalidArgument(format!("unseal share refused: {why}"))
-                }
-                e => e.into(),
-            })?),
+            text => Some(parse_share(text, seal.binding())?),
         };
         drop(share_text);
         let ready = {
@@ -534,6 +500,59 @@ impl Core {
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A new seal for `root`: a fresh unseal key split into `shares` texts (bound
+/// to a fresh seal id), the root key sealed under it and bound to the id,
+/// `generation`, `threshold` and share count, and the format-3 record holding
+/// it (for `Init`, and for a rekey's new shares).
+struct FreshSeal {
+    id: SealId,
+    record: SealRecord,
+    /// The sealed root key (also base64 in `record`).
+    sealed_root: Vec<u8>,
+    shares: Vec<String>,
+}
+
+impl FreshSeal {
+    fn new(root: &RootKey, generation: u32, threshold: u8, shares: u8) -> Result<Self> {
+        let material = KeyMaterial::generate()?;
+        let split = shamir::split(&material, threshold, shares)?;
+        let unseal_key = UnsealKey::from_material(material);
+        let id = SealId::generate()?;
+        let sealed_root = barrier::seal_root_key_bound(
+            &unseal_key,
+            root,
+            Derivation::V2,
+            &RootBinding {
+                seal_id: id.as_bytes(),
+                root_generation: generation,
+                threshold,
+                shares,
+            },
+        )?;
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let record = SealRecord {
+            format: SEAL_FORMAT,
+            shares,
+            threshold,
+            root_generation: generation,
+            sealed_root_key: b64.encode(&sealed_root),
+            seal_id: Some(b64.encode(id.as_bytes())),
+            rotation: None,
+        };
+        let binding = ShareBinding::Seal(&id);
+        let shares = split
+            .iter()
+            .map(|s| std::mem::take(&mut *s.to_text(binding)))
+            .collect();
+        Ok(FreshSeal {
+            id,
+            record,
+            sealed_root,
+            shares,
+        })
     }
 }
 
@@ -927,39 +946,11 @@ impl Core {
                 let root =
                     self.open_root(&seal, &UnsealKey::from_material(shamir::combine(&shares)?))?;
                 let (n, t) = (*new_shares, *new_threshold);
-                let material = KeyMaterial::generate()?;
-                let split = shamir::split(&material, t, n)?;
-                let new_unseal = UnsealKey::from_material(material);
-                let new_id = SealId::generate()?;
                 let generation = seal.record.root_generation;
-                let sealed_root = barrier::seal_root_key_bound(
-                    &new_unseal,
-                    &root,
-                    seal.derivation,
-                    &RootBinding {
-                        seal_id: new_id.as_bytes(),
-                        root_generation: generation,
-                        threshold: t,
-                        shares: n,
-                    },
-                )?;
-                let b64 = &base64::engine::general_purpose::STANDARD;
-                let record = SealRecord {
-                    format: SEAL_FORMAT,
-                    shares: n,
-                    threshold: t,
-                    root_generation: generation,
-                    sealed_root_key: b64.encode(&sealed_root),
-                    seal_id: Some(b64.encode(new_id.as_bytes())),
-                    rotation: seal.record.rotation.clone(),
-                };
-                let record =
-                    serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
-                let binding = ShareBinding::Seal(&new_id);
-                let texts: Vec<String> = split
-                    .iter()
-                    .map(|s| std::mem::take(&mut *s.to_text(binding)))
-                    .collect();
+                let fresh = FreshSeal::new(&root, generation, t, n)?;
+                let record = serde_json::to_vec(&fresh.record)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let (new_id, sealed_root, texts) = (fresh.id, fresh.sealed_root, fresh.shares);
                 let nonce = std::mem::take(nonce);
                 *guard = Some(RekeyState::Verifying {
                     nonce,
