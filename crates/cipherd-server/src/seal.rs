@@ -904,7 +904,8 @@ impl Core {
                             .into(),
                     ));
                 }
-                let nonce = hex_of(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
+                let nonce =
+                    hex::encode(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
                 *guard = Some(RekeyState::Collecting {
                     nonce,
                     new_shares,
@@ -1127,7 +1128,8 @@ impl Core {
                         "a root rotation is re-sealing; wait for it (RotateRoot status)".into(),
                     ));
                 }
-                let nonce = hex_of(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
+                let nonce =
+                    hex::encode(cipherd_core::secret::SecretBytes::random(16)?.expose_secret());
                 *guard = Some(RekeyState::RotateRoot {
                     nonce,
                     pending: Vec::new(),
@@ -1284,10 +1286,6 @@ impl Core {
                 )
             })
     }
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads every key after unseal. Holds only a weak reference between keys, so
@@ -1566,7 +1564,7 @@ mod tests {
                 .expose_secret(),
         );
         raw[0] = 2;
-        let made_up = format!("cipherd-share:v2:{}", hex(&raw));
+        let made_up = format!("cipherd-share:v2:{}", hex::encode(raw));
         // A share of a v1 seal (any v1 text is well-formed by construction).
         let material = KeyMaterial::generate().unwrap();
         let v1 = shamir::split(&material, 2, 2).unwrap()[1].to_text(ShareBinding::Unbound);
@@ -1591,10 +1589,6 @@ mod tests {
 
     async fn core_init_elsewhere() -> Vec<String> {
         core().await.init(3, 2).await.unwrap().0
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// A data dir initialized by the previous release (seal record format 1, V1

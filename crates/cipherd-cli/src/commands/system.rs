@@ -96,10 +96,7 @@ pub(super) async fn rekey(ctx: &Ctx, command: RekeyCommand) -> anyhow::Result<()
             String::new(),
         ),
         RekeyCommand::Submit(args) => {
-            let share = match args.share.as_ref().map(SecretArg::expose) {
-                Some("-") | None => read_share().await?,
-                Some(share) => find_share(share)?,
-            };
+            let share = share_arg(args.share.as_ref()).await?;
             (Some(Action::Share(share.to_string())), args.nonce)
         }
         RekeyCommand::Status => (None, String::new()),
@@ -127,10 +124,7 @@ pub(super) async fn rotate_root(ctx: &Ctx, command: RotateRootCommand) -> anyhow
     let (action, nonce) = match command {
         RotateRootCommand::Start => (Some(Action::Start(true)), String::new()),
         RotateRootCommand::Submit(args) => {
-            let share = match args.share.as_ref().map(SecretArg::expose) {
-                Some("-") | None => read_share().await?,
-                Some(share) => find_share(share)?,
-            };
+            let share = share_arg(args.share.as_ref()).await?;
             (Some(Action::Share(share.to_string())), args.nonce)
         }
         RotateRootCommand::Status => (None, String::new()),
@@ -144,6 +138,14 @@ pub(super) async fn rotate_root(ctx: &Ctx, command: RotateRootCommand) -> anyhow
         .map_err(Failure::from)?
         .into_inner();
     ctx.emit(&RotateRootView::from(reply))
+}
+
+/// The share given as an argument, or read from stdin when it is omitted or `-`.
+async fn share_arg(arg: Option<&SecretArg>) -> anyhow::Result<Zeroizing<String>> {
+    match arg.map(SecretArg::expose) {
+        Some("-") | None => read_share().await,
+        Some(share) => Ok(find_share(share)?),
+    }
 }
 
 /// The share from stdin: one line typed at a terminal, or everything piped in
