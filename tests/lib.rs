@@ -54,6 +54,17 @@ pub const ALL_KEY_TYPES: [(pb::KeyType, &str); 4] = [
     (pb::KeyType::Xchacha20Poly1305, "xchacha20-poly1305"),
 ];
 
+/// `key` without its per-version use statistics (counts and last use), which
+/// change with every call: for comparing a key's metadata across a restart.
+pub fn without_use(mut key: pb::Key) -> pb::Key {
+    for v in &mut key.versions {
+        v.encrypt_count = 0;
+        v.decrypt_count = 0;
+        v.last_used = None;
+    }
+    key
+}
+
 /// Nonce length of a key type's ciphertexts, in bytes (`docs/ciphertext-format.md`).
 pub fn nonce_len(key_type: pb::KeyType) -> usize {
     match key_type {

@@ -6,7 +6,8 @@
 use bytes::Bytes;
 use cipherd_e2e::{
     Code, HEADER_LEN, Params, TestRng, TestServer, binary_version, create_key, create_key_with,
-    encrypt, expect_err, flip, item_error, pb, plaintext_item, reply, rotate, text_version,
+    encrypt, expect_err, flip, get_key, item_error, pb, plaintext_item, reply, rotate,
+    text_version,
 };
 
 const ITEMS: usize = 1000;
@@ -533,7 +534,7 @@ async fn batch_whose_reply_would_not_fit_is_refused_before_the_work() {
         "TOO_LARGE",
     );
     assert!(message.contains("limits.max_message_bytes"), "{message}");
-    let key = cipherd_e2e::get_key(&client, "counted").await;
+    let key = get_key(&client, "counted").await;
     assert_eq!(key.versions[0].encryptions, 0, "work was done: {key:?}");
 
     let served = reply(
@@ -550,4 +551,79 @@ async fn batch_whose_reply_would_not_fit_is_refused_before_the_work() {
             .iter()
             .all(|r| matches!(r.result, Some(pb::ciphertext_result::Result::Ciphertext(_))))
     );
+}
+
+/// `GetKey` counts, per version, the items a batch encrypted and the items it
+/// decrypted (batches large enough to run on the worker pool, so several workers
+/// add their counts), but not items that failed to decrypt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_key_counts_batch_items_per_version() {
+    let server = TestServer::dev().await;
+    let client = server.client().await;
+    let mut transit = client.transit();
+    create_key(&client, "counted", pb::KeyType::Xaes256Gcm).await;
+    let encrypt_batch = |n: usize| pb::BatchEncryptRequest {
+        key: "counted".into(),
+        items: (0..n)
+            .map(|i| pb::EncryptItem {
+                plaintext: vec![i as u8; 4096].into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut cts = Vec::new();
+    let first = reply(transit.batch_encrypt(encrypt_batch(300)).await).unwrap();
+    rotate(&client, "counted").await;
+    let second = reply(transit.batch_encrypt(encrypt_batch(200)).await).unwrap();
+    for r in first.results.iter().chain(&second.results) {
+        match &r.result {
+            Some(pb::ciphertext_result::Result::Ciphertext(ct)) => cts.push(ct.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+    // All 500 back in one batch, plus 7 forged items that fail.
+    let mut items: Vec<pb::DecryptItem> = cts
+        .iter()
+        .map(|ct| pb::DecryptItem {
+            ciphertext: ct.clone(),
+            ..Default::default()
+        })
+        .collect();
+    for ct in &cts[..7] {
+        items.push(pb::DecryptItem {
+            ciphertext: flip(ct, HEADER_LEN + 3),
+            ..Default::default()
+        });
+    }
+    let results = reply(
+        transit
+            .batch_decrypt(pb::BatchDecryptRequest {
+                key: "counted".into(),
+                items,
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap()
+    .results;
+    assert_eq!(
+        results.iter().filter(|r| plaintext_item(r).is_ok()).count(),
+        500
+    );
+
+    let key = get_key(&client, "counted").await;
+    let counts: Vec<(u32, u64, u64, bool)> = key
+        .versions
+        .iter()
+        .map(|v| {
+            (
+                v.version,
+                v.encrypt_count,
+                v.decrypt_count,
+                v.last_used.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(counts, [(1, 300, 300, true), (2, 200, 200, true)]);
 }

@@ -123,7 +123,12 @@ async fn unknown_key_is_key_not_found_on_every_rpc() {
         })
         .await;
     not_found(reply(r).map(drop), "TrimKey");
-    let r = a.delete_key(pb::DeleteKeyRequest { name: name() }).await;
+    let r = a
+        .delete_key(pb::DeleteKeyRequest {
+            name: name(),
+            ..Default::default()
+        })
+        .await;
     not_found(reply(r).map(drop), "DeleteKey");
     let r = a
         .export_key(pb::ExportKeyRequest {
@@ -727,6 +732,7 @@ async fn error_messages_quote_key_names_plainly() {
             .admin()
             .delete_key(pb::DeleteKeyRequest {
                 name: "patients".into(),
+                ..Default::default()
             })
             .await,
     );

@@ -50,6 +50,7 @@ enum Req {
     Config(pb::UpdateKeyConfigRequest),
     Trim(pb::TrimKeyRequest),
     Delete(pb::DeleteKeyRequest),
+    CancelDeletion(pb::CancelKeyDeletionRequest),
     Export(pb::ExportKeyRequest),
     Init(pb::InitRequest),
     Unseal(pb::UnsealRequest),
@@ -324,10 +325,31 @@ const ROWS: &[Row] = &[
         |_| {
             Req::Delete(pb::DeleteKeyRequest {
                 name: "nope".into(),
+                ..Default::default()
             })
         },
         NotFound,
         KNF,
+    ),
+    row(
+        "cancel deletion: unknown key",
+        |_| {
+            Req::CancelDeletion(pb::CancelKeyDeletionRequest {
+                name: "nope".into(),
+            })
+        },
+        NotFound,
+        KNF,
+    ),
+    row(
+        "cancel deletion: none scheduled",
+        |_| {
+            Req::CancelDeletion(pb::CancelKeyDeletionRequest {
+                name: "xaes".into(),
+            })
+        },
+        FailedPrecondition,
+        FP,
     ),
     row(
         "export: unknown key",
@@ -922,6 +944,7 @@ const ROWS: &[Row] = &[
         |_| {
             Req::Delete(pb::DeleteKeyRequest {
                 name: "xaes".into(),
+                ..Default::default()
             })
         },
         FailedPrecondition,
@@ -1204,6 +1227,9 @@ async fn send_as(
         Req::Config(m) => reply(a.update_key_config(with_auth(&header, m)).await).map(drop),
         Req::Trim(m) => reply(a.trim_key(with_auth(&header, m)).await).map(drop),
         Req::Delete(m) => reply(a.delete_key(with_auth(&header, m)).await).map(drop),
+        Req::CancelDeletion(m) => {
+            reply(a.cancel_key_deletion(with_auth(&header, m)).await).map(drop)
+        }
         Req::Export(m) => reply(a.export_key(with_auth(&header, m)).await).map(drop),
         Req::Init(m) => reply(s.init(with_auth(&header, m)).await).map(drop),
         Req::Unseal(m) => reply(s.unseal(with_auth(&header, m)).await).map(drop),
@@ -1606,6 +1632,18 @@ const AUTH_ROWS: &[AuthRow] = &[
         |f| bearer(&f.clinician),
         |_| {
             Req::Delete(pb::DeleteKeyRequest {
+                name: "patients".into(),
+                ..Default::default()
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: cancel deletion",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::CancelDeletion(pb::CancelKeyDeletionRequest {
                 name: "patients".into(),
             })
         },

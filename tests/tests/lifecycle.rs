@@ -9,6 +9,7 @@ use bytes::Bytes;
 use cipherd_e2e::{
     ALL_KEY_TYPES, Client, Code, EncryptOptions, Error, Params, TestServer, binary_version,
     create_key, create_key_with, decrypt, encrypt, expect_err, get_key, pb, reply, rotate,
+    without_use,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -237,7 +238,16 @@ async fn init_and_unseal_with_shamir_shares_across_a_restart() {
         decrypt(&client, "k", &ct).await.unwrap(),
         &b"kept across restarts"[..]
     );
-    assert_eq!(get_key(&client, "k").await, key_before);
+    let after = get_key(&client, "k").await;
+    assert_eq!(without_use(after.clone()), without_use(key_before.clone()));
+    // The use statistics were written at shutdown: the encryption before the
+    // restart still counts, and the decryption after it adds to them.
+    let (before, after) = (&key_before.versions[0], &after.versions[0]);
+    assert_eq!(
+        (after.encrypt_count, after.decrypt_count),
+        (before.encrypt_count, before.decrypt_count + 1)
+    );
+    assert!(before.encrypt_count > 0);
 }
 
 /// Init outside shares 1..=255 / threshold 2..=shares (or 1-of-1) is INVALID_ARGUMENT and leaves the server uninitialized.
@@ -363,7 +373,20 @@ async fn restart_keeps_keys_ciphertexts_and_metadata() {
         assert_eq!(dec.plaintext, plaintext, "{name}");
     }
     for key in &before {
-        assert_eq!(&get_key(&client, &key.name).await, key, "{}", key.name);
+        let after = get_key(&client, &key.name).await;
+        assert_eq!(
+            without_use(after.clone()),
+            without_use(key.clone()),
+            "{}",
+            key.name
+        );
+        let counted = |k: &pb::Key| k.versions.iter().map(|v| v.encrypt_count).sum::<u64>();
+        assert_eq!(
+            counted(&after),
+            counted(key),
+            "{}: kept across the restart",
+            key.name
+        );
     }
     // And the keys keep working where they left off.
     assert_eq!(encrypt(&client, "policy", b"x").await.key_version, 3);
@@ -646,7 +669,14 @@ async fn sealed_calls(client: &Client, ct: &Bytes) -> Vec<(&'static str, Result<
         ),
         (
             "DeleteKey",
-            reply(a.delete_key(pb::DeleteKeyRequest { name: k() }).await).map(drop),
+            reply(
+                a.delete_key(pb::DeleteKeyRequest {
+                    name: k(),
+                    ..Default::default()
+                })
+                .await,
+            )
+            .map(drop),
         ),
         (
             "ExportKey",
@@ -707,4 +737,109 @@ async fn wait_for_health(health: &mut HealthClient<Channel>, service: &str, want
     {
         panic!("health of {service:?} never became {want:?}");
     }
+}
+
+/// Auto-unseal through another cipherd's transit key (`seal.transit_*`): a
+/// threshold of this server's shares, encrypted under a key of the other cipherd
+/// with the auto-unseal associated data, unseals it at start. A ciphertext made
+/// without that associated data, or a transit cipherd that cannot be reached,
+/// leaves it sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_unseal_through_another_cipherds_transit_key() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let kms = TestServer::dev().await;
+    let kms_client = kms.client().await;
+    create_key(&kms_client, "unseal-kek", pb::KeyType::Xaes256Gcm).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(Params::for_data_dir(dir.path(), false)).await;
+    let (shares, root) = init_with_root(&server.client().await, 3, 2).await;
+    let client = server.client().await.with_token(&root).unwrap();
+    for share in &shares[..2] {
+        unseal(&client, share).await.unwrap();
+    }
+    create_key(&client, "k", pb::KeyType::Xaes256Gcm).await;
+    let ct = encrypt(&client, "k", b"unattended restart")
+        .await
+        .ciphertext;
+    server.stop().await;
+
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("kms-token");
+    std::fs::write(&token_file, kms.root_token().expect("dev root token")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let seal_share = |share: &str, aad: &'static str| {
+        let kms_client = kms_client.clone();
+        let share = share.to_owned();
+        async move {
+            let options = EncryptOptions {
+                associated_data: aad.into(),
+                text: true,
+                ..Default::default()
+            };
+            let ct = kms_client
+                .encrypt("unseal-kek", share.into_bytes(), &options)
+                .await
+                .unwrap()
+                .ciphertext;
+            String::from_utf8(ct.to_vec()).unwrap()
+        }
+    };
+    let transit = |shares_file: std::path::PathBuf, address: String| {
+        let mut params = Params::for_data_dir(dir.path(), false);
+        params.auto_unseal = Some(cipherd_server::config::AutoUnseal::Transit(
+            cipherd_server::config::TransitUnseal {
+                address,
+                key: "unseal-kek".into(),
+                token_file: token_file.clone(),
+                ca_file: None,
+                shares_file,
+            },
+        ));
+        params
+    };
+
+    // The shares file: two shares (the threshold) as text ciphertexts, a comment.
+    let shares_file = secrets.path().join("unseal-shares.transit");
+    let body = format!(
+        "# cipherd-share ciphertexts under unseal-kek\n{}\n{}\n",
+        seal_share(&shares[0], "cipherd-auto-unseal").await,
+        seal_share(&shares[2], "cipherd-auto-unseal").await
+    );
+    assert!(
+        !body.contains("cipherd-share:v"),
+        "the file holds no plaintext share"
+    );
+    std::fs::write(&shares_file, body).unwrap();
+    let server = TestServer::start(transit(shares_file.clone(), kms.endpoint())).await;
+    let client = server.client().await.with_token(&root).unwrap();
+    assert!(!client.status().await.unwrap().sealed, "unsealed at start");
+    assert_eq!(
+        decrypt(&client, "k", &ct).await.unwrap(),
+        &b"unattended restart"[..]
+    );
+    server.stop().await;
+
+    // A ciphertext of the same key made without the auto-unseal associated data
+    // does not decrypt as a share: sealed.
+    let wrong = secrets.path().join("wrong-aad.transit");
+    let body = format!(
+        "{}\n{}\n",
+        seal_share(&shares[0], "").await,
+        seal_share(&shares[1], "").await
+    );
+    std::fs::write(&wrong, body).unwrap();
+    let server = TestServer::start(transit(wrong, kms.endpoint())).await;
+    assert!(server.client().await.status().await.unwrap().sealed);
+    server.stop().await;
+
+    // The transit cipherd is gone (nothing listens on its port): sealed, and
+    // retried in the background (the log says so).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let server = TestServer::start(transit(shares_file, address)).await;
+    assert!(server.client().await.status().await.unwrap().sealed);
+    server.stop().await;
 }

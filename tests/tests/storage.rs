@@ -110,11 +110,16 @@ async fn deleting_a_used_versions_usage_record_fails_closed() {
     params.usage.reservation_block = 1;
     let (server, store) = TestServer::start_with_faulty_store(params).await;
     let client = server.client().await;
-    create_key(&client, "counted", pb::KeyType::Aes256Gcm96).await;
+    let id = create_key(&client, "counted", pb::KeyType::Aes256Gcm96)
+        .await
+        .id;
+    assert_eq!(id.len(), 32, "{id:?}");
     encrypt(&client, "counted", b"one").await;
     encrypt(&client, "counted", b"two").await;
 
-    let usage = "usage/counted/1";
+    // The key's usage records are under its id.
+    let usage = format!("usage/counted/{id}/1");
+    let usage = usage.as_str();
     let record = store.get(usage).await.unwrap().expect("usage record");
     store.delete(usage, record.revision).await.unwrap();
 
@@ -137,7 +142,13 @@ async fn deleting_a_used_versions_usage_record_fails_closed() {
     rotate(&client, "counted").await;
     let reply = encrypt(&client, "counted", b"four").await;
     assert_eq!(reply.key_version, 2);
-    assert!(store.get("usage/counted/2").await.unwrap().is_some());
+    assert!(
+        store
+            .get(&format!("usage/counted/{id}/2"))
+            .await
+            .unwrap()
+            .is_some()
+    );
     drop(server);
 }
 

@@ -7,9 +7,9 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use base64::Engine as _;
 use bytes::Bytes;
 use cipherd_e2e::{
-    ALL_KEY_TYPES, Client, Code, EncryptOptions, HEADER_LEN, TAG_LEN, TestServer, binary_version,
-    create_key, create_key_with, decrypt, encrypt, expect_err, expect_err_ref, get_key, nonce_len,
-    pb, reply, rotate, text_version,
+    ALL_KEY_TYPES, Client, Code, EncryptOptions, Error, HEADER_LEN, Params, TAG_LEN, TestServer,
+    binary_version, create_key, create_key_with, decrypt, encrypt, expect_err, expect_err_ref,
+    get_key, nonce_len, pb, reply, rotate, text_version,
 };
 
 const PLAINTEXT: &[u8] = b"Jane Q. Patient, SSN 078-05-1120, dx E11.9";
@@ -652,9 +652,10 @@ async fn export_is_only_for_exportable_keys() {
     assert!(!same.exportable);
 }
 
-/// DeleteKey needs deletion_allowed, and a key re-created under a deleted name is new: it cannot open the old key's ciphertexts.
+/// DeleteKey needs deletion_allowed and only schedules: the key refuses every use
+/// until the deletion is cancelled (then everything works again) or its time comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_needs_permission_and_a_recreated_key_is_new() {
+async fn delete_needs_permission_schedules_and_can_be_cancelled() {
     let server = TestServer::dev().await;
     let client = server.client().await;
     create_key(&client, "temp", pb::KeyType::Xaes256Gcm).await;
@@ -665,6 +666,7 @@ async fn delete_needs_permission_and_a_recreated_key_is_new() {
                 .admin()
                 .delete_key(pb::DeleteKeyRequest {
                     name: "temp".into(),
+                    ..Default::default()
                 })
                 .await,
         )
@@ -689,17 +691,165 @@ async fn delete_needs_permission_and_a_recreated_key_is_new() {
     .await
     .unwrap();
     assert!(allowed.deletion_allowed);
-    delete().await.unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let scheduled = delete().await.unwrap();
+    let at = scheduled.deletion_time.expect("deletion time").seconds;
+    // The default waiting period: 7 days.
+    assert!((at - before - 7 * 86_400).abs() <= 5, "{at} vs {before}");
+    assert_eq!(
+        scheduled.key.expect("key").deletion_time.map(|t| t.seconds),
+        Some(at)
+    );
+    expect_err(
+        delete().await,
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+
+    // Pending deletion: no encryption, decryption, rewrap, rotation, config
+    // change or export; GetKey still answers.
+    let pending = |r: Result<(), Error>, what: &str| {
+        expect_err_ref(&r, Code::FailedPrecondition, "KEY_PENDING_DELETION");
+        let _ = what;
+    };
+    pending(
+        client
+            .encrypt("temp", &b"x"[..], &EncryptOptions::default())
+            .await
+            .map(drop),
+        "encrypt",
+    );
+    pending(decrypt(&client, "temp", &old).await.map(drop), "decrypt");
+    pending(
+        reply(
+            client
+                .admin()
+                .rotate_key(pb::RotateKeyRequest {
+                    name: "temp".into(),
+                })
+                .await,
+        )
+        .map(drop),
+        "rotate",
+    );
+    pending(
+        update_config(
+            &client,
+            pb::UpdateKeyConfigRequest {
+                name: "temp".into(),
+                min_decryption_version: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .map(drop),
+        "config",
+    );
+    let got = reply(
+        client
+            .admin()
+            .get_key(pb::GetKeyRequest {
+                name: "temp".into(),
+            })
+            .await,
+    )
+    .unwrap()
+    .key
+    .unwrap();
+    assert_eq!(got.deletion_time.map(|t| t.seconds), Some(at));
+
+    let back = reply(
+        client
+            .admin()
+            .cancel_key_deletion(pb::CancelKeyDeletionRequest {
+                name: "temp".into(),
+            })
+            .await,
+    )
+    .unwrap()
+    .key
+    .unwrap();
+    assert_eq!(back.deletion_time, None);
+    assert_eq!(
+        decrypt(&client, "temp", &old).await.unwrap(),
+        &b"old data"[..]
+    );
+    expect_err(
+        reply(
+            client
+                .admin()
+                .cancel_key_deletion(pb::CancelKeyDeletionRequest {
+                    name: "temp".into(),
+                })
+                .await,
+        ),
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+}
+
+/// When a deletion's time comes the material is destroyed (here: a waiting
+/// period of zero, destroyed in the call; and a short one, destroyed by the
+/// housekeeping sweep), and a key re-created under the name is new: it cannot
+/// open the old key's ciphertexts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroyed_key_is_gone_and_a_recreated_key_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = Params::for_data_dir(dir.path(), true);
+    params.lifecycle.deletion_waiting_period = std::time::Duration::ZERO;
+    params.lifecycle.housekeeping_interval = std::time::Duration::from_millis(50);
+    let server = TestServer::start(params).await;
+    let client = server.client().await;
+    let create = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            reply(
+                client
+                    .admin()
+                    .create_key(pb::CreateKeyRequest {
+                        name: name.into(),
+                        deletion_allowed: true,
+                        ..Default::default()
+                    })
+                    .await,
+            )
+            .unwrap()
+            .key
+            .unwrap()
+        }
+    };
+    let first = create("temp").await;
+    let old = encrypt(&client, "temp", b"old data").await.ciphertext;
+    let delete = |name: &'static str, wait: Option<i64>| {
+        let client = client.clone();
+        async move {
+            reply(
+                client
+                    .admin()
+                    .delete_key(pb::DeleteKeyRequest {
+                        name: name.into(),
+                        waiting_period: wait
+                            .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                    })
+                    .await,
+            )
+        }
+    };
+    let gone = delete("temp", None).await.unwrap();
+    assert!(gone.key.is_none(), "destroyed in the call");
     expect_err(
         decrypt(&client, "temp", &old).await,
         Code::NotFound,
         "KEY_NOT_FOUND",
     );
-    expect_err(delete().await, Code::NotFound, "KEY_NOT_FOUND");
+    expect_err(delete("temp", None).await, Code::NotFound, "KEY_NOT_FOUND");
 
-    let again = create_key(&client, "temp", pb::KeyType::Xaes256Gcm).await;
+    let again = create("temp").await;
     assert_eq!(again.latest_version, 1);
-    assert!(!again.deletion_allowed);
+    assert_ne!(again.id, first.id);
     expect_err(
         decrypt(&client, "temp", &old).await,
         Code::InvalidArgument,
@@ -718,6 +868,30 @@ async fn delete_needs_permission_and_a_recreated_key_is_new() {
         Code::AlreadyExists,
         "KEY_EXISTS",
     );
+
+    // One second's wait: the sweep destroys it (polled, never slept for).
+    delete("temp", Some(1)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = reply(
+            client
+                .admin()
+                .get_key(pb::GetKeyRequest {
+                    name: "temp".into(),
+                })
+                .await,
+        );
+        match r {
+            Err(e) if e.reason() == Some("KEY_NOT_FOUND") => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not destroyed by the sweep"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// GenerateDataKey returns a fresh key of the asked size whose wrapped form decrypts to it, or only the wrapped form when asked.
@@ -828,11 +1002,11 @@ async fn rewrap(
 async fn update_config(
     client: &Client,
     request: pb::UpdateKeyConfigRequest,
-) -> Result<pb::Key, cipherd_e2e::Error> {
+) -> Result<pb::Key, Error> {
     reply(client.admin().update_key_config(request).await).map(|r| r.key.unwrap())
 }
 
-async fn trim(client: &Client, name: &str, floor: u32) -> Result<pb::Key, cipherd_e2e::Error> {
+async fn trim(client: &Client, name: &str, floor: u32) -> Result<pb::Key, Error> {
     let request = pb::TrimKeyRequest {
         name: name.to_owned(),
         min_available_version: floor,
@@ -844,7 +1018,7 @@ async fn export(
     client: &Client,
     name: &str,
     version: Option<u32>,
-) -> Result<pb::ExportKeyResponse, cipherd_e2e::Error> {
+) -> Result<pb::ExportKeyResponse, Error> {
     let request = pb::ExportKeyRequest {
         name: name.to_owned(),
         version,

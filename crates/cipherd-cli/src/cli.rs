@@ -370,8 +370,13 @@ pub enum KeyCommand {
     Config(KeyConfigArgs),
     /// Permanently destroy versions below a floor.
     Trim(KeyTrimArgs),
-    /// Delete a key (only if created or configured with deletion allowed).
-    Delete(KeyNameArg),
+    /// Schedule a key's deletion (only if created or configured with deletion
+    /// allowed): after the waiting period (7 days unless the server says
+    /// otherwise) its material is destroyed, and every ciphertext under it with
+    /// it. Until then the key refuses every use and `key cancel-deletion` undoes it.
+    Delete(KeyDeleteArgs),
+    /// Cancel a scheduled deletion: the key works again.
+    CancelDeletion(KeyNameArg),
     /// Print an exportable key's material (base64). For a derived key this is the
     /// base material, which opens the data of every context, not of one.
     Export(KeyExportArgs),
@@ -401,6 +406,31 @@ pub struct KeyCreateArgs {
     /// Allow `key delete`.
     #[arg(long)]
     pub deletion_allowed: bool,
+    /// Rotate automatically this long after the latest version (e.g. `90d`,
+    /// `12h`; at least an hour unless the server allows less).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub auto_rotate_period: Option<u64>,
+}
+
+/// `key delete`.
+#[derive(Debug, Args)]
+pub struct KeyDeleteArgs {
+    /// The key's name.
+    pub name: String,
+    /// Wait this long before destroying it (e.g. `30d`; default: the server's
+    /// keys.deletion_waiting_period_s, which is also the shortest allowed).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub waiting_period: Option<u64>,
+}
+
+/// Whole seconds of a duration such as `90d`, `12h 30m` or `0` (humantime's syntax).
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (e.g. 90d, 12h)"))?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{text:?}: whole seconds only"));
+    }
+    Ok(d.as_secs())
 }
 
 /// The key types, spelled as in the docs.
@@ -440,7 +470,7 @@ pub struct KeyListArgs {
     ArgGroup::new("change")
         .required(true)
         .multiple(true)
-        .args(["min_decryption_version", "min_encryption_version", "deletion_allowed"])
+        .args(["min_decryption_version", "min_encryption_version", "deletion_allowed", "auto_rotate_period"])
 ))]
 pub struct KeyConfigArgs {
     /// The key's name.
@@ -455,6 +485,10 @@ pub struct KeyConfigArgs {
     /// a key is created, `key create --exportable`.)
     #[arg(long, value_name = "BOOL")]
     pub deletion_allowed: Option<bool>,
+    /// Rotate automatically this long after the latest version (`0` turns it
+    /// off).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub auto_rotate_period: Option<u64>,
 }
 
 /// `key trim`.
@@ -712,6 +746,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("cipherctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn durations_are_whole_seconds() {
+        assert_eq!(parse_duration("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_duration("12h 30m"), Ok(45_000));
+        assert_eq!(parse_duration("0"), Ok(0));
+        for bad in ["", "ten days", "-1d", "1.5s", "1500ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        let cli = ok(&["key", "delete", "k", "--waiting-period", "30d"]);
+        assert!(
+            format!("{cli:?}").contains("waiting_period: Some(2592000)"),
+            "{cli:?}"
+        );
     }
 
     fn ok(args: &[&str]) -> Cli {

@@ -405,6 +405,12 @@ pub struct KeyView {
     pub min_available_version: u32,
     /// Creation time.
     pub created_at: Option<String>,
+    /// Random identity (32 hex digits; empty for keys older than ids).
+    pub id: String,
+    /// Seconds between automatic rotations (`null`: never).
+    pub auto_rotate_period_s: Option<i64>,
+    /// When the key will be destroyed (`null` unless a deletion is scheduled).
+    pub deletion_time: Option<String>,
     /// The available versions, oldest first.
     pub versions: Vec<KeyVersionView>,
 }
@@ -420,6 +426,12 @@ pub struct KeyVersionView {
     pub encryptions: u64,
     /// The enforced limit (0: not counted).
     pub encryption_limit: u64,
+    /// Items encrypted under it, on every replica.
+    pub encrypt_count: u64,
+    /// Items decrypted under it, on every replica.
+    pub decrypt_count: u64,
+    /// The last encryption or decryption (`null`: none recorded).
+    pub last_used: Option<String>,
 }
 
 impl From<pb::Key> for KeyView {
@@ -434,6 +446,9 @@ impl From<pb::Key> for KeyView {
             min_encryption_version: k.min_encryption_version,
             min_available_version: k.min_available_version,
             created_at: k.created_at.map(|t| rfc3339(t.seconds, t.nanos)),
+            id: k.id,
+            auto_rotate_period_s: k.auto_rotate_period.map(|d| d.seconds),
+            deletion_time: k.deletion_time.map(|t| rfc3339(t.seconds, t.nanos)),
             versions: k
                 .versions
                 .into_iter()
@@ -442,6 +457,9 @@ impl From<pb::Key> for KeyView {
                     created_at: v.created_at.map(|t| rfc3339(t.seconds, t.nanos)),
                     encryptions: v.encryptions,
                     encryption_limit: v.encryption_limit,
+                    encrypt_count: v.encrypt_count,
+                    decrypt_count: v.decrypt_count,
+                    last_used: v.last_used.map(|t| rfc3339(t.seconds, t.nanos)),
                 })
                 .collect(),
             name: k.name,
@@ -474,6 +492,26 @@ impl View for KeyView {
                     "min available version",
                     self.min_available_version.to_string(),
                 ),
+                (
+                    "auto rotate",
+                    self.auto_rotate_period_s
+                        .map_or_else(|| "off".to_owned(), |s| format!("every {s} s")),
+                ),
+                (
+                    "deletion",
+                    self.deletion_time.as_ref().map_or_else(
+                        || "not scheduled".to_owned(),
+                        |t| format!("scheduled at {t}"),
+                    ),
+                ),
+                (
+                    "id",
+                    if self.id.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        self.id.clone()
+                    },
+                ),
             ],
         )?;
         writeln!(w)?;
@@ -481,12 +519,18 @@ impl View for KeyView {
             "VERSION".to_owned(),
             "CREATED".to_owned(),
             "USAGE (ENCRYPTIONS/LIMIT)".to_owned(),
+            "ENCRYPTS".to_owned(),
+            "DECRYPTS".to_owned(),
+            "LAST USED".to_owned(),
         ]];
         for v in &self.versions {
             table.push(vec![
                 v.version.to_string(),
                 opt(&v.created_at),
                 usage(v.encryptions, v.encryption_limit),
+                v.encrypt_count.to_string(),
+                v.decrypt_count.to_string(),
+                opt(&v.last_used),
             ]);
         }
         write_table(w, &table)?;
@@ -531,6 +575,48 @@ pub struct DeletedView {
 impl View for DeletedView {
     fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
         write_rows(w, &[("deleted", self.name.clone())])
+    }
+}
+
+/// `key delete`.
+#[derive(Debug, Serialize)]
+pub struct KeyDeletionView {
+    /// The key.
+    pub name: String,
+    /// When its material is (or was) destroyed.
+    pub deletion_time: Option<String>,
+    /// Whether it was destroyed already (a waiting period of zero).
+    pub destroyed: bool,
+}
+
+impl KeyDeletionView {
+    /// The view of a `DeleteKey` reply.
+    pub fn new(name: String, reply: pb::DeleteKeyResponse) -> Self {
+        Self {
+            name,
+            deletion_time: reply.deletion_time.map(|t| rfc3339(t.seconds, t.nanos)),
+            destroyed: reply.key.is_none(),
+        }
+    }
+}
+
+impl View for KeyDeletionView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        if self.destroyed {
+            return write_rows(w, &[("destroyed", self.name.clone())]);
+        }
+        write_rows(
+            w,
+            &[
+                ("scheduled for deletion", self.name.clone()),
+                ("deletion time", opt(&self.deletion_time)),
+            ],
+        )?;
+        writeln!(
+            w,
+            "\nUntil then the key refuses every use; `cipherctl key cancel-deletion {}` undoes this.",
+            self.name
+        )
     }
 }
 
@@ -1208,15 +1294,25 @@ mod tests {
                     created_at: ts(1_700_000_000, 5),
                     encryptions: 65_536,
                     encryption_limit: 3_865_470_566,
+                    encrypt_count: 1200,
+                    decrypt_count: 34,
+                    last_used: ts(1_700_003_000, 0),
                 },
                 pb::KeyVersionInfo {
                     version: 2,
                     created_at: ts(1_700_003_600, 0),
                     encryptions: 0,
                     encryption_limit: 3_865_470_566,
+                    ..Default::default()
                 },
             ],
             created_at: ts(1_700_000_000, 5),
+            id: "0123456789abcdef0123456789abcdef".into(),
+            auto_rotate_period: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+            deletion_time: None,
         }
     }
 
@@ -1249,10 +1345,13 @@ latest version:         2
 min decryption version: 1
 min encryption version: 0 (latest)
 min available version:  1
+auto rotate:            every 86400 s
+deletion:               not scheduled
+id:                     0123456789abcdef0123456789abcdef
 
-VERSION  CREATED                   USAGE (ENCRYPTIONS/LIMIT)
-1        2023-11-14T22:13:20.005Z  65536/3865470566 (0.0%)
-2        2023-11-14T23:13:20.000Z  0/3865470566 (0.0%)
+VERSION  CREATED                   USAGE (ENCRYPTIONS/LIMIT)  ENCRYPTS  DECRYPTS  LAST USED
+1        2023-11-14T22:13:20.005Z  65536/3865470566 (0.0%)    1200      34        2023-11-14T23:03:20.000Z
+2        2023-11-14T23:13:20.000Z  0/3865470566 (0.0%)        0         0         -
 
 Encryptions are reserved from storage in blocks, so the count is an upper bound on those made.
 ";
@@ -1268,7 +1367,12 @@ Encryptions are reserved from storage in blocks, so the count is an upper bound 
         }
         let text = human(&KeyView::from(key));
         assert!(text.contains("type:                   xaes-256-gcm\n"));
-        assert!(text.ends_with("  not counted\n"), "{text}");
+        assert!(
+            text.lines()
+                .nth(15)
+                .is_some_and(|l| l.contains("  not counted  ")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1288,7 +1392,11 @@ Encryptions are reserved from storage in blocks, so the count is an upper bound 
             .keys()
             .map(|k| k.as_str())
             .collect();
-        assert_eq!(fields.len(), 11, "{fields:?}");
+        assert_eq!(fields.len(), 14, "{fields:?}");
+        assert_eq!(v["auto_rotate_period_s"], 86_400);
+        assert_eq!(v["deletion_time"], serde_json::Value::Null);
+        assert_eq!(v["versions"][0]["encrypt_count"], 1200);
+        assert_eq!(v["versions"][0]["last_used"], "2023-11-14T23:03:20.000Z");
     }
 
     #[test]

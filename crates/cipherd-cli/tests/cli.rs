@@ -635,12 +635,112 @@ async fn key_management_commands() {
     )
     .await
     .success();
+    // Deletion is scheduled (7 days by default), refuses use, and is cancelled.
     let v = cipherctl(addr, &["--json", "key", "delete", "gcm"], None)
         .await
         .success()
         .json();
-    assert_eq!(v, serde_json::json!({"name": "gcm", "deleted": true}));
-    cipherctl(addr, &["key", "get", "gcm"], None)
+    assert_eq!(v["name"], "gcm");
+    assert_eq!(v["destroyed"], false);
+    let when = v["deletion_time"]
+        .as_str()
+        .expect("deletion time")
+        .to_owned();
+    let got = cipherctl(addr, &["--json", "key", "get", "gcm"], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(got["deletion_time"], when.as_str());
+    cipherctl(addr, &["encrypt", "gcm", "x"], None)
+        .await
+        .failure("KEY_PENDING_DELETION");
+    cipherctl(
+        addr,
+        &["key", "delete", "gcm", "--waiting-period", "1d"],
+        None,
+    )
+    .await
+    .failure("INVALID_ARGUMENT");
+    let run = cipherctl(addr, &["key", "cancel-deletion", "gcm"], None)
+        .await
+        .success();
+    assert_eq!(
+        run.field("deletion").as_deref(),
+        Some("not scheduled"),
+        "{}",
+        run.out()
+    );
+    cipherctl(addr, &["encrypt", "gcm", "x"], None)
+        .await
+        .success();
+    let run = cipherctl(
+        addr,
+        &["key", "delete", "gcm", "--waiting-period", "30d"],
+        None,
+    )
+    .await
+    .success();
+    assert!(
+        run.out().contains("cipherctl key cancel-deletion gcm"),
+        "{}",
+        run.out()
+    );
+}
+
+/// With a waiting period of zero (`keys.deletion_waiting_period_s = 0`) `key
+/// delete` destroys the key at once; `key get` shows use counts per version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_without_waiting_is_gone_and_use_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = Params::for_data_dir(dir.path(), true);
+    params.lifecycle.deletion_waiting_period = std::time::Duration::ZERO;
+    let server = TestServer::start(params).await;
+    let addr = endpoint(&server);
+    let addr = addr.as_str();
+    cipherctl(
+        addr,
+        &[
+            "key",
+            "create",
+            "k",
+            "--deletion-allowed",
+            "--auto-rotate-period",
+            "90d",
+        ],
+        None,
+    )
+    .await
+    .success();
+    let ct = cipherctl(addr, &["encrypt", "k", "hello"], None)
+        .await
+        .success()
+        .out()
+        .trim()
+        .to_owned();
+    cipherctl(addr, &["decrypt", "k", &ct], None)
+        .await
+        .success();
+    let v = cipherctl(addr, &["--json", "key", "get", "k"], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(v["auto_rotate_period_s"], 90 * 86_400);
+    assert_eq!(v["versions"][0]["encrypt_count"], 1);
+    assert_eq!(v["versions"][0]["decrypt_count"], 1);
+    assert!(v["versions"][0]["last_used"].is_string(), "{v}");
+    cipherctl(
+        addr,
+        &["key", "create", "short", "--auto-rotate-period", "5m"],
+        None,
+    )
+    .await
+    .failure("INVALID_ARGUMENT");
+    let v = cipherctl(addr, &["--json", "key", "delete", "k"], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(v["destroyed"], true);
+    cipherctl(addr, &["key", "get", "k"], None)
         .await
         .failure("KEY_NOT_FOUND");
 }

@@ -211,6 +211,63 @@ pub struct NamedKey {
     min_encryption_version: u32,
     min_available_version: KeyVersion,
     versions: BTreeMap<KeyVersion, VersionEntry>,
+    /// Random identity of this key, fixed at creation: a key deleted and created
+    /// again under the same name is another key (its usage counters and
+    /// statistics start afresh). `None` for keys created before ids existed.
+    id: Option<KeyId>,
+    /// Bumped by every stored write of the record ([`NamedKey::next_generation`]):
+    /// a replica that has seen generation `n` refuses a record of the same key
+    /// with a lower one (an older sealed copy put back). 0 in older records.
+    generation: u64,
+    /// When the key's material is to be destroyed (scheduled deletion), in ms
+    /// since the epoch; `None` if no deletion is scheduled.
+    deletion_time_ms: Option<u64>,
+    /// Seconds between automatic rotations (counted from the latest version's
+    /// creation); 0: never.
+    auto_rotate_period_s: u64,
+}
+
+/// The random identity of a key (128 bits, shown as 32 hex digits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId([u8; 16]);
+
+impl KeyId {
+    /// A fresh random id.
+    pub fn generate() -> Result<Self> {
+        let mut id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::Provider)?;
+        Ok(Self(id))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("a key id is 32 lowercase hex digits");
+        if text.len() != 32 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        let mut id = [0u8; 16];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(id))
+    }
 }
 
 impl NamedKey {
@@ -230,7 +287,83 @@ impl NamedKey {
             min_encryption_version: 0,
             min_available_version: KeyVersion::FIRST,
             versions,
+            id: Some(KeyId::generate()?),
+            generation: 0,
+            deletion_time_ms: None,
+            auto_rotate_period_s: 0,
         })
+    }
+
+    /// The key's random identity (`None` for keys created before ids existed).
+    pub fn id(&self) -> Option<KeyId> {
+        self.id
+    }
+
+    /// The generation of the stored record this copy was read from (or is about
+    /// to be written as); see [`NamedKey::next_generation`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Advances the generation; the key store calls this before every write of
+    /// the record, so stored generations of one key only ever grow.
+    pub fn next_generation(&mut self) {
+        self.generation = self.generation.saturating_add(1);
+    }
+
+    /// When the key's material will be destroyed, if a deletion is scheduled.
+    pub fn deletion_time_ms(&self) -> Option<u64> {
+        self.deletion_time_ms
+    }
+
+    /// Schedules the destruction of every version at `at_ms`. Only for keys whose
+    /// config allows deletion; a key already scheduled keeps its time.
+    pub fn schedule_deletion(&mut self, at_ms: u64) -> Result<()> {
+        if !self.deletion_allowed {
+            return Err(Error::Precondition(format!(
+                "key \"{}\" does not allow deletion; set deletion_allowed first",
+                self.name
+            )));
+        }
+        if let Some(at) = self.deletion_time_ms {
+            return Err(Error::Precondition(format!(
+                "key \"{}\" is already scheduled for deletion (at {at} ms since the epoch); \
+                 cancel it first to change the time",
+                self.name
+            )));
+        }
+        self.deletion_time_ms = Some(at_ms);
+        Ok(())
+    }
+
+    /// Cancels a scheduled deletion; returns whether one was scheduled.
+    pub fn cancel_deletion(&mut self) -> bool {
+        self.deletion_time_ms.take().is_some()
+    }
+
+    /// Seconds between automatic rotations; 0: never.
+    pub fn auto_rotate_period_s(&self) -> u64 {
+        self.auto_rotate_period_s
+    }
+
+    /// Sets the automatic rotation period in seconds (0 turns it off).
+    pub fn set_auto_rotate_period_s(&mut self, period_s: u64) {
+        self.auto_rotate_period_s = period_s;
+    }
+
+    /// Whether an automatic rotation is due at `now_ms`: a period is set and the
+    /// latest version is at least that old. Once rotated, the new latest version
+    /// is fresh, so a second replica deciding on the stored record rotates only
+    /// after another full period: one rotation per period.
+    pub fn rotation_due(&self, now_ms: u64) -> bool {
+        if self.auto_rotate_period_s == 0 || self.deletion_time_ms.is_some() {
+            return false;
+        }
+        let latest = self
+            .versions
+            .get(&self.latest_version)
+            .map_or(0, |e| e.created_at_ms);
+        now_ms.saturating_sub(latest) >= self.auto_rotate_period_s.saturating_mul(1000)
     }
 
     /// The key's name.
@@ -528,11 +661,15 @@ impl NamedKey {
                     usage_reserved: entry.usage_reserved,
                 })
                 .collect(),
+            id: self.id,
+            generation: self.generation,
+            deletion_time_ms: self.deletion_time_ms,
+            auto_rotate_period_s: self.auto_rotate_period_s,
         };
         // Size the buffer up front so serde_json never reallocates it: a reallocation
         // would leave a copy of the material in freed memory. The worst case (a
-        // 128-character name, every number at its maximum) is under 480 bytes of
-        // metadata and 130 bytes per version; `record_buffer_never_reallocates`
+        // 128-character name, every number at its maximum, an id, a deletion time
+        // and a rotation period) is under 640 bytes of metadata and 130 bytes per version; `record_buffer_never_reallocates`
         // checks that.
         let capacity = RECORD_BASE_CAPACITY + RECORD_PER_VERSION_CAPACITY * self.versions.len();
         let mut buf = Zeroizing::new(Vec::with_capacity(capacity));
@@ -624,6 +761,10 @@ impl NamedKey {
             min_encryption_version: r.min_encryption_version,
             min_available_version: r.min_available_version,
             versions,
+            id: r.id,
+            generation: r.generation,
+            deletion_time_ms: r.deletion_time_ms,
+            auto_rotate_period_s: r.auto_rotate_period_s,
         })
     }
 }
@@ -640,12 +781,14 @@ impl fmt::Debug for NamedKey {
             .field("min_decryption_version", &self.min_decryption_version)
             .field("min_encryption_version", &self.min_encryption_version)
             .field("min_available_version", &self.min_available_version)
+            .field("generation", &self.generation)
+            .field("deletion_time_ms", &self.deletion_time_ms)
             .finish_non_exhaustive()
     }
 }
 
 /// Bytes reserved in [`NamedKey::to_record`] for everything but the versions.
-const RECORD_BASE_CAPACITY: usize = 640;
+const RECORD_BASE_CAPACITY: usize = 800;
 
 /// Bytes reserved in [`NamedKey::to_record`] per version.
 const RECORD_PER_VERSION_CAPACITY: usize = 160;
@@ -692,6 +835,18 @@ struct RecordRef<'a> {
     min_encryption_version: u32,
     min_available_version: KeyVersion,
     versions: Vec<VersionRecordRef<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<KeyId>,
+    #[serde(skip_serializing_if = "is_zero")]
+    generation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deletion_time_ms: Option<u64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    auto_rotate_period_s: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -727,6 +882,15 @@ struct RecordOwned {
     min_encryption_version: u32,
     min_available_version: KeyVersion,
     versions: Vec<VersionRecordOwned>,
+    /// The fields below are absent in records written before they existed.
+    #[serde(default)]
+    id: Option<KeyId>,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    deletion_time_ms: Option<u64>,
+    #[serde(default)]
+    auto_rotate_period_s: u64,
 }
 
 #[derive(Deserialize)]
@@ -1419,10 +1583,108 @@ mod tests {
             "min_encryption_version": max,
             "min_available_version": max - 2,
             "versions": versions,
+            "id": "f".repeat(32),
+            "generation": u64::MAX,
+            "deletion_time_ms": u64::MAX,
+            "auto_rotate_period_s": u64::MAX,
         });
         let k = load(&record).unwrap();
         let out = k.to_record();
         assert!(out.len() < RECORD_BASE_CAPACITY + 3 * RECORD_PER_VERSION_CAPACITY);
+    }
+
+    #[test]
+    fn id_generation_deletion_and_rotation_period_round_trip() {
+        let mut k = key(CreateOptions {
+            deletion_allowed: true,
+            ..Default::default()
+        });
+        let id = k.id().expect("new keys have an id");
+        assert_ne!(
+            Some(id),
+            key(CreateOptions::default()).id(),
+            "ids are random"
+        );
+        assert_eq!(id.to_string().len(), 32);
+        k.next_generation();
+        k.next_generation();
+        k.schedule_deletion(5_000).unwrap();
+        assert!(k.schedule_deletion(9_000).is_err(), "already scheduled");
+        k.set_auto_rotate_period_s(3600);
+        let back = NamedKey::from_record(k.to_record().expose_secret()).unwrap();
+        assert_eq!(back.id(), Some(id));
+        assert_eq!(back.generation(), 2);
+        assert_eq!(back.deletion_time_ms(), Some(5_000));
+        assert_eq!(back.auto_rotate_period_s(), 3600);
+
+        let mut back = back;
+        assert!(back.cancel_deletion());
+        assert!(!back.cancel_deletion());
+        assert_eq!(back.deletion_time_ms(), None);
+
+        // A record without the fields (an older server's) loads with none of them.
+        let mut old = record_json(&key(CreateOptions::default()));
+        let map = old.as_object_mut().unwrap();
+        for field in [
+            "id",
+            "generation",
+            "deletion_time_ms",
+            "auto_rotate_period_s",
+        ] {
+            map.remove(field);
+        }
+        let old = load(&old).unwrap();
+        assert_eq!(old.id(), None);
+        assert_eq!(old.generation(), 0);
+        assert!(!String::from_utf8_lossy(old.to_record().expose_secret()).contains("\"id\""));
+        for bad in [
+            "ABCDEF0123456789abcdef0123456789",
+            "abc",
+            "g".repeat(32).as_str(),
+        ] {
+            let mut r = record_json(&k);
+            r["id"] = bad.into();
+            assert!(load(&r).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deletion_needs_deletion_allowed() {
+        let mut k = key(CreateOptions::default());
+        assert!(k.schedule_deletion(1).is_err());
+        assert_eq!(k.deletion_time_ms(), None);
+    }
+
+    #[test]
+    fn rotation_is_due_one_period_after_the_latest_version() {
+        let mut k = NamedKey::create(
+            KeyName::new("r").unwrap(),
+            CreateOptions::default(),
+            1_000_000,
+        )
+        .unwrap();
+        assert!(!k.rotation_due(u64::MAX), "no period set");
+        k.set_auto_rotate_period_s(60);
+        assert!(!k.rotation_due(1_059_999));
+        assert!(k.rotation_due(1_060_000));
+        k.rotate(1_060_000).unwrap();
+        assert!(!k.rotation_due(1_060_000), "the new version is fresh");
+        assert!(k.rotation_due(1_120_000));
+        // A clock behind the version's creation never rotates.
+        assert!(!k.rotation_due(0));
+        // A key pending deletion is not rotated.
+        let mut d = NamedKey::create(
+            KeyName::new("d").unwrap(),
+            CreateOptions {
+                deletion_allowed: true,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+        d.set_auto_rotate_period_s(1);
+        d.schedule_deletion(u64::MAX).unwrap();
+        assert!(!d.rotation_due(u64::MAX));
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! `key.config` (or `key.create`); creating an exportable key needs `key.export`.
 //! `ListKeys` lists only the names the caller may `key.read`.
 //!
+//! `DeleteKey` schedules the destruction after a waiting period and
+//! `CancelKeyDeletion` (also `key.delete`) takes it back; a key pending deletion
+//! answers every other call but `GetKey` and `ListKeys` with
+//! `KEY_PENDING_DELETION`. A waiting period of zero (only if
+//! `keys.deletion_waiting_period_s = 0`) destroys the key in the call.
+//!
 //! Metadata only, except `ExportKey`, which returns material for keys created
 //! exportable and nothing else. Exportability is fixed at creation:
 //! `UpdateKeyConfig` can neither turn it on nor off (`FAILED_PRECONDITION`).
@@ -23,7 +29,7 @@ use cipherd_core::{
     keyring::{ConfigUpdate, CreateOptions, KeyVersion},
 };
 use cipherd_proto::v1::{self as pb, key_admin_service_server::KeyAdminService};
-use prost_types::Timestamp;
+use prost_types::{Duration as ProtoDuration, Timestamp};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -31,7 +37,7 @@ use crate::{
     access::CallCtx,
     auth::policy::Operation,
     error::{Error, Result},
-    keys::{KeyManager, LoadedKey},
+    keys::{KeyManager, LoadedKey, refuse_pending},
     seal::Core,
     transit::key_name,
 };
@@ -76,7 +82,17 @@ impl KeyAdminService for KeyAdminHandler {
             exportable: r.exportable,
             deletion_allowed: r.deletion_allowed,
         };
-        let key = unsealed.keys.create(&name, opts).await?;
+        let period = self.auto_rotate_period(r.auto_rotate_period)?.unwrap_or(0);
+        let mut key = unsealed.keys.create(&name, opts).await?;
+        if period != 0 {
+            key = unsealed
+                .keys
+                .update(&name, |k| {
+                    k.set_auto_rotate_period_s(period);
+                    Ok(true)
+                })
+                .await?;
+        }
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_proto(&unsealed.keys, &key).await?),
         }))
@@ -148,7 +164,10 @@ impl KeyAdminService for KeyAdminHandler {
         let now = crate::keys::now_ms();
         let key = unsealed
             .keys
-            .update(&name, |k| k.rotate(now).map(|_| true).map_err(Error::from))
+            .update(&name, |k| {
+                refuse_pending(k)?;
+                k.rotate(now).map(|_| true).map_err(Error::from)
+            })
             .await?;
         tracing::info!(key = %name, version = %key.key().latest_version(), "key rotated");
         Ok(Response::new(pb::RotateKeyResponse {
@@ -173,9 +192,14 @@ impl KeyAdminService for KeyAdminHandler {
             .map(KeyVersion::new)
             .transpose()
             .map_err(Error::from)?;
+        let period = self.auto_rotate_period(r.auto_rotate_period)?;
         let key = unsealed
             .keys
             .update(&name, |k| {
+                refuse_pending(k)?;
+                if let Some(period) = period {
+                    k.set_auto_rotate_period_s(period);
+                }
                 k.update_config(ConfigUpdate {
                     min_decryption_version,
                     min_encryption_version: r.min_encryption_version,
@@ -204,6 +228,7 @@ impl KeyAdminService for KeyAdminHandler {
         let key = unsealed
             .keys
             .update(&name, |k| {
+                refuse_pending(k)?;
                 k.trim(floor)?;
                 Ok(true)
             })
@@ -220,10 +245,55 @@ impl KeyAdminService for KeyAdminHandler {
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
         let ctx = CallCtx::of(&request)?;
         let unsealed = self.core.unsealed()?;
+        let r = request.into_inner();
+        let name = key_name(&r.name)?;
+        ctx.authorize(Operation::KeyDelete, Some(name.as_str()), "", "")?;
+        let lifecycle = self.core.params().lifecycle;
+        let floor = lifecycle.deletion_waiting_period;
+        let wait = match r.waiting_period {
+            None => floor,
+            Some(d) => {
+                let wait = std::time::Duration::from_secs(duration_seconds(d, "waiting_period")?);
+                if wait < floor
+                    || wait > crate::config::LifecycleParams::MAX_DELETION_WAITING_PERIOD
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "waiting_period must be between {} s (keys.deletion_waiting_period_s) and {} s",
+                        floor.as_secs(),
+                        crate::config::LifecycleParams::MAX_DELETION_WAITING_PERIOD.as_secs()
+                    ))
+                    .into());
+                }
+                wait
+            }
+        };
+        let now = crate::keys::now_ms();
+        let at = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        let key = unsealed.keys.schedule_deletion(&name, at).await?;
+        let key = if wait.is_zero() {
+            unsealed.keys.destroy_if_due(&name, at).await?;
+            None
+        } else {
+            Some(key_to_proto(&unsealed.keys, &key).await?)
+        };
+        Ok(Response::new(pb::DeleteKeyResponse {
+            deletion_time: Some(timestamp(at)),
+            key,
+        }))
+    }
+
+    async fn cancel_key_deletion(
+        &self,
+        request: Request<pb::CancelKeyDeletionRequest>,
+    ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        let unsealed = self.core.unsealed()?;
         let name = key_name(&request.into_inner().name)?;
         ctx.authorize(Operation::KeyDelete, Some(name.as_str()), "", "")?;
-        unsealed.keys.delete(&name).await?;
-        Ok(Response::new(pb::DeleteKeyResponse {}))
+        let key = unsealed.keys.cancel_deletion(&name).await?;
+        Ok(Response::new(pb::CancelKeyDeletionResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
     }
 
     async fn export_key(
@@ -236,6 +306,7 @@ impl KeyAdminService for KeyAdminHandler {
         let name = key_name(&r.name)?;
         ctx.authorize(Operation::KeyExport, Some(name.as_str()), "", "")?;
         let loaded = unsealed.keys.reload(&name).await?;
+        loaded.check_usable()?;
         let key = loaded.key();
         if !key.exportable() {
             return Err(Error::FailedPrecondition(format!(
@@ -292,6 +363,39 @@ impl KeyAdminService for KeyAdminHandler {
     }
 }
 
+impl KeyAdminHandler {
+    /// A requested `auto_rotate_period` in seconds: `None` if unset, 0 to turn
+    /// rotation off, else at least `keys.min_auto_rotate_period_s`.
+    fn auto_rotate_period(&self, period: Option<ProtoDuration>) -> Result<Option<u64>> {
+        let Some(period) = period else {
+            return Ok(None);
+        };
+        let seconds = duration_seconds(period, "auto_rotate_period")?;
+        let min = self
+            .core
+            .params()
+            .lifecycle
+            .min_auto_rotate_period
+            .as_secs();
+        if seconds != 0 && seconds < min {
+            return Err(Error::InvalidArgument(format!(
+                "auto_rotate_period must be 0 (off) or at least {min} s (keys.min_auto_rotate_period_s)"
+            )));
+        }
+        Ok(Some(seconds))
+    }
+}
+
+/// Whole seconds of a non-negative duration field (nanos must be zero).
+fn duration_seconds(d: ProtoDuration, field: &str) -> Result<u64> {
+    match (u64::try_from(d.seconds), d.nanos) {
+        (Ok(s), 0) => Ok(s),
+        _ => Err(Error::InvalidArgument(format!(
+            "{field} must be a non-negative whole number of seconds"
+        ))),
+    }
+}
+
 /// Maps the proto key type; unspecified means the default, xaes-256-gcm.
 fn key_type_from_proto(value: i32) -> Result<KeyType> {
     match pb::KeyType::try_from(value) {
@@ -327,10 +431,16 @@ async fn key_to_proto(keys: &KeyManager, loaded: &LoadedKey) -> Result<pb::Key> 
     } else {
         0
     };
+    let uses = keys.version_uses(loaded).await?;
     let mut versions = Vec::new();
     for (version, created_at_ms) in key.versions() {
+        let used = uses
+            .iter()
+            .find(|u| u.version == version.get())
+            .copied()
+            .unwrap_or_default();
         let encryptions = if counted {
-            match keys.reserved_encryptions(key.name(), version).await {
+            match keys.reserved_encryptions(key, version).await {
                 Ok(n) => n,
                 // The version's usage record is gone or corrupt (the ledger logs
                 // which): encryption under it is refused. Show it as used up, the
@@ -347,6 +457,9 @@ async fn key_to_proto(keys: &KeyManager, loaded: &LoadedKey) -> Result<pb::Key> 
             created_at: Some(timestamp(created_at_ms)),
             encryptions,
             encryption_limit: limit,
+            encrypt_count: used.encryptions,
+            decrypt_count: used.decryptions,
+            last_used: (used.last_used_ms != 0).then(|| timestamp(used.last_used_ms)),
         });
     }
     Ok(pb::Key {
@@ -361,5 +474,11 @@ async fn key_to_proto(keys: &KeyManager, loaded: &LoadedKey) -> Result<pb::Key> 
         min_available_version: key.min_available_version().get(),
         versions,
         created_at: Some(timestamp(key.created_at_ms())),
+        deletion_time: key.deletion_time_ms().map(timestamp),
+        auto_rotate_period: (key.auto_rotate_period_s() != 0).then(|| ProtoDuration {
+            seconds: i64::try_from(key.auto_rotate_period_s()).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        id: key.id().map(|id| id.to_string()).unwrap_or_default(),
     })
 }

@@ -62,7 +62,24 @@ pub struct RawSeal {
     pub auto_unseal_file: Option<PathBuf>,
     /// The name of an environment variable holding them (whitespace-separated).
     pub auto_unseal_env: Option<String>,
+    /// Another cipherd whose transit key decrypts this server's shares:
+    /// `https://host:port` (plain `http://` only on loopback).
+    pub transit_address: Option<String>,
+    /// The key on `transit_address` the shares are encrypted under.
+    pub transit_key: Option<String>,
+    /// A file holding the token for `transit_address` (not world-readable).
+    pub transit_token_file: Option<PathBuf>,
+    /// PEM CA certificate of `transit_address`'s TLS certificate.
+    pub transit_ca_file: Option<PathBuf>,
+    /// A file of text ciphertexts (one per line), each a share encrypted under
+    /// `transit_key` with the associated data [`TRANSIT_UNSEAL_AAD`].
+    pub transit_shares_file: Option<PathBuf>,
 }
+
+/// The associated data every share's ciphertext for transit auto-unseal is made
+/// with (`cipherctl encrypt KEY --aad cipherd-auto-unseal --lines`), so that no
+/// other ciphertext of the same key can be passed off as one.
+pub const TRANSIT_UNSEAL_AAD: &str = "cipherd-auto-unseal";
 
 /// `[auth]`
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +181,14 @@ pub struct RawKeys {
     pub usage_reservation_block: u64,
     /// At the limit: `rotate` (add a version and continue) or `refuse`.
     pub usage_limit_action: String,
+    /// Default and shortest waiting period of `DeleteKey`, in seconds.
+    pub deletion_waiting_period_s: u64,
+    /// Shortest `auto_rotate_period` a key may have, in seconds.
+    pub min_auto_rotate_period_s: u64,
+    /// How often scheduled deletions and rotations are looked for, in ms.
+    pub housekeeping_interval_ms: u64,
+    /// How often per-version use statistics are written to storage, in ms.
+    pub stats_flush_interval_ms: u64,
 }
 
 /// `[memory]`
@@ -187,6 +212,8 @@ pub struct Params {
     pub limits: Limits,
     /// Usage policy of 96-bit-nonce key types.
     pub usage: UsagePolicy,
+    /// Scheduled deletion and rotation, use statistics.
+    pub lifecycle: LifecycleParams,
     /// Process memory hygiene, applied by the binary (see [`crate::memory`]).
     pub memory: MemoryParams,
     /// TLS on the listener; `None` serves plaintext (dev on loopback, or
@@ -209,6 +236,23 @@ pub enum AutoUnseal {
     File(PathBuf),
     /// `seal.auto_unseal_env`: the variable's name.
     Env(String),
+    /// `seal.transit_*`: shares encrypted under another cipherd's key.
+    Transit(TransitUnseal),
+}
+
+/// Auto-unseal through another cipherd's transit key (`seal.transit_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitUnseal {
+    /// `seal.transit_address`, e.g. `https://kms.internal:8210`.
+    pub address: String,
+    /// `seal.transit_key`.
+    pub key: String,
+    /// `seal.transit_token_file`.
+    pub token_file: PathBuf,
+    /// `seal.transit_ca_file` (required for `https://`).
+    pub ca_file: Option<PathBuf>,
+    /// `seal.transit_shares_file`.
+    pub shares_file: PathBuf,
 }
 
 /// Token lifetimes (`[auth]`).
@@ -392,6 +436,32 @@ fn too_large(
     })
 }
 
+/// Scheduled deletion, automatic rotation and use statistics (`[keys]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifecycleParams {
+    /// Default and shortest wait between `DeleteKey` and the destruction.
+    pub deletion_waiting_period: Duration,
+    /// Shortest `auto_rotate_period` accepted.
+    pub min_auto_rotate_period: Duration,
+    /// Interval of the sweep for due deletions and rotations.
+    pub housekeeping_interval: Duration,
+    /// Interval of the use-statistics flush.
+    pub stats_flush_interval: Duration,
+}
+
+impl LifecycleParams {
+    /// The defaults: 7 days, 1 hour, 60 s, 10 s.
+    pub const DEFAULT: Self = Self {
+        deletion_waiting_period: Duration::from_secs(7 * 24 * 3600),
+        min_auto_rotate_period: Duration::from_secs(3600),
+        housekeeping_interval: Duration::from_secs(60),
+        stats_flush_interval: Duration::from_secs(10),
+    };
+
+    /// The longest waiting period a `DeleteKey` may ask for (365 days).
+    pub const MAX_DELETION_WAITING_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+}
+
 /// How encryptions under 96-bit random nonce key types are counted and capped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsagePolicy {
@@ -455,6 +525,10 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("keys.usage_limit", "3865470566"),
     ("keys.usage_reservation_block", "65536"),
     ("keys.usage_limit_action", "rotate"),
+    ("keys.deletion_waiting_period_s", "604800"),
+    ("keys.min_auto_rotate_period_s", "3600"),
+    ("keys.housekeeping_interval_ms", "60000"),
+    ("keys.stats_flush_interval_ms", "10000"),
     ("memory.lock", "false"),
     ("auth.default_token_ttl_s", "28800"),
     ("auth.max_token_ttl_s", "2764800"),
@@ -539,6 +613,25 @@ impl TryFrom<RawConfig> for Params {
                 )));
             }
         };
+        if k.deletion_waiting_period_s > LifecycleParams::MAX_DELETION_WAITING_PERIOD.as_secs() {
+            return Err(ConfigError(
+                "keys.deletion_waiting_period_s must be at most 31536000 (365 days)".into(),
+            ));
+        }
+        for (setting, ms) in [
+            ("keys.housekeeping_interval_ms", k.housekeeping_interval_ms),
+            ("keys.stats_flush_interval_ms", k.stats_flush_interval_ms),
+        ] {
+            if ms == 0 {
+                return Err(ConfigError(format!("{setting} must be at least 1")));
+            }
+        }
+        let lifecycle = LifecycleParams {
+            deletion_waiting_period: Duration::from_secs(k.deletion_waiting_period_s),
+            min_auto_rotate_period: Duration::from_secs(k.min_auto_rotate_period_s),
+            housekeeping_interval: Duration::from_millis(k.housekeeping_interval_ms),
+            stats_flush_interval: Duration::from_millis(k.stats_flush_interval_ms),
+        };
         let tls = crate::edge::tls::TlsParams::from_raw(&raw.tls, raw.dev, &raw.listen)?;
         let audit = crate::audit::AuditParams::from_raw(&raw.audit, raw.dev, &raw.data_dir)?;
         Ok(Params {
@@ -551,6 +644,7 @@ impl TryFrom<RawConfig> for Params {
                 reservation_block: k.usage_reservation_block,
                 on_limit,
             },
+            lifecycle,
             memory: MemoryParams {
                 lock: raw.memory.lock,
             },
@@ -558,8 +652,16 @@ impl TryFrom<RawConfig> for Params {
             audit,
             auth: auth_params(&raw.auth)?,
             jwt: crate::auth::jwt::JwtParams::from_raw(&raw.jwt)?,
-            auto_unseal: match (raw.seal.auto_unseal_file, raw.seal.auto_unseal_env) {
-                (None, None) => None,
+            auto_unseal: match (
+                raw.seal.auto_unseal_file.clone(),
+                raw.seal.auto_unseal_env.clone(),
+            ) {
+                (None, None) => transit_unseal(&raw.seal)?.map(AutoUnseal::Transit),
+                (_, _) if transit_unseal(&raw.seal)?.is_some() => {
+                    return Err(ConfigError(
+                        "seal.transit_* and seal.auto_unseal_file / auto_unseal_env: set one way to auto-unseal, not two".into(),
+                    ));
+                }
                 (Some(path), None) if !path.as_os_str().is_empty() => Some(AutoUnseal::File(path)),
                 (None, Some(var)) if !var.is_empty() => Some(AutoUnseal::Env(var)),
                 (Some(_), Some(_)) => {
@@ -575,6 +677,56 @@ impl TryFrom<RawConfig> for Params {
             },
         })
     }
+}
+
+/// `seal.transit_*`: all of address, key, token file and shares file, or none.
+fn transit_unseal(seal: &RawSeal) -> Result<Option<TransitUnseal>, ConfigError> {
+    let any = seal.transit_address.is_some()
+        || seal.transit_key.is_some()
+        || seal.transit_token_file.is_some()
+        || seal.transit_ca_file.is_some()
+        || seal.transit_shares_file.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let (Some(address), Some(key), Some(token_file), Some(shares_file)) = (
+        seal.transit_address.clone(),
+        seal.transit_key.clone(),
+        seal.transit_token_file.clone(),
+        seal.transit_shares_file.clone(),
+    ) else {
+        return Err(ConfigError(
+            "seal.transit_address, seal.transit_key, seal.transit_token_file and \
+             seal.transit_shares_file are all needed for transit auto-unseal"
+                .into(),
+        ));
+    };
+    let uri: http::Uri = address
+        .parse()
+        .map_err(|e| ConfigError(format!("seal.transit_address = {address:?}: {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https"), Some(_)) => {
+            if seal.transit_ca_file.is_none() {
+                return Err(ConfigError(
+                    "seal.transit_ca_file is needed for an https:// seal.transit_address".into(),
+                ));
+            }
+        }
+        (Some("http"), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+        _ => {
+            return Err(ConfigError(format!(
+                "seal.transit_address = {address:?}: expected https://HOST:PORT \
+                 (plain http:// only on loopback: the replies are unseal shares)"
+            )));
+        }
+    }
+    Ok(Some(TransitUnseal {
+        address,
+        key,
+        token_file,
+        ca_file: seal.transit_ca_file.clone(),
+        shares_file,
+    }))
 }
 
 /// `[storage]`: the backend and its options; options of the other backend are
@@ -764,6 +916,7 @@ impl Params {
                 reservation_block: 65_536,
                 on_limit: LimitAction::Rotate,
             },
+            lifecycle: LifecycleParams::DEFAULT,
             memory: MemoryParams::default(),
             tls: None,
             auth: AuthParams::DEFAULT,
@@ -776,6 +929,82 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Params, ConfigError> {
+        let mut overrides: Vec<(&str, String)> = vec![("dev", "true".into())];
+        overrides.extend(pairs.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        Params::try_from(RawConfig::load(None, &overrides)?)
+    }
+
+    #[test]
+    fn transit_auto_unseal_needs_all_its_settings_and_tls_off_loopback() {
+        let full = [
+            ("seal.transit_address", "https://kms.internal:8210"),
+            ("seal.transit_key", "cipherd-unseal"),
+            ("seal.transit_token_file", "/run/secrets/kms-token"),
+            ("seal.transit_ca_file", "/etc/cipherd/kms-ca.pem"),
+            (
+                "seal.transit_shares_file",
+                "/etc/cipherd/unseal-shares.transit",
+            ),
+        ];
+        let params = with(&full).unwrap();
+        let Some(AutoUnseal::Transit(t)) = params.auto_unseal else {
+            panic!("{:?}", params.auto_unseal);
+        };
+        assert_eq!(t.key, "cipherd-unseal");
+        assert_eq!(
+            t.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/cipherd/kms-ca.pem"))
+        );
+        // Loopback over plain HTTP needs no CA.
+        let mut local = full[..4].to_vec();
+        local[0] = ("seal.transit_address", "http://127.0.0.1:8210");
+        local[3] = full[4];
+        assert!(with(&local).is_ok());
+        for (broken, needle) in [
+            (vec![full[0], full[1], full[2], full[4]], "transit_ca_file"),
+            (vec![full[0], full[1], full[3]], "all needed"),
+            (
+                vec![
+                    ("seal.transit_address", "http://kms.internal:8210"),
+                    full[1],
+                    full[2],
+                    full[4],
+                ],
+                "loopback",
+            ),
+            (
+                [&full[..], &[("seal.auto_unseal_env", "SHARES")]].concat(),
+                "not two",
+            ),
+        ] {
+            let err = with(&broken).unwrap_err().to_string();
+            assert!(err.contains(needle), "{broken:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_settings_are_read_and_checked() {
+        let params = with(&[
+            ("keys.deletion_waiting_period_s", "0"),
+            ("keys.housekeeping_interval_ms", "250"),
+        ])
+        .unwrap();
+        assert_eq!(params.lifecycle.deletion_waiting_period, Duration::ZERO);
+        assert_eq!(
+            params.lifecycle.housekeeping_interval,
+            Duration::from_millis(250)
+        );
+        assert_eq!(with(&[]).unwrap().lifecycle, LifecycleParams::DEFAULT);
+        for bad in [
+            ("keys.deletion_waiting_period_s", "31536001"),
+            ("keys.stats_flush_interval_ms", "0"),
+        ] {
+            let err = with(&[bad]).unwrap_err().to_string();
+            assert!(err.contains(bad.0), "{err}");
+        }
+    }
 
     #[test]
     fn defaults_validate_and_match_for_data_dir() {

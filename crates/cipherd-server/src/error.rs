@@ -58,6 +58,10 @@ pub enum Error {
     /// `CreateKey` for a name that is taken.
     #[error("key {0:?} already exists")]
     KeyExists(String),
+    /// The key is scheduled for deletion: it neither encrypts nor decrypts, and
+    /// only `GetKey`, `ListKeys` and `CancelKeyDeletion` accept it.
+    #[error("key {0:?} is scheduled for deletion; cancel the deletion to use it again")]
+    KeyPendingDeletion(String),
     /// A request field is invalid; the message says which and how.
     #[error("{0}")]
     InvalidArgument(String),
@@ -239,6 +243,7 @@ impl Error {
             UnsealFailed(_) => (Code::InvalidArgument, "UNSEAL_FAILED"),
             KeyNotFound(_) => (Code::NotFound, "KEY_NOT_FOUND"),
             KeyExists(_) => (Code::AlreadyExists, "KEY_EXISTS"),
+            KeyPendingDeletion(_) => (Code::FailedPrecondition, "KEY_PENDING_DELETION"),
             InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             TooLarge { .. } => (Code::InvalidArgument, "TOO_LARGE"),
             MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),

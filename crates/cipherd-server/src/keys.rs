@@ -34,9 +34,46 @@
 //! The absent-record check reads the key record from storage rather than the
 //! cache, since another replica may have set the flag. What this does not catch:
 //! a usage record deleted in the moment between its creation and the flag's (a
-//! crash there leaves the record, which rule 1 flags at the next block), or an old
-//! sealed copy of a record replayed in place of the current one (the barrier
-//! authenticates content and path, not freshness).
+//! crash there leaves the record, which rule 1 flags at the next block).
+//!
+//! # Rollback of a key record
+//!
+//! The barrier authenticates a record's content and path, not its freshness: an
+//! older sealed copy of `keys/<name>` put back in place of the current one (a
+//! partial restore, a storage attacker) opens fine. So every write of a key
+//! record advances its generation ([`NamedKey::generation`]), and the manager
+//! remembers, per key, the highest generation it has opened and at which store
+//! revision. A record of the same key (same [`KeyId`]) read at a later revision
+//! with a lower generation is refused as `Corrupt` (`STORAGE_INTEGRITY`). A read
+//! at an older revision is a stale read racing a write, not a rollback. The memory
+//! is per process: a replica started after the rollback cannot tell.
+//!
+//! # Identity
+//!
+//! A key created again after its deletion is another key: it has a new random
+//! [`KeyId`], and its usage records (`usage/<name>/<id>/<version>`), in-memory
+//! reservation blocks and statistics are keyed by it, so no replica can go on
+//! using a block reserved for the deleted key. Keys created before ids existed
+//! keep `usage/<name>/<version>`.
+//!
+//! # Scheduled deletion and rotation
+//!
+//! `DeleteKey` only schedules: the key record gets a deletion time, and until it
+//! the key refuses every use (`KEY_PENDING_DELETION`) but can be cancelled.
+//! [`KeyManager::sweep`], run periodically on every replica, destroys keys whose
+//! time has come (the record is deleted with compare-and-set, which crypto-shreds
+//! every ciphertext under it) and rotates keys whose `auto_rotate_period` has
+//! passed since their latest version. Both decide on the freshly read record
+//! inside a compare-and-set, so of several replicas sweeping at once exactly one
+//! acts, once per period.
+//!
+//! # Use statistics
+//!
+//! Per version, encryptions, decryptions and the last use are counted in memory
+//! ([`KeyUse`], shared by every cached copy of a key) and merged into
+//! `stats/<name>` by [`KeyManager::flush_stats`] every few seconds, adding to
+//! what other replicas wrote. They are operational figures, not a bound: a crash
+//! loses the unflushed part (the 96-bit-nonce usage counters above are the bound).
 
 use std::{
     future::Future,
@@ -48,7 +85,7 @@ use std::{
 use cipherd_core::{
     aead::AeadKey,
     barrier::Barrier,
-    keyring::{CreateOptions, KeyName, KeyVersion, NamedKey},
+    keyring::{CreateOptions, KeyId, KeyName, KeyVersion, NamedKey},
 };
 use cipherd_store::{Change, Store};
 use dashmap::DashMap;
@@ -79,7 +116,111 @@ pub struct KeyManager {
     barrier: Arc<Barrier>,
     cache: Arc<DashMap<KeyName, Arc<LoadedKey>>>,
     usage: UsageLedger,
+    /// Per key: the id, highest generation and its store revision opened so far
+    /// (rollback detection, see the module docs).
+    seen: DashMap<KeyName, Seen>,
+    /// Per key: use statistics not yet merged into storage.
+    uses: DashMap<KeyName, Arc<KeyUse>>,
     invalidator: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Copy)]
+struct Seen {
+    id: Option<KeyId>,
+    generation: u64,
+    revision: u64,
+}
+
+/// One key's use counts gathered in this process since the last flush, shared by
+/// every cached copy of the key.
+#[derive(Debug)]
+pub struct KeyUse {
+    id: Option<KeyId>,
+    pending: Mutex<Vec<VersionUse>>,
+}
+
+/// Use of one key version: encryptions, decryptions, last use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionUse {
+    /// The version.
+    pub version: u32,
+    /// Items encrypted under it (as requested; an item refused after the key was
+    /// chosen still counts).
+    pub encryptions: u64,
+    /// Items decrypted under it (successfully).
+    pub decryptions: u64,
+    /// The last encryption or decryption, ms since the epoch.
+    pub last_used_ms: u64,
+}
+
+impl KeyUse {
+    fn new(id: Option<KeyId>) -> Self {
+        Self {
+            id,
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts `encryptions` and `decryptions` of `version` now.
+    pub fn note(&self, version: KeyVersion, encryptions: u64, decryptions: u64) {
+        if encryptions == 0 && decryptions == 0 {
+            return;
+        }
+        let now = now_ms();
+        let mut pending = self.lock();
+        merge_use(
+            &mut pending,
+            VersionUse {
+                version: version.get(),
+                encryptions,
+                decryptions,
+                last_used_ms: now,
+            },
+        );
+    }
+
+    fn take(&self) -> Vec<VersionUse> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn snapshot(&self) -> Vec<VersionUse> {
+        self.lock().clone()
+    }
+
+    fn put_back(&self, uses: Vec<VersionUse>) {
+        let mut pending = self.lock();
+        for u in uses {
+            merge_use(&mut pending, u);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<VersionUse>> {
+        // Invariant: the critical sections are plain arithmetic on a Vec.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Adds `u` into `into` (counts add, the last use is the later one).
+fn merge_use(into: &mut Vec<VersionUse>, u: VersionUse) {
+    match into.iter_mut().find(|e| e.version == u.version) {
+        Some(e) => {
+            e.encryptions = e.encryptions.saturating_add(u.encryptions);
+            e.decryptions = e.decryptions.saturating_add(u.decryptions);
+            e.last_used_ms = e.last_used_ms.max(u.last_used_ms);
+        }
+        None => into.push(u),
+    }
+}
+
+/// What one [`KeyManager::sweep`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Keys examined.
+    pub keys: usize,
+    /// Keys rotated because their `auto_rotate_period` had passed.
+    pub rotated: usize,
+    /// Keys destroyed because their deletion time had come.
+    pub destroyed: usize,
 }
 
 /// A key as loaded: its metadata and material plus AEAD keys prepared per version.
@@ -92,6 +233,8 @@ pub struct LoadedKey {
     /// by version. A `Vec` of exact size: an `AeadKey` is about 1 KiB, and a
     /// `BTreeMap` node would reserve room for eleven of them per key.
     prepared: Vec<(KeyVersion, AeadKey)>,
+    /// Use counts of the key, shared with every other copy of it.
+    uses: Arc<KeyUse>,
 }
 
 /// An AEAD key to use for one operation: prepared and cached, or derived for a
@@ -118,6 +261,16 @@ impl LoadedKey {
     /// The key's metadata and material.
     pub fn key(&self) -> &NamedKey {
         &self.key
+    }
+
+    /// Where uses of this key are counted.
+    pub fn uses(&self) -> &KeyUse {
+        &self.uses
+    }
+
+    /// Refuses a key scheduled for deletion (`KEY_PENDING_DELETION`).
+    pub fn check_usable(&self) -> Result<()> {
+        refuse_pending(&self.key)
     }
 
     /// The prepared AEAD key of `version` for non-derived keys (`None` for derived
@@ -149,7 +302,7 @@ impl LoadedKey {
         )?)))
     }
 
-    fn prepare(key: NamedKey, revision: u64) -> Result<Self> {
+    fn prepare(key: NamedKey, revision: u64, uses: Arc<KeyUse>) -> Result<Self> {
         let mut prepared = Vec::new();
         if !key.derived() {
             prepared.reserve_exact(key.versions().count());
@@ -166,6 +319,7 @@ impl LoadedKey {
             revision,
             loaded_at: Instant::now(),
             prepared,
+            uses,
         })
     }
 }
@@ -184,6 +338,8 @@ impl KeyManager {
             store,
             barrier,
             cache,
+            seen: DashMap::new(),
+            uses: DashMap::new(),
             invalidator,
         }
     }
@@ -230,7 +386,8 @@ impl KeyManager {
 
     /// Creates a key with version 1.
     pub async fn create(&self, name: &KeyName, opts: CreateOptions) -> Result<Arc<LoadedKey>> {
-        let key = NamedKey::create(name.clone(), opts, now_ms())?;
+        let mut key = NamedKey::create(name.clone(), opts, now_ms())?;
+        key.next_generation();
         let path = key_path(name);
         let sealed = self.barrier.seal(&path, key.to_record().expose_secret())?;
         let revision = match self.store.create(&path, &sealed).await {
@@ -240,7 +397,9 @@ impl KeyManager {
             }
             Err(e) => return Err(e.into()),
         };
-        let loaded = Arc::new(LoadedKey::prepare(key, revision)?);
+        self.note_seen(&key, revision)?;
+        let uses = self.uses_of(&key);
+        let loaded = Arc::new(LoadedKey::prepare(key, revision, uses)?);
         self.install(name, &loaded);
         tracing::info!(key = %name, "key created");
         Ok(loaded)
@@ -261,12 +420,14 @@ impl KeyManager {
                 .await?
                 .ok_or_else(|| Error::KeyNotFound(name.to_string()))?;
             let current = self.open_record(&path, &record.value, record.revision)?;
+            let uses = Arc::clone(&current.uses);
             let mut key = current.key;
             if !change(&mut key)? {
-                let unchanged = Arc::new(LoadedKey::prepare(key, record.revision)?);
+                let unchanged = Arc::new(LoadedKey::prepare(key, record.revision, uses)?);
                 self.install(name, &unchanged);
                 return Ok(unchanged);
             }
+            key.next_generation();
             let sealed = self.barrier.seal(&path, key.to_record().expose_secret())?;
             match self
                 .store
@@ -274,7 +435,8 @@ impl KeyManager {
                 .await
             {
                 Ok(revision) => {
-                    let loaded = Arc::new(LoadedKey::prepare(key, revision)?);
+                    self.note_seen(&key, revision)?;
+                    let loaded = Arc::new(LoadedKey::prepare(key, revision, uses)?);
                     self.install(name, &loaded);
                     return Ok(loaded);
                 }
@@ -288,34 +450,251 @@ impl KeyManager {
         Err(Error::Aborted(name.to_string()))
     }
 
-    /// Deletes the key (only when its config allows) and its usage records.
-    pub async fn delete(&self, name: &KeyName) -> Result<()> {
+    /// Schedules the key's destruction at `at_ms` (only when its config allows
+    /// deletion). Until then it refuses every use and the deletion can be
+    /// cancelled; [`KeyManager::sweep`] destroys it when the time comes.
+    pub async fn schedule_deletion(&self, name: &KeyName, at_ms: u64) -> Result<Arc<LoadedKey>> {
+        let key = self
+            .update(name, |k| {
+                k.schedule_deletion(at_ms)?;
+                Ok(true)
+            })
+            .await?;
+        tracing::warn!(key = %name, deletion_time_ms = at_ms, "key scheduled for deletion");
+        Ok(key)
+    }
+
+    /// Cancels the key's scheduled deletion; `FAILED_PRECONDITION` if none is.
+    pub async fn cancel_deletion(&self, name: &KeyName) -> Result<Arc<LoadedKey>> {
+        let key = self
+            .update(name, |k| {
+                if k.cancel_deletion() {
+                    Ok(true)
+                } else {
+                    Err(Error::FailedPrecondition(format!(
+                        "key \"{name}\" is not scheduled for deletion"
+                    )))
+                }
+            })
+            .await?;
+        tracing::warn!(key = %name, "key deletion cancelled");
+        Ok(key)
+    }
+
+    /// Destroys the key if its deletion time is at or before `now_ms`: deletes
+    /// the record (compare-and-set on the revision read, so a cancellation that
+    /// got in first wins), then its usage records and statistics. Returns whether
+    /// it destroyed the key.
+    pub async fn destroy_if_due(&self, name: &KeyName, now_ms: u64) -> Result<bool> {
         let path = key_path(name);
-        let record = self
-            .store
-            .get(&path)
-            .await?
-            .ok_or_else(|| Error::KeyNotFound(name.to_string()))?;
+        let Some(record) = self.store.get(&path).await? else {
+            return Ok(false);
+        };
         let key = self.open_record(&path, &record.value, record.revision)?;
-        if !key.key.deletion_allowed() {
-            return Err(Error::FailedPrecondition(format!(
-                "key \"{name}\" does not allow deletion; set deletion_allowed first"
-            )));
+        if key.key.deletion_time_ms().is_none_or(|at| at > now_ms) {
+            return Ok(false);
         }
         match self.store.delete(&path, record.revision).await {
             Ok(()) => {}
-            Err(cipherd_store::Error::Conflict { .. }) => {
-                return Err(Error::Aborted(name.to_string()));
-            }
-            Err(cipherd_store::Error::NotFound { .. }) => {
-                return Err(Error::KeyNotFound(name.to_string()));
+            // Cancelled, changed or destroyed by another replica meanwhile.
+            Err(cipherd_store::Error::Conflict { .. } | cipherd_store::Error::NotFound { .. }) => {
+                return Ok(false);
             }
             Err(e) => return Err(e.into()),
         }
         self.cache.remove(name);
+        self.uses.remove(name);
         self.usage.remove(name).await?;
-        tracing::info!(key = %name, "key deleted");
-        Ok(())
+        let stats = stats_path(name);
+        if let Some(rec) = self.store.get(&stats).await? {
+            // A leftover only shows old figures for a key of the same name until
+            // its id differs, which makes them ignored: nothing unsafe.
+            let _ = self.store.delete(&stats, rec.revision).await;
+        }
+        tracing::warn!(key = %name, "key destroyed: its scheduled deletion time came");
+        Ok(true)
+    }
+
+    /// One pass of key housekeeping at `now_ms`: destroys every key whose
+    /// deletion time has come and rotates every key whose `auto_rotate_period`
+    /// has passed since its latest version. Each decision is taken again on the
+    /// freshly read record inside a compare-and-set, so replicas sweeping at the
+    /// same time act once between them. A key that fails is logged and skipped.
+    pub async fn sweep(&self, now_ms: u64, keep_going: impl Fn() -> bool) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .scan(KEY_PREFIX, after.as_deref(), WARM_PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(report);
+            };
+            after = Some(last.clone());
+            for (path, record) in &page {
+                if !keep_going() {
+                    return Ok(report);
+                }
+                let Some(name) = path
+                    .strip_prefix(KEY_PREFIX)
+                    .and_then(|n| KeyName::new(n).ok())
+                else {
+                    continue;
+                };
+                report.keys += 1;
+                let key = match open_key(&self.barrier, path, &record.value) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        tracing::error!(key = %name, error = %e, "key failed to load");
+                        continue;
+                    }
+                };
+                let outcome = if key.deletion_time_ms().is_some_and(|at| at <= now_ms) {
+                    self.destroy_if_due(&name, now_ms).await.map(|destroyed| {
+                        report.destroyed += usize::from(destroyed);
+                    })
+                } else if key.rotation_due(now_ms) {
+                    self.rotate_if_due(&name, now_ms).await.map(|rotated| {
+                        report.rotated += usize::from(rotated);
+                    })
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = outcome {
+                    tracing::error!(key = %name, error = %e, "key housekeeping failed");
+                }
+            }
+        }
+    }
+
+    /// Rotates the key if its automatic rotation is due at `now_ms` on the stored
+    /// record; returns whether it rotated.
+    async fn rotate_if_due(&self, name: &KeyName, now_ms: u64) -> Result<bool> {
+        let mut rotated = false;
+        let key = self
+            .update(name, |k| {
+                rotated = k.rotation_due(now_ms);
+                if rotated {
+                    k.rotate(now_ms)?;
+                }
+                Ok(rotated)
+            })
+            .await?;
+        if rotated {
+            tracing::info!(
+                key = %name,
+                version = %key.key().latest_version(),
+                "key rotated: its auto_rotate_period passed"
+            );
+        }
+        Ok(rotated)
+    }
+
+    /// Merges the use counts gathered since the last flush into `stats/<name>`,
+    /// adding to what other replicas wrote. Counts that cannot be written are
+    /// kept for the next flush. Returns how many keys were written.
+    pub async fn flush_stats(&self) -> Result<usize> {
+        let pending: Vec<(KeyName, Arc<KeyUse>)> = self
+            .uses
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        let mut written = 0;
+        let mut first_error = None;
+        for (name, uses) in pending {
+            let taken = uses.take();
+            if taken.is_empty() {
+                continue;
+            }
+            match self.merge_stats(&name, uses.id, &taken).await {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    uses.put_back(taken);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    async fn merge_stats(
+        &self,
+        name: &KeyName,
+        id: Option<KeyId>,
+        add: &[VersionUse],
+    ) -> Result<()> {
+        let path = stats_path(name);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.store.get(&path).await?;
+            let mut record = match &current {
+                Some(rec) => self.open_stats(&path, &rec.value)?,
+                None => StatsRecord {
+                    id,
+                    versions: Vec::new(),
+                },
+            };
+            if record.id != id {
+                // Figures of a deleted key of the same name.
+                record = StatsRecord {
+                    id,
+                    versions: Vec::new(),
+                };
+            }
+            for u in add {
+                merge_use(&mut record.versions, *u);
+            }
+            let body = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
+            let sealed = self.barrier.seal(&path, &body)?;
+            let written = match &current {
+                Some(rec) => {
+                    self.store
+                        .compare_and_set(&path, rec.revision, &sealed)
+                        .await
+                }
+                None => self.store.create(&path, &sealed).await,
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(
+                    cipherd_store::Error::Conflict { .. }
+                    | cipherd_store::Error::AlreadyExists { .. }
+                    | cipherd_store::Error::NotFound { .. },
+                ) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Aborted(path))
+    }
+
+    /// Per version: uses recorded in storage by every replica plus this
+    /// process's unflushed ones, sorted by version.
+    pub async fn version_uses(&self, loaded: &LoadedKey) -> Result<Vec<VersionUse>> {
+        let path = stats_path(loaded.key.name());
+        let mut versions = match self.store.get(&path).await? {
+            Some(rec) => {
+                let record = self.open_stats(&path, &rec.value)?;
+                if record.id == loaded.key.id() {
+                    record.versions
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        };
+        for u in loaded.uses.snapshot() {
+            merge_use(&mut versions, u);
+        }
+        versions.sort_by_key(|u| u.version);
+        Ok(versions)
+    }
+
+    fn open_stats(&self, path: &str, sealed: &[u8]) -> Result<StatsRecord> {
+        let plain = self.barrier.open(path, sealed)?;
+        serde_json::from_slice(plain.expose_secret()).map_err(|_| Error::Corrupt(path.to_owned()))
     }
 
     /// Loads every key into the cache, page by page, so that the first request for
@@ -379,6 +758,7 @@ impl KeyManager {
         count: u64,
     ) -> Result<(Arc<LoadedKey>, KeyVersion)> {
         let mut loaded = self.get(name).await?;
+        loaded.check_usable()?;
         let counted = loaded.key.key_type().usage_limit().is_some();
         let policy = self.usage.policy();
         if counted && count > policy.limit {
@@ -407,6 +787,7 @@ impl KeyManager {
                     e => e.into(),
                 })?;
             if !counted || count == 0 {
+                loaded.uses.note(version, count, 0);
                 return Ok((loaded, version));
             }
             let flagged = loaded.key.usage_reserved(version)?;
@@ -417,8 +798,15 @@ impl KeyManager {
                     self.mark_usage_reserved(name, version).await
                 }
             };
-            match self.usage.reserve(name, version, count, mark).await {
-                Ok(()) => return Ok((loaded, version)),
+            match self
+                .usage
+                .reserve(name, loaded.key.id(), version, count, mark)
+                .await
+            {
+                Ok(()) => {
+                    loaded.uses.note(version, count, 0);
+                    return Ok((loaded, version));
+                }
                 Err(Error::UsageExhausted(_))
                     if requested.is_none() && policy.on_limit == LimitAction::Rotate =>
                 {
@@ -432,6 +820,7 @@ impl KeyManager {
                                 if k.latest_version() != version {
                                     return Ok(false);
                                 }
+                                refuse_pending(k)?;
                                 k.rotate(now_ms())?;
                                 Ok(true)
                             })
@@ -444,9 +833,10 @@ impl KeyManager {
         Err(Error::Aborted(name.to_string()))
     }
 
-    /// Encryptions reserved so far for `version` (an upper bound on those made).
-    pub async fn reserved_encryptions(&self, name: &KeyName, version: KeyVersion) -> Result<u64> {
-        self.usage.reserved(name, version).await
+    /// Encryptions reserved so far for `version` of `key` (an upper bound on
+    /// those made).
+    pub async fn reserved_encryptions(&self, key: &NamedKey, version: KeyVersion) -> Result<u64> {
+        self.usage.reserved(key.name(), key.id(), version).await
     }
 
     /// Sets `version`'s usage flag in the stored key record (rule 1 of the module
@@ -479,8 +869,74 @@ impl KeyManager {
     }
 
     fn open_record(&self, path: &str, sealed: &[u8], revision: u64) -> Result<LoadedKey> {
-        LoadedKey::prepare(open_key(&self.barrier, path, sealed)?, revision)
+        let key = open_key(&self.barrier, path, sealed)?;
+        self.note_seen(&key, revision)?;
+        let uses = self.uses_of(&key);
+        LoadedKey::prepare(key, revision, uses)
     }
+
+    /// Records that `key` was read or written at store `revision`, refusing a
+    /// rollback: the same key at a later revision with a lower generation than
+    /// seen before (see the module docs).
+    fn note_seen(&self, key: &NamedKey, revision: u64) -> Result<()> {
+        let now = Seen {
+            id: key.id(),
+            generation: key.generation(),
+            revision,
+        };
+        let mut entry = self.seen.entry(key.name().clone()).or_insert(now);
+        let seen = *entry;
+        if seen.id != now.id {
+            // Another key of this name (deleted and created again), or an old
+            // copy read late: follow the one at the later revision.
+            if revision > seen.revision {
+                *entry = now;
+            }
+            return Ok(());
+        }
+        if revision > seen.revision && now.generation < seen.generation {
+            drop(entry);
+            tracing::error!(
+                key = %key.name(),
+                generation = now.generation,
+                seen_generation = seen.generation,
+                revision,
+                "key record is older than one already seen: rolled back in storage; refusing it"
+            );
+            return Err(Error::Corrupt(key_path(key.name())));
+        }
+        if now.generation >= seen.generation && revision >= seen.revision {
+            *entry = now;
+        }
+        Ok(())
+    }
+
+    /// The shared use counter of `key`, fresh if the key's id changed.
+    fn uses_of(&self, key: &NamedKey) -> Arc<KeyUse> {
+        let mut entry = self
+            .uses
+            .entry(key.name().clone())
+            .or_insert_with(|| Arc::new(KeyUse::new(key.id())));
+        if entry.id != key.id() {
+            *entry = Arc::new(KeyUse::new(key.id()));
+        }
+        Arc::clone(&entry)
+    }
+}
+
+/// `KEY_PENDING_DELETION` for a key scheduled for deletion.
+pub fn refuse_pending(key: &NamedKey) -> Result<()> {
+    match key.deletion_time_ms() {
+        Some(_) => Err(Error::KeyPendingDeletion(key.name().to_string())),
+        None => Ok(()),
+    }
+}
+
+/// The stored use statistics of one key (`stats/<name>`).
+#[derive(Serialize, Deserialize)]
+struct StatsRecord {
+    id: Option<KeyId>,
+    versions: Vec<VersionUse>,
 }
 
 /// Opens a key record through the barrier and decodes it, failing closed
@@ -529,7 +985,9 @@ struct UsageLedger {
     store: Arc<dyn Store>,
     barrier: Arc<Barrier>,
     policy: UsagePolicy,
-    blocks: DashMap<(KeyName, KeyVersion), Arc<Reservation>>,
+    /// Keyed by the key's id too: a key deleted and created again under the same
+    /// name never inherits the deleted key's block.
+    blocks: DashMap<(KeyName, Option<KeyId>, KeyVersion), Arc<Reservation>>,
 }
 
 /// This process's current block of one key version, and the lock that makes
@@ -585,6 +1043,7 @@ impl UsageLedger {
     async fn reserve<F, Fut>(
         &self,
         name: &KeyName,
+        id: Option<KeyId>,
         version: KeyVersion,
         count: u64,
         mark: F,
@@ -598,7 +1057,7 @@ impl UsageLedger {
         }
         let reservation = Arc::clone(
             self.blocks
-                .entry((name.clone(), version))
+                .entry((name.clone(), id, version))
                 .or_default()
                 .value(),
         );
@@ -609,7 +1068,7 @@ impl UsageLedger {
         if lock_block(&reservation).take(count) {
             return Ok(());
         }
-        let (start, end) = self.reserve_block(name, version, count).await?;
+        let (start, end) = self.reserve_block(name, id, version, count).await?;
         mark().await?;
         // The unused rest of the previous block is abandoned: counting it as used
         // is the safe direction.
@@ -625,12 +1084,17 @@ impl UsageLedger {
     }
 
     /// Encryptions reserved so far for `version` (an upper bound on those made).
-    async fn reserved(&self, name: &KeyName, version: KeyVersion) -> Result<u64> {
-        let path = usage_path(name, version);
+    async fn reserved(
+        &self,
+        name: &KeyName,
+        id: Option<KeyId>,
+        version: KeyVersion,
+    ) -> Result<u64> {
+        let path = usage_path(name, id, version);
         match self.store.get(&path).await? {
             Some(rec) => Ok(self.open(&path, &rec.value)?.reserved),
             None => {
-                self.check_never_counted(name, version, &path).await?;
+                self.check_never_counted(name, id, version, &path).await?;
                 Ok(0)
             }
         }
@@ -641,6 +1105,7 @@ impl UsageLedger {
     async fn check_never_counted(
         &self,
         name: &KeyName,
+        id: Option<KeyId>,
         version: KeyVersion,
         path: &str,
     ) -> Result<()> {
@@ -651,6 +1116,11 @@ impl UsageLedger {
             .await?
             .ok_or_else(|| Error::KeyNotFound(name.to_string()))?;
         let key = open_key(&self.barrier, &key_path, &record.value)?;
+        if key.id() != id {
+            // Deleted and created again since the caller loaded it: its copy is
+            // stale, and a retry loads the new key.
+            return Err(Error::Aborted(name.to_string()));
+        }
         if key.usage_reserved(version)? {
             tracing::error!(
                 key = %name,
@@ -665,7 +1135,7 @@ impl UsageLedger {
 
     /// Forgets a deleted key's blocks and deletes its usage records.
     async fn remove(&self, name: &KeyName) -> Result<()> {
-        self.blocks.retain(|(n, _), _| n != name);
+        self.blocks.retain(|(n, _, _), _| n != name);
         let prefix = format!("{USAGE_PREFIX}{name}/");
         for usage_path in self.store.list(&prefix, None, usize::MAX).await? {
             if let Some(rec) = self.store.get(&usage_path).await? {
@@ -683,17 +1153,18 @@ impl UsageLedger {
     async fn reserve_block(
         &self,
         name: &KeyName,
+        id: Option<KeyId>,
         version: KeyVersion,
         count: u64,
     ) -> Result<(u64, u64)> {
-        let path = usage_path(name, version);
+        let path = usage_path(name, id, version);
         let limit = self.policy.limit;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let current = self.store.get(&path).await?;
             let reserved = match &current {
                 Some(rec) => self.open(&path, &rec.value)?.reserved,
                 None => {
-                    self.check_never_counted(name, version, &path).await?;
+                    self.check_never_counted(name, id, version, &path).await?;
                     0
                 }
             };
@@ -759,13 +1230,23 @@ struct UsageRecord {
 
 const KEY_PREFIX: &str = "keys/";
 const USAGE_PREFIX: &str = "usage/";
+const STATS_PREFIX: &str = "stats/";
 
 fn key_path(name: &KeyName) -> String {
     format!("{KEY_PREFIX}{name}")
 }
 
-fn usage_path(name: &KeyName, version: KeyVersion) -> String {
-    format!("{USAGE_PREFIX}{name}/{version}")
+/// `usage/<name>/<id>/<version>`, or `usage/<name>/<version>` for a key created
+/// before ids existed.
+fn usage_path(name: &KeyName, id: Option<KeyId>, version: KeyVersion) -> String {
+    match id {
+        Some(id) => format!("{USAGE_PREFIX}{name}/{id}/{version}"),
+        None => format!("{USAGE_PREFIX}{name}/{version}"),
+    }
+}
+
+fn stats_path(name: &KeyName) -> String {
+    format!("{STATS_PREFIX}{name}")
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -813,6 +1294,19 @@ mod tests {
 
     use super::*;
     use crate::config::Params;
+
+    impl KeyManager {
+        async fn reserved_by_name(&self, name: &KeyName, version: KeyVersion) -> Result<u64> {
+            let key = self.reload(name).await?;
+            self.reserved_encryptions(key.key(), version).await
+        }
+    }
+
+    async fn stored_id(store: &Arc<dyn Store>, barrier: &Barrier, name: &KeyName) -> Option<KeyId> {
+        let path = key_path(name);
+        let record = store.get(&path).await.unwrap().unwrap();
+        open_key(barrier, &path, &record.value).unwrap().id()
+    }
 
     async fn manager(store: Arc<dyn Store>, root: &RootKey) -> KeyManager {
         let barrier = Arc::new(Barrier::new(root, 1, Derivation::V2).unwrap());
@@ -873,7 +1367,7 @@ mod tests {
         };
         before.create(&name, opts).await.unwrap();
         before.reserve_encryptions(&name, None, 1).await.unwrap();
-        assert_eq!(before.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        assert_eq!(before.reserved_by_name(&name, v1).await.unwrap(), 350);
         drop(before);
 
         // "Restart" with the limit lowered below the stored count.
@@ -887,7 +1381,7 @@ mod tests {
             assert!(matches!(r, Err(Error::UsageExhausted(_))), "{count}");
             let pinned = refusing.reserve_encryptions(&name, Some(v1), count).await;
             assert!(matches!(pinned, Err(Error::UsageExhausted(_))), "{count}");
-            assert_eq!(refusing.reserved_encryptions(&name, v1).await.unwrap(), 350);
+            assert_eq!(refusing.reserved_by_name(&name, v1).await.unwrap(), 350);
         }
         drop(refusing);
 
@@ -905,9 +1399,9 @@ mod tests {
         let rotating = KeyManager::new(store, barrier(), policy(100, LimitAction::Rotate));
         let (_, version) = rotating.reserve_encryptions(&name, None, 1).await.unwrap();
         assert_eq!(version.get(), 2);
-        assert_eq!(rotating.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        assert_eq!(rotating.reserved_by_name(&name, v1).await.unwrap(), 350);
         assert_eq!(
-            rotating.reserved_encryptions(&name, version).await.unwrap(),
+            rotating.reserved_by_name(&name, version).await.unwrap(),
             100
         );
     }
@@ -977,7 +1471,7 @@ mod tests {
         );
         first.create(&name, opts).await.unwrap();
         first.reserve_encryptions(&name, None, 1).await.unwrap();
-        assert_eq!(first.reserved_encryptions(&name, v1).await.unwrap(), 350);
+        assert_eq!(first.reserved_by_name(&name, v1).await.unwrap(), 350);
         // The key record now says v1 is counted, in storage and in the cache.
         let stored = store.get(&key_path(&name)).await.unwrap().unwrap();
         let key = open_key(&barrier(), &key_path(&name), &stored.value).unwrap();
@@ -1002,7 +1496,7 @@ mod tests {
             .latest_version();
         drop(first);
 
-        let usage = usage_path(&name, v1);
+        let usage = usage_path(&name, stored_id(&store, &barrier(), &name).await, v1);
         let rec = store.get(&usage).await.unwrap().unwrap();
         store.delete(&usage, rec.revision).await.unwrap();
 
@@ -1017,16 +1511,13 @@ mod tests {
             Err(e) => panic!("expected Corrupt, got {e:?}"),
             Ok(_) => panic!("a used version without its usage record encrypted"),
         }
-        let shown = restarted.reserved_encryptions(&name, v1).await;
+        let shown = restarted.reserved_by_name(&name, v1).await;
         assert!(matches!(shown, Err(Error::Corrupt(_))), "{shown:?}");
         assert_eq!(store.get(&usage).await.unwrap(), None, "nothing re-created");
         // The never-used latest version is unaffected.
         let (_, version) = restarted.reserve_encryptions(&name, None, 1).await.unwrap();
         assert_eq!(version, v2);
-        assert_eq!(
-            restarted.reserved_encryptions(&name, v2).await.unwrap(),
-            350
-        );
+        assert_eq!(restarted.reserved_by_name(&name, v2).await.unwrap(), 350);
     }
 
     /// A version counted before the flag existed (a usage record, no flag) gets
@@ -1051,7 +1542,7 @@ mod tests {
         };
         manager().create(&name, opts).await.unwrap();
         // What an older server left: a count of 350, no flag in the key record.
-        let usage = usage_path(&name, v1);
+        let usage = usage_path(&name, stored_id(&store, &barrier(), &name).await, v1);
         let body = serde_json::to_vec(&UsageRecord { reserved: 350 }).unwrap();
         store
             .create(&usage, &barrier().seal(&usage, &body).unwrap())
@@ -1067,7 +1558,7 @@ mod tests {
 
         let upgraded = manager();
         upgraded.reserve_encryptions(&name, None, 1).await.unwrap();
-        assert_eq!(upgraded.reserved_encryptions(&name, v1).await.unwrap(), 700);
+        assert_eq!(upgraded.reserved_by_name(&name, v1).await.unwrap(), 700);
         assert!(
             flagged(Arc::clone(&store)).await,
             "flagged at the next block"
@@ -1081,6 +1572,208 @@ mod tests {
             matches!(refused, Err(Error::Corrupt(_))),
             "counted from zero"
         );
+    }
+
+    fn gcm96() -> CreateOptions {
+        CreateOptions {
+            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            deletion_allowed: true,
+            ..Default::default()
+        }
+    }
+
+    /// An older sealed copy of a key record put back in storage (it opens: same
+    /// root, same path) is refused by a manager that has seen a newer one; a
+    /// stale read racing a write (an older revision) is not mistaken for one.
+    #[tokio::test]
+    async fn a_rolled_back_key_record_is_refused() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let keys = manager(Arc::clone(&store), &root).await;
+        let name = KeyName::new("patients").unwrap();
+        let path = key_path(&name);
+        keys.create(&name, CreateOptions::default()).await.unwrap();
+        let old = store.get(&path).await.unwrap().unwrap();
+        let rotated = keys
+            .update(&name, |k| {
+                k.rotate(now_ms()).map(|_| true).map_err(Into::into)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rotated.key().generation(), 2);
+
+        // A stale read: the generation-1 copy at its own, older revision.
+        keys.open_record(&path, &old.value, old.revision).unwrap();
+
+        // The rollback: the generation-1 copy written back (a new revision).
+        let now = store.get(&path).await.unwrap().unwrap();
+        store
+            .compare_and_set(&path, now.revision, &old.value)
+            .await
+            .unwrap();
+        match keys.reload(&name).await {
+            Err(Error::Corrupt(p)) => assert_eq!(p, path),
+            other => panic!(
+                "expected Corrupt, got {:?}",
+                other.map(|k| k.key().generation())
+            ),
+        }
+        assert!(matches!(
+            keys.update(&name, |_| Ok(true)).await,
+            Err(Error::Corrupt(_))
+        ));
+        // A process that never saw the newer copy cannot tell (documented).
+        let fresh = manager(store, &root).await;
+        assert_eq!(fresh.reload(&name).await.unwrap().key().generation(), 1);
+    }
+
+    /// Two replicas sweeping at the same moment rotate a key once per period.
+    #[tokio::test]
+    async fn scheduled_rotation_happens_once_per_period_across_replicas() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let a = manager(Arc::clone(&store), &root).await;
+        let b = manager(Arc::clone(&store), &root).await;
+        let name = KeyName::new("rotating").unwrap();
+        let created = a.create(&name, CreateOptions::default()).await.unwrap();
+        let t0 = created.key().versions().next().unwrap().1;
+        a.update(&name, |k| {
+            k.set_auto_rotate_period_s(3600);
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        let latest = || async { a.reload(&name).await.unwrap().key().latest_version().get() };
+
+        let early = a.sweep(t0 + 3_599_000, || true).await.unwrap();
+        assert_eq!((early.keys, early.rotated), (1, 0));
+        assert_eq!(latest().await, 1);
+
+        for round in 1..=3u64 {
+            let now = t0 + round * 3_600_000;
+            let (ra, rb) = tokio::join!(a.sweep(now, || true), b.sweep(now, || true));
+            assert_eq!(
+                ra.unwrap().rotated + rb.unwrap().rotated,
+                1,
+                "round {round}"
+            );
+            assert_eq!(latest().await, 1 + round as u32);
+            // The same moment again: the new version is fresh.
+            assert_eq!(b.sweep(now, || true).await.unwrap().rotated, 0);
+        }
+        // Turned off: never again.
+        a.update(&name, |k| {
+            k.set_auto_rotate_period_s(0);
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        assert_eq!(a.sweep(u64::MAX, || true).await.unwrap().rotated, 0);
+    }
+
+    /// A scheduled deletion refuses use until it is cancelled or destroys the key
+    /// at its time; the re-created key of the same name is another key, and a
+    /// replica's reservation block of the deleted key is never used for it.
+    #[tokio::test]
+    async fn scheduled_deletion_refuses_use_and_destroys_at_its_time() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let barrier = Arc::new(Barrier::new(&root, 1, Derivation::V2).unwrap());
+        let a = KeyManager::new(
+            Arc::clone(&store),
+            Arc::clone(&barrier),
+            policy(1000, LimitAction::Refuse),
+        );
+        let b = KeyManager::new(
+            Arc::clone(&store),
+            Arc::clone(&barrier),
+            policy(1000, LimitAction::Refuse),
+        );
+        let name = KeyName::new("erasable").unwrap();
+        let v1 = KeyVersion::FIRST;
+        let old = a.create(&name, gcm96()).await.unwrap();
+        let old_id = old.key().id().unwrap();
+        // Replica A holds a block of 350 for v1 of the old key.
+        a.reserve_encryptions(&name, None, 1).await.unwrap();
+        let old_usage = usage_path(&name, Some(old_id), v1);
+        assert!(store.get(&old_usage).await.unwrap().is_some());
+
+        let t = now_ms() + 60_000;
+        b.schedule_deletion(&name, t).await.unwrap();
+        for m in [&a, &b] {
+            let refused = m.reserve_encryptions(&name, None, 1).await;
+            assert!(
+                matches!(refused, Err(Error::KeyPendingDeletion(_))),
+                "{:?}",
+                refused.err()
+            );
+        }
+        assert!(
+            b.schedule_deletion(&name, t).await.is_err(),
+            "already scheduled"
+        );
+        assert_eq!(b.sweep(t - 1, || true).await.unwrap().destroyed, 0);
+        b.cancel_deletion(&name).await.unwrap();
+        a.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert!(matches!(
+            b.cancel_deletion(&name).await,
+            Err(Error::FailedPrecondition(_))
+        ));
+
+        b.schedule_deletion(&name, t).await.unwrap();
+        assert_eq!(b.sweep(t, || true).await.unwrap().destroyed, 1);
+        assert!(matches!(b.get(&name).await, Err(Error::KeyNotFound(_))));
+        assert_eq!(
+            store.get(&old_usage).await.unwrap(),
+            None,
+            "usage records go too"
+        );
+        assert_eq!(a.sweep(t, || true).await.unwrap().destroyed, 0, "once");
+
+        // Created again through B; A's cache learns of it by the change feed, or
+        // here by a reload. A's old block must not count encryptions of the new key.
+        let new = b.create(&name, gcm96()).await.unwrap();
+        assert_ne!(new.key().id(), Some(old_id));
+        a.reload(&name).await.unwrap();
+        a.reserve_encryptions(&name, None, 1).await.unwrap();
+        assert_eq!(
+            a.reserved_by_name(&name, v1).await.unwrap(),
+            350,
+            "the encryption was reserved in the new key's own record"
+        );
+    }
+
+    /// Use counts from two replicas add up in storage, with the last use.
+    #[tokio::test]
+    async fn use_statistics_from_replicas_add_up() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let a = manager(Arc::clone(&store), &root).await;
+        let b = manager(Arc::clone(&store), &root).await;
+        let name = KeyName::new("counted").unwrap();
+        let v1 = KeyVersion::FIRST;
+        a.create(&name, CreateOptions::default()).await.unwrap();
+        let before = now_ms();
+        a.reserve_encryptions(&name, None, 5).await.unwrap();
+        let (kb, _) = b.reserve_encryptions(&name, None, 2).await.unwrap();
+        kb.uses().note(v1, 0, 7);
+        // Unflushed counts show in the process that made them.
+        let shown = a.version_uses(&a.get(&name).await.unwrap()).await.unwrap();
+        assert_eq!(shown[0].encryptions, 5);
+        assert_eq!(a.flush_stats().await.unwrap(), 1);
+        assert_eq!(b.flush_stats().await.unwrap(), 1);
+        assert_eq!(b.flush_stats().await.unwrap(), 0, "nothing new");
+        let fresh = manager(store, &root).await;
+        let uses = fresh
+            .version_uses(&fresh.get(&name).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(uses.len(), 1);
+        assert_eq!(
+            (uses[0].version, uses[0].encryptions, uses[0].decryptions),
+            (1, 7, 7)
+        );
+        assert!(uses[0].last_used_ms >= before);
     }
 
     #[tokio::test]

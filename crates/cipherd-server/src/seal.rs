@@ -356,6 +356,10 @@ impl Core {
                 self.spawn_reseal(Arc::clone(&unsealed.barrier), generation);
             }
             tokio::spawn(warm_cache(Arc::downgrade(&unsealed)));
+            tokio::spawn(housekeeping(
+                Arc::downgrade(&unsealed),
+                self.params().lifecycle,
+            ));
         }
         self.status().await
     }
@@ -368,12 +372,27 @@ impl Core {
         }
         // A rekey needs the `system` operation, which needs the unsealed state.
         *guard = None;
+        self.flush_stats().await;
         *self.write_state() = State::Sealed {
             pending: Vec::new(),
         };
         self.sealed_tx.send_replace(true);
         tracing::info!("sealed");
         Ok(())
+    }
+
+    /// Writes the key use statistics gathered since the last flush, if unsealed:
+    /// before sealing and at shutdown, so that a planned restart loses none. Bounded
+    /// by [`FINAL_FLUSH_TIMEOUT`]: an unreachable store never holds up a seal.
+    pub async fn flush_stats(&self) {
+        let Ok(unsealed) = self.unsealed() else {
+            return;
+        };
+        match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, unsealed.keys.flush_stats()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "key use statistics not written"),
+            Err(_) => tracing::warn!("key use statistics not written: the store is too slow"),
+        }
     }
 
     /// The unsealed state from `shares`, and the generation of a root rotation
@@ -1309,6 +1328,54 @@ async fn warm_cache(unsealed: std::sync::Weak<Unsealed>) {
     }
 }
 
+/// While unsealed, on every replica: flushes key use statistics every
+/// `stats_flush_interval`, and sweeps for due deletions and rotations every
+/// `housekeeping_interval` ([`KeyManager::sweep`](crate::keys::KeyManager::sweep)).
+/// Ends when the service seals. Failures are logged and retried next time.
+async fn housekeeping(
+    unsealed: std::sync::Weak<Unsealed>,
+    lifecycle: crate::config::LifecycleParams,
+) {
+    let mut flush = tokio::time::interval(lifecycle.stats_flush_interval);
+    let mut sweep = tokio::time::interval(lifecycle.housekeeping_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Both intervals tick at once first: skip the stats flush then (nothing is
+    // counted yet) but sweep, so a deletion due while every replica was down
+    // happens at start.
+    flush.tick().await;
+    loop {
+        let sweeping = tokio::select! {
+            _ = flush.tick() => false,
+            _ = sweep.tick() => true,
+        };
+        let Some(strong) = unsealed.upgrade() else {
+            return;
+        };
+        if sweeping {
+            let outcome = strong
+                .keys
+                .sweep(crate::keys::now_ms(), || unsealed.strong_count() > 1)
+                .await;
+            match outcome {
+                Ok(r) if r.rotated + r.destroyed > 0 => tracing::info!(
+                    keys = r.keys,
+                    rotated = r.rotated,
+                    destroyed = r.destroyed,
+                    "key housekeeping"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "key housekeeping failed; retrying later"),
+            }
+        } else if let Err(e) = strong.keys.flush_stats().await {
+            tracing::warn!(error = %e, "key use statistics not written; retrying later");
+        }
+    }
+}
+
+/// The longest a seal or a shutdown waits for the last use statistics.
+const FINAL_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Dev mode: initialize with one share kept in the data dir, and unseal from it.
 ///
 /// The file is loudly named INSECURE: whoever can read the data dir can unseal.
@@ -1379,49 +1446,54 @@ pub async fn dev_auto_unseal(core: &Core) -> Result<()> {
     Ok(())
 }
 
-/// Unattended unseal at start (`[seal] auto_unseal_file` or `auto_unseal_env`):
-/// submits the unseal shares found in the file or variable (words starting
-/// with `cipherd-share:`, `#` lines ignored) until the server unseals.
+/// One unattended unseal attempt (`[seal] auto_unseal_file`, `auto_unseal_env` or
+/// `transit_*`): submits the unseal shares found in the file or variable (words
+/// starting with `cipherd-share:`, `#` lines ignored), or decrypted by another
+/// cipherd, until the server unseals.
 ///
 /// The risk is the point: whoever can read that file or the process's
 /// environment can unseal this server's storage, so the shares must live
 /// somewhere other than the storage (a Kubernetes Secret mounted read-only with
 /// mode 0400, a secrets manager's agent). A file others may read is refused.
 /// An uninitialized server is left alone; a failure leaves it sealed (health
-/// says NOT_SERVING) for an operator to unseal by hand.
-pub async fn auto_unseal(core: &Core, source: &crate::config::AutoUnseal) -> Result<()> {
+/// says NOT_SERVING) for an operator to unseal by hand. On failure: whether a
+/// later attempt may succeed (a transit cipherd that is unreachable or sealed)
+/// and the error.
+async fn auto_unseal_attempt(
+    core: &Core,
+    source: &crate::config::AutoUnseal,
+) -> std::result::Result<(), (bool, Error)> {
     use crate::config::AutoUnseal;
-    if !core.status().await?.initialized {
+    let fatal = |e: Error| (false, e);
+    if !core.status().await.map_err(fatal)?.initialized {
         tracing::warn!("auto-unseal: the server is not initialized yet; run `cipherctl init`");
         return Ok(());
     }
     let (text, from) = match source {
         AutoUnseal::File(path) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt as _;
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| {
-                        Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display()))
-                    })?
-                    .permissions()
-                    .mode();
-                if mode & 0o004 != 0 {
-                    return Err(Error::FailedPrecondition(format!(
-                        "auto-unseal: {} is readable by every user (mode {:o}); make it 0400 or 0600",
-                        path.display(),
-                        mode & 0o777
-                    )));
-                }
-            }
-            let text = read_private(path).map_err(|e| {
-                Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display()))
-            })?;
+            let text = read_private_checked(path).map_err(fatal)?;
             (text, format!("file {}", path.display()))
+        }
+        AutoUnseal::Transit(transit) => {
+            let shares = transit_shares(transit).await.map_err(|(retry, e)| {
+                let e = format!("auto-unseal through {}: {e}", transit.address);
+                (retry, Error::FailedPrecondition(e))
+            })?;
+            let mut text = Zeroizing::new(String::new());
+            for share in shares {
+                text.push_str(&share);
+                text.push('\n');
+            }
+            (
+                text,
+                format!("transit key {} at {}", transit.key, transit.address),
+            )
         }
         AutoUnseal::Env(var) => {
             let text = std::env::var(var).map_err(|_| {
-                Error::FailedPrecondition(format!("auto-unseal: ${var} is not set or not UTF-8"))
+                fatal(Error::FailedPrecondition(format!(
+                    "auto-unseal: ${var} is not set or not UTF-8"
+                )))
             })?;
             (Zeroizing::new(text), format!("${var}"))
         }
@@ -1435,25 +1507,157 @@ pub async fn auto_unseal(core: &Core, source: &crate::config::AutoUnseal) -> Res
         .collect();
     drop(text);
     if shares.is_empty() {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(fatal(Error::FailedPrecondition(format!(
             "auto-unseal: no unseal share in {from}"
-        )));
+        ))));
     }
-    let mut status = core.status().await?;
+    let mut status = core.status().await.map_err(fatal)?;
     for share in shares {
         if !status.sealed {
             break;
         }
-        status = core.unseal(share, false).await?;
+        status = core.unseal(share, false).await.map_err(fatal)?;
     }
     if status.sealed {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(fatal(Error::FailedPrecondition(format!(
             "auto-unseal: {from} holds {} of the {} shares needed",
             status.progress, status.threshold
-        )));
+        ))));
     }
     tracing::info!(source = %from, "auto-unsealed");
     Ok(())
+}
+
+/// Auto-unseal at start. The first attempt is made before the server listens; a
+/// transit auto-unseal whose cipherd is unreachable or sealed is then retried in
+/// the background with backoff (1 s doubling to 30 s) until it succeeds, fails
+/// for good (a refused token, a wrong key) or someone unseals by hand. Every other
+/// failure leaves the server sealed, for an operator.
+pub async fn start_auto_unseal(core: &Arc<Core>, source: &crate::config::AutoUnseal) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    match auto_unseal_attempt(core, source).await {
+        Ok(()) => return,
+        Err((false, e)) => {
+            // Stays sealed (health NOT_SERVING) for an operator to unseal by hand.
+            tracing::error!(error = %e, "auto-unseal failed; the server stays sealed");
+            return;
+        }
+        Err((true, e)) => tracing::warn!(error = %e, "auto-unseal failed; retrying"),
+    }
+    let core = Arc::clone(core);
+    let source = source.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            if !matches!(core.status().await, Ok(s) if s.sealed) {
+                return;
+            }
+            match auto_unseal_attempt(&core, &source).await {
+                Ok(()) => return,
+                Err((true, e)) => tracing::warn!(
+                    error = %e,
+                    retry_in_s = backoff.as_secs(),
+                    "auto-unseal failed; retrying"
+                ),
+                Err((false, e)) => {
+                    tracing::error!(error = %e, "auto-unseal failed; the server stays sealed");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Reads a file of unseal shares or a token, refusing one every user can read.
+fn read_private_checked(path: &std::path::Path) -> Result<Zeroizing<String>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| {
+                Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display()))
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o004 != 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "auto-unseal: {} is readable by every user (mode {:o}); make it 0400 or 0600",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+    }
+    read_private(path)
+        .map_err(|e| Error::FailedPrecondition(format!("auto-unseal: {}: {e}", path.display())))
+}
+
+/// The unseal shares of a transit auto-unseal: each line of the shares file that
+/// is a text ciphertext, decrypted by the other cipherd under its key with the
+/// associated data [`TRANSIT_UNSEAL_AAD`](crate::config::TRANSIT_UNSEAL_AAD).
+/// On failure, whether retrying may help (the other cipherd is unreachable or
+/// sealed) and what went wrong.
+async fn transit_shares(
+    t: &crate::config::TransitUnseal,
+) -> std::result::Result<Vec<Zeroizing<String>>, (bool, String)> {
+    let fail = |e: Error| (false, e.to_string());
+    let token = read_private_checked(&t.token_file).map_err(fail)?;
+    let ciphertexts = std::fs::read_to_string(&t.shares_file)
+        .map_err(|e| (false, format!("{}: {e}", t.shares_file.display())))?;
+    let tls = match &t.ca_file {
+        Some(path) => Some(cipherd_client::TlsOptions::new(
+            std::fs::read(path).map_err(|e| (false, format!("{}: {e}", path.display())))?,
+        )),
+        None => None,
+    };
+    let options = cipherd_client::ClientOptions {
+        token: Some(token.trim().into()),
+        tls,
+        timeout: std::time::Duration::from_secs(10),
+        connect_timeout: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    drop(token);
+    let client = cipherd_client::Client::connect_with(t.address.clone(), options)
+        .await
+        .map_err(|e| {
+            let retry = e.is_retryable() || matches!(e, cipherd_client::Error::Connect(_));
+            (retry, e.to_string())
+        })?;
+    let mut shares = Vec::new();
+    for line in ciphertexts.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let reply = client
+            .decrypt(
+                &t.key,
+                bytes::Bytes::copy_from_slice(line.as_bytes()),
+                crate::config::TRANSIT_UNSEAL_AAD,
+                bytes::Bytes::new(),
+            )
+            .await
+            .map_err(|e| {
+                let sealed = e.reason() == Some("SEALED");
+                (e.is_retryable() || sealed, e.to_string())
+            })?;
+        let share = Zeroizing::new(
+            String::from_utf8(reply.plaintext.to_vec())
+                .map_err(|_| (false, "a decrypted share is not text".to_owned()))?,
+        );
+        let share = Zeroizing::new(share.trim().to_owned());
+        if !share.starts_with("cipherd-share:") {
+            return Err((false, "a decrypted line is not an unseal share".to_owned()));
+        }
+        shares.push(share);
+    }
+    if shares.is_empty() {
+        return Err((
+            false,
+            format!("no ciphertext in {}", t.shares_file.display()),
+        ));
+    }
+    Ok(shares)
 }
 
 /// File name of the dev-mode root token inside the data dir.

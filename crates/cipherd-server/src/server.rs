@@ -130,11 +130,8 @@ async fn serve(
     let core = Core::new(watched, params.clone());
     if params.dev {
         seal::dev_auto_unseal(&core).await.map_err(RunError::Dev)?;
-    } else if let Some(source) = &params.auto_unseal
-        && let Err(e) = seal::auto_unseal(&core, source).await
-    {
-        // Stays sealed (health NOT_SERVING) for an operator to unseal by hand.
-        tracing::error!(error = %e, "auto-unseal failed; the server stays sealed");
+    } else if let Some(source) = &params.auto_unseal {
+        seal::start_auto_unseal(&core, source).await;
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -205,6 +202,7 @@ async fn serve(
         .add_service(audit_service)
         .serve_with_incoming_shutdown(edge.incoming(listener), shutdown)
         .await?;
+    core.flush_stats().await;
     drop(prober);
     auditor.close().await;
     tracing::info!("cipherd stopped");

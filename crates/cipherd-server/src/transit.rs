@@ -659,10 +659,12 @@ async fn source_key<'a>(
     ciphertexts: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Arc<LoadedKey>> {
     let key = keys.get(name).await?;
-    match ciphertexts.filter_map(ciphertext::claimed_version).max() {
-        Some(newest) => keys.reload_for_version(name, key, newest).await,
-        None => Ok(key),
-    }
+    let key = match ciphertexts.filter_map(ciphertext::claimed_version).max() {
+        Some(newest) => keys.reload_for_version(name, key, newest).await?,
+        None => key,
+    };
+    key.check_usable()?;
+    Ok(key)
 }
 
 /// Plaintext bytes for a reply that are zeroized when the last reference to them
@@ -948,10 +950,24 @@ fn seal_item(
 }
 
 /// One [`Opener`] per key version seen by a worker (usually one), for non-derived
-/// keys; derived keys open per item.
+/// keys; derived keys open per item. Counts the worker's successful decryptions
+/// per version and adds them to the key's use statistics when dropped (one lock
+/// per worker, not per item).
 #[derive(Default)]
 struct Openers<'a> {
     by_version: Vec<(KeyVersion, Opener<'a>)>,
+    opened: Vec<(KeyVersion, u64)>,
+    key: Option<&'a LoadedKey>,
+}
+
+impl Drop for Openers<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            for &(version, n) in &self.opened {
+                key.uses().note(version, 0, n);
+            }
+        }
+    }
 }
 
 impl<'a> Openers<'a> {
@@ -963,22 +979,29 @@ impl<'a> Openers<'a> {
         associated_data: &[u8],
     ) -> Result<Vec<u8>> {
         let version = ct.version();
-        let prepared = match key.prepared(version) {
-            Some(aead) if context.is_empty() => aead,
-            _ => return open(key, ct, context, associated_data),
-        };
-        key.key()
-            .check_decryption_version(version)
-            .map_err(opaque_version)?;
-        let at = match self.by_version.iter().position(|(v, _)| *v == version) {
-            Some(at) => at,
-            None => {
-                self.by_version.push((version, prepared.opener()));
-                self.by_version.len() - 1
+        let plaintext = match key.prepared(version) {
+            Some(prepared) if context.is_empty() => {
+                key.key()
+                    .check_decryption_version(version)
+                    .map_err(opaque_version)?;
+                let at = match self.by_version.iter().position(|(v, _)| *v == version) {
+                    Some(at) => at,
+                    None => {
+                        self.by_version.push((version, prepared.opener()));
+                        self.by_version.len() - 1
+                    }
+                };
+                let opener = &mut self.by_version[at].1;
+                ciphertext::open_with(opener, ct, associated_data).map_err(opaque_version)?
             }
+            _ => open(key, ct, context, associated_data)?,
         };
-        let opener = &mut self.by_version[at].1;
-        ciphertext::open_with(opener, ct, associated_data).map_err(opaque_version)
+        self.key = Some(key);
+        match self.opened.iter_mut().find(|(v, _)| *v == version) {
+            Some((_, n)) => *n += 1,
+            None => self.opened.push((version, 1)),
+        }
+        Ok(plaintext)
     }
 }
 

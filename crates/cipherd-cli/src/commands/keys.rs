@@ -1,7 +1,7 @@
 //! `key …`: the key-management plane (the `KeyAdminService` service).
 //!
 //! Every command prints the key's metadata as the server returns it after the
-//! change, except `list`, `delete` and `export`. Material is only ever printed by
+//! change, except `list` and `export`; `delete` prints the deletion time too. Material is only ever printed by
 //! `export`, for keys created exportable; the server enforces that.
 
 use cipherd_client::pb;
@@ -10,7 +10,7 @@ use super::Ctx;
 use crate::{
     cli::{KeyCommand, KeyConfigArgs, KeyCreateArgs, KeyListArgs, KeyTypeArg},
     error::Failure,
-    output::{DeletedView, ExportView, Format, KeyListView, KeyView},
+    output::{ExportView, Format, KeyDeletionView, KeyListView, KeyView},
 };
 
 /// Dispatches one `key` subcommand.
@@ -57,16 +57,22 @@ pub(super) async fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<()> {
             emit_key(ctx, reply.into_inner().key)
         }
         KeyCommand::Delete(args) => {
-            admin
+            let reply = admin
                 .delete_key(pb::DeleteKeyRequest {
                     name: args.name.clone(),
+                    waiting_period: args.waiting_period.map(seconds),
                 })
                 .await
+                .map_err(Failure::from)?
+                .into_inner();
+            ctx.emit(&KeyDeletionView::new(args.name, reply))
+        }
+        KeyCommand::CancelDeletion(args) => {
+            let reply = admin
+                .cancel_key_deletion(pb::CancelKeyDeletionRequest { name: args.name })
+                .await
                 .map_err(Failure::from)?;
-            ctx.emit(&DeletedView {
-                name: args.name,
-                deleted: true,
-            })
+            emit_key(ctx, reply.into_inner().key)
         }
         KeyCommand::Export(args) => {
             let reply = admin
@@ -126,6 +132,14 @@ fn create_request(args: KeyCreateArgs) -> pb::CreateKeyRequest {
         derived: args.derived,
         exportable: args.exportable,
         deletion_allowed: args.deletion_allowed,
+        auto_rotate_period: args.auto_rotate_period.map(seconds),
+    }
+}
+
+fn seconds(s: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+        nanos: 0,
     }
 }
 
@@ -137,6 +151,7 @@ fn config_request(args: KeyConfigArgs) -> pb::UpdateKeyConfigRequest {
         deletion_allowed: args.deletion_allowed,
         // Fixed at creation: never changed from here.
         exportable: None,
+        auto_rotate_period: args.auto_rotate_period.map(seconds),
     }
 }
 

@@ -1470,6 +1470,18 @@ pub struct Key {
     pub versions: ::prost::alloc::vec::Vec<KeyVersionInfo>,
     #[prost(message, optional, tag = "11")]
     pub created_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// When the key will be destroyed; unset unless a deletion is scheduled.
+    #[prost(message, optional, tag = "12")]
+    pub deletion_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// Time between automatic rotations, from the latest version's creation;
+    /// unset: never rotated automatically.
+    #[prost(message, optional, tag = "13")]
+    pub auto_rotate_period: ::core::option::Option<::prost_types::Duration>,
+    /// Random identity fixed at creation (32 hex digits): a key deleted and created
+    /// again under the same name has another id. Empty for keys created before ids
+    /// existed.
+    #[prost(string, tag = "14")]
+    pub id: ::prost::alloc::string::String,
 }
 /// One version of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1484,6 +1496,19 @@ pub struct KeyVersionInfo {
     /// For counted types: the enforced limit (0: not counted, ~2^80 safe).
     #[prost(uint64, tag = "4")]
     pub encryption_limit: u64,
+    /// Items encrypted under this version, on every replica (operational figure,
+    /// flushed every few seconds; a crash may lose the latest). Not a bound: for
+    /// counted types `encryptions` is the bound.
+    #[prost(uint64, tag = "5")]
+    pub encrypt_count: u64,
+    /// Items decrypted under this version, on every replica (as encrypt_count).
+    #[prost(uint64, tag = "6")]
+    pub decrypt_count: u64,
+    /// The last encryption or decryption under this version; unset if none was
+    /// recorded. When it is old enough, raising min_decryption_version above this
+    /// version is safe.
+    #[prost(message, optional, tag = "7")]
+    pub last_used: ::core::option::Option<::prost_types::Timestamp>,
 }
 /// CreateKey: the new key's name, type and flags.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1498,6 +1523,11 @@ pub struct CreateKeyRequest {
     pub exportable: bool,
     #[prost(bool, tag = "5")]
     pub deletion_allowed: bool,
+    /// Rotate automatically this long after the latest version was created
+    /// (at least keys.min_auto_rotate_period_s, an hour by default). Unset or
+    /// zero: never.
+    #[prost(message, optional, tag = "6")]
+    pub auto_rotate_period: ::core::option::Option<::prost_types::Duration>,
 }
 /// CreateKey's reply: the new key.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1565,6 +1595,10 @@ pub struct UpdateKeyConfigRequest {
     /// accepted; any change is FAILED_PRECONDITION.
     #[prost(bool, optional, tag = "5")]
     pub exportable: ::core::option::Option<bool>,
+    /// Zero turns automatic rotation off; otherwise at least
+    /// keys.min_auto_rotate_period_s.
+    #[prost(message, optional, tag = "6")]
+    pub auto_rotate_period: ::core::option::Option<::prost_types::Duration>,
 }
 /// UpdateKeyConfig's reply: the key as changed.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1592,10 +1626,34 @@ pub struct TrimKeyResponse {
 pub struct DeleteKeyRequest {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
+    /// How long to wait before destroying it; unset: keys.deletion_waiting_period_s.
+    /// Never shorter than that setting, at most 365 days.
+    #[prost(message, optional, tag = "2")]
+    pub waiting_period: ::core::option::Option<::prost_types::Duration>,
 }
-/// DeleteKey's reply (empty).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct DeleteKeyResponse {}
+/// DeleteKey's reply: the key as scheduled for deletion.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteKeyResponse {
+    /// When the key will be destroyed.
+    #[prost(message, optional, tag = "1")]
+    pub deletion_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// The key, with deletion_time set (unset when it was destroyed at once: a
+    /// waiting period of zero).
+    #[prost(message, optional, tag = "2")]
+    pub key: ::core::option::Option<Key>,
+}
+/// CancelKeyDeletion: the key whose deletion to cancel.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelKeyDeletionRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+/// CancelKeyDeletion's reply: the key, usable again.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CancelKeyDeletionResponse {
+    #[prost(message, optional, tag = "1")]
+    pub key: ::core::option::Option<Key>,
+}
 /// ExportKey: the key, and optionally one version, to export.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ExportKeyRequest {
@@ -1909,7 +1967,12 @@ pub mod key_admin_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "TrimKey"));
             self.inner.unary(req, path, codec).await
         }
-        /// Deletes a key and all its versions. Only for keys with deletion_allowed.
+        /// Schedules the destruction of a key and all its versions after a waiting
+        /// period (keys.deletion_waiting_period_s, 7 days by default). Only for keys
+        /// with deletion_allowed. Until then the key neither encrypts nor decrypts
+        /// (FAILED_PRECONDITION, reason KEY_PENDING_DELETION) and the deletion can be
+        /// cancelled; at the deletion time its material is destroyed, which makes every
+        /// ciphertext under it undecryptable for good.
         pub async fn delete_key(
             &mut self,
             request: impl tonic::IntoRequest<super::DeleteKeyRequest>,
@@ -1932,6 +1995,33 @@ pub mod key_admin_service_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "DeleteKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Cancels a scheduled deletion: the key works again as before.
+        pub async fn cancel_key_deletion(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CancelKeyDeletionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CancelKeyDeletionResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.KeyAdminService/CancelKeyDeletion",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("cipherd.v1.KeyAdminService", "CancelKeyDeletion"),
+                );
             self.inner.unary(req, path, codec).await
         }
         /// Returns key material in plaintext. Only for keys created exportable. For a
@@ -2019,12 +2109,25 @@ pub mod key_admin_service_server {
             &self,
             request: tonic::Request<super::TrimKeyRequest>,
         ) -> std::result::Result<tonic::Response<super::TrimKeyResponse>, tonic::Status>;
-        /// Deletes a key and all its versions. Only for keys with deletion_allowed.
+        /// Schedules the destruction of a key and all its versions after a waiting
+        /// period (keys.deletion_waiting_period_s, 7 days by default). Only for keys
+        /// with deletion_allowed. Until then the key neither encrypts nor decrypts
+        /// (FAILED_PRECONDITION, reason KEY_PENDING_DELETION) and the deletion can be
+        /// cancelled; at the deletion time its material is destroyed, which makes every
+        /// ciphertext under it undecryptable for good.
         async fn delete_key(
             &self,
             request: tonic::Request<super::DeleteKeyRequest>,
         ) -> std::result::Result<
             tonic::Response<super::DeleteKeyResponse>,
+            tonic::Status,
+        >;
+        /// Cancels a scheduled deletion: the key works again as before.
+        async fn cancel_key_deletion(
+            &self,
+            request: tonic::Request<super::CancelKeyDeletionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CancelKeyDeletionResponse>,
             tonic::Status,
         >;
         /// Returns key material in plaintext. Only for keys created exportable. For a
@@ -2418,6 +2521,52 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteKeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.KeyAdminService/CancelKeyDeletion" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelKeyDeletionSvc<T: KeyAdminService>(pub Arc<T>);
+                    impl<
+                        T: KeyAdminService,
+                    > tonic::server::UnaryService<super::CancelKeyDeletionRequest>
+                    for CancelKeyDeletionSvc<T> {
+                        type Response = super::CancelKeyDeletionResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CancelKeyDeletionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KeyAdminService>::cancel_key_deletion(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelKeyDeletionSvc(inner);
                         let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
