@@ -85,6 +85,58 @@ async fn a_rotation_on_one_replica_is_usable_on_the_other_at_once() {
     first.stop().await;
 }
 
+/// A token created through one replica works on another at once, even when
+/// that replica's change feed is cut off: it reads an unknown token from the
+/// database before refusing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_token_works_on_another_replica_before_its_notification() {
+    let db = TestDatabase::create("e2e_token_miss").await;
+    let (first, _first_dir, second, _second_dir) = two_replicas(&db).await;
+    let admin_a = first.client().await;
+    // Warm both replicas' pools, then cut their listeners off and keep them off.
+    let on_b_root = second
+        .client_with_token(&first.root_token().expect("dev root token"))
+        .await;
+    on_b_root.lookup_token(None).await.unwrap();
+    let mut admin = db.admin().await;
+    let database = db.name();
+    admin
+        .execute(AssertSqlSafe(format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
+        )))
+        .await
+        .unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'cipherd-listener'",
+    )
+    .bind(database)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true, true], "one listener per replica");
+
+    let created = admin_a
+        .create_token(vec!["root".into()], None, "miss-test")
+        .await
+        .unwrap();
+    let on_b = second
+        .client_with_token(created.token.expose_secret())
+        .await;
+    let info = on_b.lookup_token(None).await.expect("accepted at once");
+    assert_eq!(info.accessor, created.info.accessor);
+
+    admin
+        .execute(AssertSqlSafe(format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        )))
+        .await
+        .unwrap();
+    drop((admin_a, on_b, on_b_root));
+    second.stop().await;
+    first.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_feed_was_cut_off_still_learns_of_a_revocation() {
     let db = TestDatabase::create("e2e_resync").await;

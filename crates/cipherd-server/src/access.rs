@@ -431,20 +431,29 @@ where
         };
         let is_public = public(path);
         let authenticated = if shared.auditor.ready().is_err() {
-            Err(Error::AuditUnavailable)
+            Err((Error::AuditUnavailable, None))
         } else if is_public {
             Ok(None)
         } else {
             let header = request.headers_mut().remove(http::header::AUTHORIZATION);
-            shared
-                .authenticate(header, ctx.peer_certificate.as_deref())
-                .map(Some)
+            match shared.authenticate(header.as_ref(), ctx.peer_certificate.as_deref()) {
+                Ok(caller) => Ok(Some(caller)),
+                // Perhaps created through another replica a moment ago: look
+                // in storage before refusing (below, asynchronously).
+                Err(err) => Err((err, header.filter(|h| shared.unknown_token(h)))),
+            }
         };
         Box::pin(async move {
             let mut ctx = ctx;
             let caller = match authenticated {
                 Ok(caller) => caller,
-                Err(err) => return Ok(refuse(&ctx, err).await),
+                Err((err, Some(header))) => {
+                    match shared.authenticate_after_refresh(&header, &ctx).await {
+                        Some(caller) => Some(caller),
+                        None => return Ok(refuse(&ctx, err).await),
+                    }
+                }
+                Err((err, None)) => return Ok(refuse(&ctx, err).await),
             };
             if let (Some(limiter), Some(caller)) = (&shared.limiter, &caller)
                 && let Err(err) = limiter.check(&caller.principal)
@@ -466,10 +475,36 @@ where
 }
 
 impl Shared {
+    /// Whether `header` is a bearer cipherd token this replica does not know.
+    fn unknown_token(&self, header: &HeaderValue) -> bool {
+        let Ok(unsealed) = self.core.unsealed() else {
+            return false;
+        };
+        bearer(header).is_some_and(|t| unsealed.auth.is_unknown_token(t))
+    }
+
+    /// Authenticates `header` again after reading its token from storage
+    /// ([`AuthState::refresh_token`](crate::auth::state::AuthState::refresh_token));
+    /// `None` if the token is still unknown or refused.
+    async fn authenticate_after_refresh(
+        &self,
+        header: &HeaderValue,
+        ctx: &CallCtx,
+    ) -> Option<Arc<Caller>> {
+        let unsealed = self.core.unsealed().ok()?;
+        let token = bearer(header)?;
+        if !unsealed.auth.refresh_token(token).await {
+            return None;
+        }
+        tracing::debug!("token found in storage before its change notification");
+        self.authenticate(Some(header), ctx.peer_certificate.as_deref())
+            .ok()
+    }
+
     /// The caller behind `header` (or the client certificate).
     fn authenticate(
         &self,
-        header: Option<HeaderValue>,
+        header: Option<&HeaderValue>,
         certificate: Option<&str>,
     ) -> Result<Arc<Caller>, Error> {
         let unsealed = self.core.unsealed()?;
@@ -536,6 +571,15 @@ impl Shared {
 
 /// The one message every refused credential gets.
 const UNAUTHENTICATED: &str = "missing, malformed, expired, revoked or invalid credential";
+
+/// The token of a `Bearer` authorization header.
+fn bearer(header: &HeaderValue) -> Option<&str> {
+    let value = header.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
 
 fn refused(why: &'static str) -> Error {
     tracing::info!(why, "credential refused");

@@ -184,7 +184,14 @@ struct Inner {
     tokens: DashMap<String, Arc<TokenEntry>>,
     policies: DashMap<String, Arc<StoredPolicy>>,
     roles: DashMap<String, Arc<StoredRole>>,
+    /// Storage reads left in the current second for tokens not in the cache.
+    miss_reads: std::sync::Mutex<(std::time::Instant, u32)>,
 }
+
+/// Storage reads per second a replica makes for well-formed tokens it does not
+/// know ([`AuthState::refresh_token`]): enough for tokens just created through
+/// another replica, too few for random accessors to load the database.
+pub const TOKEN_MISS_READS_PER_SEC: u32 = 20;
 
 impl Drop for AuthState {
     fn drop(&mut self) {
@@ -206,6 +213,7 @@ impl AuthState {
             tokens: DashMap::new(),
             policies: DashMap::new(),
             roles: DashMap::new(),
+            miss_reads: std::sync::Mutex::new((std::time::Instant::now(), 0)),
         });
         for prefix in [TOKEN_PREFIX, POLICY_PREFIX, ROLE_PREFIX] {
             let mut after: Option<String> = None;
@@ -243,6 +251,63 @@ impl AuthState {
             return Err(TokenRefusal::Expired);
         }
         Ok(entry)
+    }
+
+    /// Whether `token` is well formed but its accessor is not cached: a token
+    /// that may have just been created through another replica.
+    pub fn is_unknown_token(&self, token: &str) -> bool {
+        split_token(token).is_some_and(|(accessor, _)| !self.inner.tokens.contains_key(accessor))
+    }
+
+    /// Reads the record of a token this replica does not know from storage, for
+    /// a token created through another replica whose notification has not
+    /// arrived yet; returns whether it is now cached. At most
+    /// [`TOKEN_MISS_READS_PER_SEC`] per second (beyond that, unknown tokens are
+    /// refused until the change feed brings them).
+    ///
+    /// Revocation stays in force: after caching the record it is read again, and
+    /// if it was deleted meanwhile (a revocation whose notification this replica
+    /// may already have handled, before the record was cached) it is dropped. A
+    /// deletion after that second read is announced after the record was cached,
+    /// so the change feed removes it.
+    pub async fn refresh_token(&self, token: &str) -> bool {
+        let Some((accessor, _)) = split_token(token) else {
+            return false;
+        };
+        let Some(path) = token_path(accessor) else {
+            return false;
+        };
+        {
+            let mut budget = self
+                .inner
+                .miss_reads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if budget.0.elapsed() >= Duration::from_secs(1) {
+                *budget = (std::time::Instant::now(), 0);
+            }
+            if budget.1 >= TOKEN_MISS_READS_PER_SEC {
+                return false;
+            }
+            budget.1 += 1;
+        }
+        let Ok(Some(record)) = self.inner.store.get(&path).await else {
+            return false;
+        };
+        if self
+            .inner
+            .install(&path, &record.value, record.revision)
+            .is_err()
+        {
+            return false;
+        }
+        match self.inner.store.get(&path).await {
+            Ok(Some(again)) if again.revision == record.revision => true,
+            _ => {
+                self.inner.forget(&path);
+                false
+            }
+        }
     }
 
     /// The policies named, as held now; unknown names give nothing (default deny).
@@ -883,6 +948,48 @@ mod tests {
             again.authenticate(&token).unwrap_err(),
             TokenRefusal::Unknown
         );
+    }
+
+    /// A replica reads an unknown token from storage (a token created through
+    /// another replica), never one that is revoked, and at most
+    /// TOKEN_MISS_READS_PER_SEC times a second.
+    #[tokio::test]
+    async fn unknown_tokens_are_read_from_storage_within_a_budget() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let root = RootKey::generate().unwrap();
+        let a = state(&store, &root).await;
+        let b = state(&store, &root).await;
+        let (token, entry) = a
+            .create_token(vec!["p".into()], None, "t".into(), "test".into())
+            .await
+            .unwrap();
+        assert!(b.refresh_token(&token).await);
+        assert!(!b.is_unknown_token(&token));
+        assert_eq!(b.authenticate(&token).unwrap().accessor, entry.accessor);
+
+        a.revoke_token(&entry.accessor).await.unwrap();
+        b.inner.forget(&format!("{TOKEN_PREFIX}{}", entry.accessor));
+        assert!(
+            !b.refresh_token(&token).await,
+            "a revoked token is not read back"
+        );
+        assert_eq!(b.authenticate(&token).unwrap_err(), TokenRefusal::Unknown);
+
+        // Random accessors use up the budget; then even a real token waits for
+        // the change feed.
+        let (fresh, _) = a
+            .create_token(vec!["p".into()], None, "t".into(), "test".into())
+            .await
+            .unwrap();
+        let c = state(&store, &root).await;
+        let secret = &fresh[29..];
+        for i in 0..TOKEN_MISS_READS_PER_SEC {
+            let random = format!("cdt_{i:024x}_{secret}");
+            assert!(c.is_unknown_token(&random));
+            assert!(!c.refresh_token(&random).await);
+        }
+        c.inner.forget(&format!("{TOKEN_PREFIX}{}", &fresh[4..28]));
+        assert!(!c.refresh_token(&fresh).await, "over budget");
     }
 
     #[tokio::test]
