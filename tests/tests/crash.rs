@@ -21,8 +21,10 @@
 //! Unseal RPC with two of three shares after every restart (the production path;
 //! dev mode's share file is covered by `process.rs`). SQLite (a data dir) and
 //! PostgreSQL (a fresh database) each get `CIPHERD_CRASH_KILLS` kills (default
-//! 100; `make soak` runs 1,000); `CIPHERD_CRASH_SEED` replays a run. The figures
-//! (kills, restarts, acknowledged operations, checks, losses, time) are printed.
+//! 100; `make soak` runs 1,000); `CIPHERD_CRASH_SEED` replays a run's choices
+//! (operations, kill moments, shares; the interleaving with the server's timing
+//! differs). The figures (kills, restarts, acknowledged operations, checks,
+//! losses, time) are printed.
 //!
 //! PostgreSQL needs a server: `make test` starts it (`scripts/ensure-postgres.sh`).
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report

@@ -22,8 +22,8 @@ use std::{
 
 use bytes::Bytes;
 use cipherd_e2e::{
-    Code, EncryptOptions, TestServer, create_key, decrypt, encrypt, expect_err, get_key, pb, reply,
-    rotate,
+    Client, Code, EncryptOptions, TestServer, create_key, decrypt, encrypt, expect_err, get_key,
+    pb, reply, rotate,
 };
 use cipherd_server::{DEV_SHARE_FILE, config::StorageParams};
 use cipherd_store::PostgresConfig;
@@ -226,8 +226,18 @@ async fn a_database_outage_keeps_cached_keys_serving_and_recovers_without_a_rest
     .unwrap();
     let second = TestServer::start(params(second_dir.path())).await;
     let token = first.root_token().unwrap();
-    let one = first.client().await;
-    let other = second.client_with_token(&token).await;
+    // No client retries: every call below is answered the first time, or the
+    // test sees the failure.
+    let connect = |server: &TestServer| {
+        let options = cipherd_client::ClientOptions {
+            retries: 0,
+            ..server.client_options().with_token(token.as_str())
+        };
+        let endpoint = server.endpoint();
+        async move { Client::connect_with(endpoint, options).await.unwrap() }
+    };
+    let one = connect(&first).await;
+    let other = connect(&second).await;
     create_key(&one, "steady", pb::KeyType::Xaes256Gcm).await;
     create_key(&one, "counted", pb::KeyType::Aes256Gcm96).await;
     // Both keys cached on both replicas, and a usage block reserved on the first.
