@@ -183,6 +183,14 @@ async fn crash_loop(backend: &str, work: &Path, config: &str) {
             workers.push(worker);
         }
         workers.sort_by_key(|w| w.id);
+        if (kill + 1) % 100 == 0 && kill + 1 < kills {
+            eprintln!(
+                "crash[{backend}]: {}/{kills} kills, {} losses, {:.1} s",
+                kill + 1,
+                figures.losses,
+                started.elapsed().as_secs_f64()
+            );
+        }
         if !losses.is_empty() {
             figures.print(backend, started.elapsed(), &workers);
             panic!(
