@@ -46,7 +46,8 @@ run:
 
 ## Crash soak (not in CI): the SIGKILL test of tests/tests/crash.rs with
 ## SOAK_KILLS kills per backend instead of CI's 100 (a seed to replay a failure:
-## CIPHERD_CRASH_SEED=N).
+## CIPHERD_CRASH_SEED=N). The backends run side by side; on a busy 2-core machine
+## 1,000 kills took 11 min on SQLite and 19 min on PostgreSQL (CI's 100: 1 min 45 s).
 SOAK_KILLS ?= 1000
 soak:
 	scripts/ensure-postgres.sh

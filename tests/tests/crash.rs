@@ -49,6 +49,17 @@ use cipherd_test_support::postgres::TestDatabase;
 
 use crate::daemon::Daemon;
 
+/// Writes a line of figures to the process's stderr. Not `eprintln!`: the test
+/// harness captures that for passing tests, and these figures belong in every
+/// CI log.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, $($arg)*);
+    }};
+}
+
 /// Concurrent client tasks, each the only writer of its own keys.
 const WORKERS: usize = 4;
 /// Keys a worker keeps; at this many it deletes one before creating another.
@@ -87,9 +98,7 @@ async fn crash_loop(backend: &str, work: &Path, config: &str) {
             .unwrap()
             .as_nanos() as u64,
     );
-    eprintln!(
-        "crash[{backend}]: seed {seed} (CIPHERD_CRASH_SEED={seed} replays it), {kills} kills"
-    );
+    report!("crash[{backend}]: seed {seed} (CIPHERD_CRASH_SEED={seed} replays it), {kills} kills");
     let mut rng = TestRng::new(seed);
     let data = work.join("data");
     let started = Instant::now();
@@ -184,7 +193,7 @@ async fn crash_loop(backend: &str, work: &Path, config: &str) {
         }
         workers.sort_by_key(|w| w.id);
         if (kill + 1) % 100 == 0 && kill + 1 < kills {
-            eprintln!(
+            report!(
                 "crash[{backend}]: {}/{kills} kills, {} losses, {:.1} s",
                 kill + 1,
                 figures.losses,
@@ -253,7 +262,7 @@ impl Figures {
         let acked = workers
             .iter()
             .fold(Acked::default(), |a, w| a.plus(&w.acked));
-        eprintln!(
+        report!(
             "crash[{backend}]: {} kills, {} restarts, {} losses in {:.1} s\n\
              crash[{backend}]: acknowledged: {} key creations, {} rotations, {} config changes, \
              {} deletions, {} tokens, {} encryptions\n\
