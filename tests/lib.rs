@@ -16,7 +16,8 @@
 //! | `hostile.rs` | the hostile catalogue (malformed, oversized, forged, misdirected requests) and its auth rows (credentials, policies, purposes, break-glass, policy documents) over TLS: each row's status and reason, storage unchanged after |
 //! | `tls.rs` | TLS: X25519MLKEM768 negotiated, plaintext and untrusted clients refused, mTLS, certificate reloads |
 //! | `audit.rs` | the audit log fails closed: with no writable sink every call is refused and nothing changes |
-//! | `postgres.rs` | the PostgreSQL backend (needs PostgreSQL, see `scripts/ensure-postgres.sh`): keys survive a restart on the database; two replicas on one database see each other's rotations; a replica whose change feed was cut off reloads when it is back (a token revoked meanwhile is refused) |
+//! | `postgres.rs` | the PostgreSQL backend (needs PostgreSQL, see `scripts/ensure-postgres.sh`): keys survive a restart on the database; two replicas on one database see each other's rotations; a replica whose change feed was cut off reloads when it is back (a token revoked meanwhile is refused); on a private cluster (initdb/pg_ctl as `postgres`), the database stopped with `-m immediate` under load: cached keys keep encrypting and decrypting, a 96-bit-nonce key needing a new usage block and admin writes answer UNAVAILABLE, health NOT_SERVING, then everything recovers without a restart |
+//! | `crash.rs` | crash safety (issue #8): the real binary SIGKILLed at random moments under concurrent key creations, rotations, config changes, deletions, token creations and encryptions, on SQLite and on PostgreSQL (`CIPHERD_CRASH_KILLS`, default 100 each; `make soak`: 1,000); after each restart and unseal every acknowledged key, version, material (canaries, exports), usage count and token is there; prints kills, restarts and losses |
 //! | `edge.rs` | the edge under abuse: declared-size floods (also under a memory cap), stream and connection floods, slow and silent clients, keep-alive, load shedding, timeouts, request ids |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through
@@ -26,8 +27,9 @@
 //!
 //! # The binary under test
 //!
-//! `process.rs` runs `cipherd-e2e-daemon`, the server's own `main.rs` built as a
-//! binary target of this package (see `tests/Cargo.toml`): cargo builds a package's
+//! `process.rs` and `crash.rs` run `cipherd-e2e-daemon` (through `tests/support/daemon.rs`, included by both), the
+//! server's own `main.rs` built as a binary target of this package (see
+//! `tests/Cargo.toml`): cargo builds a package's
 //! binaries for its integration tests but never another package's, even under
 //! `--workspace`, so `target/<profile>/cipherd` may be missing or stale when these
 //! tests run. Set `CIPHERD_BIN=/path/to/cipherd` to test another build instead, e.g.

@@ -3,17 +3,35 @@
 //! rotations (a newer version in a ciphertext at once; for encryption through
 //! the change feed over LISTEN/NOTIFY), and a replica whose listener was cut off
 //! while a token was revoked reloads once it is back (the resync), so the
-//! revoked token stops working there too.
+//! revoked token stops working there too; and on a private cluster of its own,
+//! a database outage (stopped with `pg_ctl stop -m immediate`, started again)
+//! that cached keys serve through and that both replicas recover from without a
+//! restart.
 //!
 //! Needs PostgreSQL: `make test` starts it (`scripts/ensure-postgres.sh`).
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use cipherd_e2e::{Code, TestServer, create_key, decrypt, encrypt, pb, rotate};
-use cipherd_server::DEV_SHARE_FILE;
+use bytes::Bytes;
+use cipherd_e2e::{
+    Client, Code, EncryptOptions, TestServer, create_key, decrypt, encrypt, expect_err, get_key,
+    pb, reply, rotate,
+};
+use cipherd_server::{DEV_SHARE_FILE, config::StorageParams};
+use cipherd_store::PostgresConfig;
 use cipherd_test_support::postgres::{TestDatabase, params_on};
 use sqlx::{AssertSqlSafe, Executor};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dev_server_on_postgres_keeps_its_keys_across_a_restart() {
@@ -228,4 +246,398 @@ async fn two_replicas(
     .unwrap();
     let second = TestServer::start(params_on(db, second_dir.path(), true)).await;
     (first, first_dir, second, second_dir)
+}
+
+/// PostgreSQL stopped (`pg_ctl stop -m immediate`) under load, then started again,
+/// with two replicas and without restarting them: encryption and decryption on
+/// cached keys go on throughout; a 96-bit-nonce version that needs a new usage
+/// block fails closed (UNAVAILABLE, and every encryption it did answer is in its
+/// durable count); admin writes answer UNAVAILABLE and health turns NOT_SERVING;
+/// once the database is back, health is SERVING, admin writes work and the change
+/// feed carries a rotation to the other replica again. The shared cluster serves
+/// other tests, so this one runs a private cluster of its own ([`PrivateCluster`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_keeps_cached_keys_serving_and_recovers_without_a_restart() {
+    const BLOCK: u64 = 16;
+    let mut cluster = PrivateCluster::create().await;
+    let params = |dir: &std::path::Path| {
+        let mut params = cipherd_server::Params::for_data_dir(dir, true);
+        params.storage = StorageParams::Postgres {
+            config: PostgresConfig::new(cluster.url()).unwrap(),
+        };
+        params.usage.reservation_block = BLOCK;
+        params
+    };
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(params(first_dir.path())).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        first_dir.path().join(DEV_SHARE_FILE),
+        second_dir.path().join(DEV_SHARE_FILE),
+    )
+    .unwrap();
+    let second = TestServer::start(params(second_dir.path())).await;
+    let token = first.root_token().unwrap();
+    // No client retries: every call below is answered the first time, or the
+    // test sees the failure.
+    let connect = |server: &TestServer| {
+        let options = cipherd_client::ClientOptions {
+            retries: 0,
+            ..server.client_options().with_token(token.as_str())
+        };
+        let endpoint = server.endpoint();
+        async move { Client::connect_with(endpoint, options).await.unwrap() }
+    };
+    let one = connect(&first).await;
+    let other = connect(&second).await;
+    create_key(&one, "steady", pb::KeyType::Xaes256Gcm).await;
+    create_key(&one, "counted", pb::KeyType::Aes256Gcm96).await;
+    // Both keys cached on both replicas, and a usage block reserved on the first.
+    for client in [&one, &other] {
+        for key in ["steady", "counted"] {
+            let sealed = encrypt(client, key, b"warm").await.ciphertext;
+            decrypt(client, key, &sealed).await.unwrap();
+        }
+    }
+    let mut counted_ok: u64 = 1;
+    let health = |server: &TestServer| {
+        let endpoint = server.endpoint();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(endpoint)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            HealthClient::new(channel)
+        }
+    };
+    let mut health_one = health(&first).await;
+    assert_eq!(serving(&mut health_one).await, ServingStatus::Serving);
+
+    // A load of encrypt/decrypt on the cached key through both replicas, for the
+    // whole test: every call must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = [one.clone(), other.clone()]
+        .into_iter()
+        .map(|client| {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let plaintext = format!("row {done}");
+                    let sealed = client
+                        .encrypt("steady", plaintext.clone(), &EncryptOptions::default())
+                        .await
+                        .unwrap_or_else(|e| panic!("encrypt {done}: {e}"));
+                    let back = client
+                        .decrypt("steady", sealed.ciphertext, Bytes::new(), Bytes::new())
+                        .await
+                        .unwrap_or_else(|e| panic!("decrypt {done}: {e}"));
+                    assert_eq!(back.plaintext, plaintext.as_bytes());
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+
+    cluster.stop_immediately().await;
+    let outage = Instant::now();
+    // Health turns NOT_SERVING (the store probe's ping fails).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while serving(&mut health_one).await != ServingStatus::NotServing {
+        assert!(
+            Instant::now() < deadline,
+            "still SERVING 15 s into the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let not_serving = outage.elapsed();
+    // Admin writes: UNAVAILABLE (retryable), never anything else, once the pool
+    // gives up on a connection (its acquire timeout, 10 s).
+    let started = Instant::now();
+    let create = reply(
+        one.admin()
+            .create_key(pb::CreateKeyRequest {
+                name: "during".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    expect_err(create, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    let create_refused = started.elapsed();
+    let started = Instant::now();
+    let rotation = reply(
+        one.admin()
+            .rotate_key(pb::RotateKeyRequest {
+                name: "steady".into(),
+            })
+            .await,
+    );
+    expect_err(rotation, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    let rotate_refused = started.elapsed();
+    for took in [create_refused, rotate_refused] {
+        assert!(
+            took < Duration::from_secs(20),
+            "an admin write took {took:?} to fail"
+        );
+    }
+    // The 96-bit-nonce key: what is left of its block (reserved before the
+    // outage), then UNAVAILABLE (a new block needs a durable write), never an
+    // encryption beyond what was reserved.
+    let mut counted_during: u64 = 0;
+    let started = Instant::now();
+    let refused = loop {
+        match one
+            .transit()
+            .encrypt(pb::EncryptRequest {
+                key: "counted".into(),
+                plaintext: Bytes::from_static(b"counted"),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => counted_during += 1,
+            Err(status) => break cipherd_client::Error::from(status),
+        }
+        assert!(
+            counted_during < BLOCK,
+            "{counted_during} encryptions during the outage, out of a block of {BLOCK} \
+             of which one was used before"
+        );
+    };
+    expect_err::<()>(Err(refused), Code::Unavailable, "STORAGE_UNAVAILABLE");
+    let block_refused = started.elapsed();
+    counted_ok += counted_during;
+    // The load goes on meanwhile (checked by its tasks); let it run a while into
+    // the outage: until the first replica's health has flipped and then some.
+    let during = Instant::now();
+    while during.elapsed() < Duration::from_secs(2) {
+        decrypt(
+            &other,
+            "steady",
+            &encrypt(&other, "steady", b"outage").await.ciphertext,
+        )
+        .await
+        .unwrap();
+    }
+
+    let down = outage.elapsed();
+    cluster.start().await;
+    let restarted = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serving(&mut health_one).await != ServingStatus::Serving {
+        assert!(
+            Instant::now() < deadline,
+            "NOT_SERVING 30 s after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = restarted.elapsed();
+    // Admin writes work again, and the rotation reaches the other replica through
+    // the change feed (its listener reconnected on its own).
+    create_key(&one, "after", pb::KeyType::Xaes256Gcm).await;
+    assert_eq!(rotate(&one, "steady").await.latest_version, 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let version = encrypt(&other, "steady", b"x").await.key_version;
+        if version == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other replica still encrypts under version {version} 30 s after the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fed = restarted.elapsed();
+    // The counted key reserves blocks again, and its durable count covers every
+    // encryption it ever answered.
+    encrypt(&one, "counted", b"again").await;
+    counted_ok += 1;
+    let key = get_key(&one, "counted").await;
+    assert!(
+        key.versions[0].encryptions > counted_ok,
+        "count {} not above the {} encryptions answered here (the other replica did one more)",
+        key.versions[0].encryptions,
+        counted_ok
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let mut loaded = 0;
+    for task in load {
+        loaded += task.await.expect("the load never failed");
+    }
+    eprintln!(
+        "outage: NOT_SERVING {not_serving:?} after the stop; CreateKey refused in {create_refused:?}, \
+         RotateKey in {rotate_refused:?}; the counted key did {counted_during} encryptions, then \
+         was refused (in {block_refused:?}); database down for {down:?}; SERVING {recovered:?} \
+         after it was back; the rotation on the other replica {fed:?} after it was back; {loaded} \
+         encrypt+decrypt pairs under load, none failed; counted key: {counted_ok} encryptions \
+         answered by this replica, durable count {count}",
+        count = key.versions[0].encryptions
+    );
+    assert!(loaded > 0);
+    drop((one, other));
+    second.stop().await;
+    first.stop().await;
+}
+
+/// The gated health status (service "").
+async fn serving(health: &mut HealthClient<tonic::transport::Channel>) -> ServingStatus {
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// A PostgreSQL cluster of one test's own, in a temp dir, on a free port of
+/// 127.0.0.1, so that the test may stop it without disturbing the shared one.
+/// Its binaries are PostgreSQL 15's Debian paths, or `CIPHERD_TEST_PG_BIN`. It
+/// runs as the `postgres` user when the test runs as root (initdb refuses root).
+/// Stopped (immediately) when dropped.
+struct PrivateCluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    running: bool,
+}
+
+impl PrivateCluster {
+    /// initdb, then [`PrivateCluster::start`].
+    async fn create() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            // The temp dir is root's (mode 0700): open it to the cluster's user.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            run(std::process::Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()))
+            .await;
+        }
+        let mut cluster = Self {
+            dir,
+            port: 0,
+            running: false,
+        };
+        let mut initdb = cluster.pg_command("initdb");
+        initdb
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(cluster.data());
+        run(&mut initdb).await;
+        // A port nobody listens on now (the cluster binds it a moment later).
+        cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        cluster.start().await;
+        cluster
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections (pg_ctl -w polls);
+    /// also after [`PrivateCluster::stop_immediately`].
+    async fn start(&mut self) {
+        let mut start = self.pg_command("pg_ctl");
+        start
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -c listen_addresses=127.0.0.1 -k {}",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start");
+        run(&mut start).await;
+        self.running = true;
+    }
+
+    /// `pg_ctl stop -m immediate`: every backend killed, no checkpoint (crash
+    /// recovery at the next start).
+    async fn stop_immediately(&mut self) {
+        let mut stop = self.pg_command("pg_ctl");
+        stop.args(["-w", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .arg("stop");
+        run(&mut stop).await;
+        self.running = false;
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A PostgreSQL program, as the `postgres` user when we are root.
+    fn pg_command(&self, program: &str) -> std::process::Command {
+        let bin = std::env::var("CIPHERD_TEST_PG_BIN")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+        let program = std::path::Path::new(&bin).join(program);
+        if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let mut stop = self.pg_command("pg_ctl");
+            let _ = stop
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(self.data())
+                .arg("stop")
+                .output();
+        }
+    }
+}
+
+/// Runs `command` to completion off the runtime's threads; panics with its
+/// output if it fails.
+async fn run(command: &mut std::process::Command) {
+    let shown = format!("{command:?}");
+    let mut command = tokio::process::Command::from(std::mem::replace(
+        command,
+        std::process::Command::new("true"),
+    ));
+    let out = command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
 }
