@@ -56,6 +56,10 @@ enum Req {
     Seal,
     Rekey(pb::RekeyRequest),
     RotateRoot(pb::RotateRootRequest),
+    /// `SystemService.Backup`, its stream read to the end.
+    Backup,
+    /// `SystemService.Restore` of these chunks.
+    Restore(Vec<pb::RestoreRequest>),
     CreateToken(pb::CreateTokenRequest),
     WritePolicy(pb::WritePolicyRequest),
     AuditHash(pb::HashRequest),
@@ -1210,6 +1214,16 @@ async fn send_as(
         Req::Seal => reply(s.seal(with_auth(&header, pb::SealRequest {})).await).map(drop),
         Req::Rekey(m) => reply(s.rekey(with_auth(&header, m)).await).map(drop),
         Req::RotateRoot(m) => reply(s.rotate_root(with_auth(&header, m)).await).map(drop),
+        Req::Backup => {
+            let mut stream = reply(s.backup(with_auth(&header, pb::BackupRequest {})).await)?;
+            while stream.message().await.map_err(Error::from)?.is_some() {}
+            Ok(())
+        }
+        Req::Restore(chunks) => reply(
+            s.restore(with_auth(&header, tokio_stream::iter(chunks)))
+                .await,
+        )
+        .map(drop),
         Req::CreateToken(m) => {
             reply(client.auth().create_token(with_auth(&header, m)).await).map(drop)
         }
@@ -1672,6 +1686,38 @@ const AUTH_ROWS: &[AuthRow] = &[
         },
         PermissionDenied,
         DENIED,
+    ),
+    auth_row(
+        "clinician: back up the store",
+        |f| bearer(&f.clinician),
+        |_| Req::Backup,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "token admin (an admin operation, not backup): back up the store",
+        |f| bearer(&f.token_admin),
+        |_| Req::Backup,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "no credential: back up the store",
+        |_| None,
+        |_| Req::Backup,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "no credential: restore over the initialized store",
+        |_| None,
+        |_| {
+            Req::Restore(vec![pb::RestoreRequest {
+                backup_chunk: Bytes::from_static(b"CIPHERDB"),
+            }])
+        },
+        FailedPrecondition,
+        "ALREADY_INITIALIZED",
     ),
     auth_row(
         "no credential: start a rekey",

@@ -94,6 +94,13 @@ pub enum Command {
     /// stored record is then re-sealed under the new root in the background.
     #[command(subcommand)]
     RotateRoot(RotateRootCommand),
+    /// Write a backup of the whole store to FILE (mode 0600, written atomically):
+    /// every record as stored, encrypted, plus the seal record. Restoring it
+    /// needs the unseal shares of this server. Needs the `backup` operation.
+    Backup(BackupArgs),
+    /// Restore a backup FILE into an uninitialized cipherd (SQLite or PostgreSQL),
+    /// which is then sealed: unseal it with the backed-up server's shares.
+    Restore(RestoreArgs),
     /// Manage named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -301,6 +308,21 @@ pub struct InitArgs {
     /// How many shares unseal (at least 2 unless there is only one share).
     #[arg(long, value_name = "T", value_parser = clap::value_parser!(u32).range(1..=255))]
     pub threshold: u32,
+}
+
+/// `backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Where to write the backup; an existing file is replaced only once the
+    /// new backup is complete.
+    pub file: PathBuf,
+}
+
+/// `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A backup written by `cipherctl backup`.
+    pub file: PathBuf,
 }
 
 /// `unseal`.

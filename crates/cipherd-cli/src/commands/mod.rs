@@ -13,6 +13,7 @@
 
 mod audit;
 mod auth;
+mod backup;
 mod keys;
 mod lines;
 mod policy;
@@ -60,6 +61,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal => system::seal(&ctx).await?,
         Command::Rekey(command) => system::rekey(&ctx, command).await?,
         Command::RotateRoot(command) => system::rotate_root(&ctx, command).await?,
+        Command::Backup(args) => backup::backup(&ctx, args).await?,
+        Command::Restore(args) => backup::restore(&ctx, args).await?,
         Command::Key(cmd) => keys::run(&ctx, cmd).await?,
         Command::Encrypt(args) if args.lines => lines::encrypt(&ctx, args).await?,
         Command::Encrypt(args) => transit::encrypt(&ctx, args).await?,

@@ -2705,6 +2705,37 @@ pub struct RotateRootResponse {
     #[prost(string, tag = "7")]
     pub error: ::prost::alloc::string::String,
 }
+/// Backup (no fields).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackupRequest {}
+/// One piece of a backup stream: concatenated in order, the pieces are the
+/// backup file.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct BackupResponse {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub backup_chunk: ::prost::bytes::Bytes,
+}
+/// One piece of a backup file, in order.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RestoreRequest {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub backup_chunk: ::prost::bytes::Bytes,
+}
+/// Restore's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RestoreResponse {
+    /// Records restored, the seal record included.
+    #[prost(uint64, tag = "1")]
+    pub records: u64,
+    /// When the backup was taken (RFC 3339, UTC) and the backend it was taken
+    /// from, as its header says.
+    #[prost(string, tag = "2")]
+    pub created_at: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub source_backend: ::prost::alloc::string::String,
+}
 /// Where a rekey stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -3027,6 +3058,65 @@ pub mod system_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.SystemService", "RotateRoot"));
             self.inner.unary(req, path, codec).await
         }
+        /// Streams a backup: a consistent snapshot of every stored record as stored
+        /// (barrier-encrypted, bound to its path) plus the seal record, in the framed
+        /// format of docs/operations.md, ending with a SHA-256 over the whole stream.
+        /// Restoring it needs the original unseal shares. Needs an unsealed server
+        /// and the `backup` operation. A stream that ends in an error is not a backup.
+        pub async fn backup(
+            &mut self,
+            request: impl tonic::IntoRequest<super::BackupRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::BackupResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/Backup",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "Backup"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Restores a backup into an uninitialized server (the same exposure as
+        /// `Init`, so no credential). The whole stream is verified (framing, record
+        /// count, SHA-256) before anything is written, then imported in one
+        /// transaction: a refused or interrupted restore leaves the server
+        /// uninitialized. Afterwards the server is sealed; unseal it with the shares
+        /// of the backed-up server.
+        pub async fn restore(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::RestoreRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/Restore",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "Restore"));
+            self.inner.client_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3085,6 +3175,31 @@ pub mod system_service_server {
             tonic::Response<super::RotateRootResponse>,
             tonic::Status,
         >;
+        /// Server streaming response type for the Backup method.
+        type BackupStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::BackupResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams a backup: a consistent snapshot of every stored record as stored
+        /// (barrier-encrypted, bound to its path) plus the seal record, in the framed
+        /// format of docs/operations.md, ending with a SHA-256 over the whole stream.
+        /// Restoring it needs the original unseal shares. Needs an unsealed server
+        /// and the `backup` operation. A stream that ends in an error is not a backup.
+        async fn backup(
+            &self,
+            request: tonic::Request<super::BackupRequest>,
+        ) -> std::result::Result<tonic::Response<Self::BackupStream>, tonic::Status>;
+        /// Restores a backup into an uninitialized server (the same exposure as
+        /// `Init`, so no credential). The whole stream is verified (framing, record
+        /// count, SHA-256) before anything is written, then imported in one
+        /// transaction: a refused or interrupted restore leaves the server
+        /// uninitialized. Afterwards the server is sealed; unseal it with the shares
+        /// of the backed-up server.
+        async fn restore(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::RestoreRequest>>,
+        ) -> std::result::Result<tonic::Response<super::RestoreResponse>, tonic::Status>;
     }
     /// The lifecycle of the server: initialize, unseal with Shamir shares, seal. Always
     /// served, sealed or not.
@@ -3427,6 +3542,99 @@ pub mod system_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/Backup" => {
+                    #[allow(non_camel_case_types)]
+                    struct BackupSvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::ServerStreamingService<super::BackupRequest>
+                    for BackupSvc<T> {
+                        type Response = super::BackupResponse;
+                        type ResponseStream = T::BackupStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::BackupRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::backup(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = BackupSvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/Restore" => {
+                    #[allow(non_camel_case_types)]
+                    struct RestoreSvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::ClientStreamingService<super::RestoreRequest>
+                    for RestoreSvc<T> {
+                        type Response = super::RestoreResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::RestoreRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::restore(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RestoreSvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

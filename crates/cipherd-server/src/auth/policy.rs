@@ -83,11 +83,15 @@ pub enum Operation {
     Policy,
     /// `audit`: audit administration (the investigator's HMAC).
     Audit,
+    /// `backup`: stream a backup of the whole store (`SystemService.Backup`).
+    /// Encrypted as stored, but every key's material and the sealed root key
+    /// leave with it: grant it as sparingly as `system`.
+    Backup,
 }
 
 impl Operation {
     /// Every operation, key-scoped ones first.
-    pub const ALL: [Operation; 16] = [
+    pub const ALL: [Operation; 17] = [
         Operation::Encrypt,
         Operation::Decrypt,
         Operation::Rewrap,
@@ -104,6 +108,7 @@ impl Operation {
         Operation::Role,
         Operation::Policy,
         Operation::Audit,
+        Operation::Backup,
     ];
 
     /// The name used in policy documents and audit records.
@@ -125,6 +130,7 @@ impl Operation {
             Operation::Role => "role",
             Operation::Policy => "policy",
             Operation::Audit => "audit",
+            Operation::Backup => "backup",
         }
     }
 
@@ -137,6 +143,7 @@ impl Operation {
                 | Operation::Role
                 | Operation::Policy
                 | Operation::Audit
+                | Operation::Backup
         )
     }
 
@@ -149,8 +156,8 @@ impl Operation {
         )
     }
 
-    const fn bit(self) -> u16 {
-        1 << self as u16
+    const fn bit(self) -> u32 {
+        1 << self as u32
     }
 }
 
@@ -278,7 +285,7 @@ pub struct Policy {
     source: Box<str>,
     rules: Box<[Rule]>,
     /// The union of the rules' operations, to skip a policy at once.
-    operations: u16,
+    operations: u32,
 }
 
 impl Policy {
@@ -519,7 +526,7 @@ pub enum RuleProblem {
 /// One compiled rule.
 #[derive(Debug, Clone)]
 struct Rule {
-    operations: u16,
+    operations: u32,
     keys: KeySet,
     /// `None`: any purpose (or none).
     purposes: Option<Box<[Box<str>]>>,
@@ -738,10 +745,10 @@ operations = ["encrypt", "decrypt"]
         );
         // Every operation has its own bit.
         let bits = Operation::ALL.iter().fold(0u32, |all, op| {
-            assert_eq!(all & u32::from(op.bit()), 0);
-            all | u32::from(op.bit())
+            assert_eq!(all & op.bit(), 0);
+            all | op.bit()
         });
-        assert_eq!(bits, 0xffff);
+        assert_eq!(bits, (1 << Operation::ALL.len()) - 1);
     }
 
     #[test]
