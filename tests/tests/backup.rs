@@ -4,7 +4,9 @@
 //! PostgreSQL, unsealed with the original shares, every canary decrypted), and
 //! the refusals: a tampered or truncated backup leaves the target
 //! uninitialized (and a good one then restores), a restore into an
-//! initialized server, a backup while sealed.
+//! initialized server, a backup while sealed. And per-key backups: sealed (no
+//! material in the clear), never overwriting a key, restorable on their
+//! instance and on a restore of its full backup, refused anywhere else.
 //!
 //! The PostgreSQL half needs PostgreSQL: `make test` starts it
 //! (`scripts/ensure-postgres.sh`).
@@ -305,4 +307,172 @@ async fn restore(client: &Client, bytes: &[u8]) -> Result<pb::RestoreResponse, E
         })
         .collect();
     reply(client.system().restore(tokio_stream::iter(chunks)).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_backup_restores_on_its_instance_and_on_a_restore_of_its_full_backup() {
+    let source = source().await;
+    let client = source.server.client_with_token(&source.root).await;
+    // An exportable aes256-gcm96 key: its material can be compared with the
+    // backup's bytes, and its usage counters must come back.
+    create_key_with(
+        &client,
+        pb::CreateKeyRequest {
+            name: "ledger".into(),
+            r#type: pb::KeyType::Aes256Gcm96 as i32,
+            exportable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    rotate(&client, "ledger").await;
+    let sealed = encrypt(&client, "ledger", b"balance 1200").await;
+    let used = get_key(&client, "ledger").await;
+    assert!(used.versions.iter().any(|v| v.encryptions > 0), "{used:?}");
+    let exported = reply(
+        client
+            .admin()
+            .export_key(pb::ExportKeyRequest {
+                name: "ledger".into(),
+                version: None,
+            })
+            .await,
+    )
+    .unwrap();
+    let key_backup = backup_key(&client, "ledger").await.unwrap();
+    for version in &exported.versions {
+        assert!(
+            !key_backup
+                .windows(version.material.len())
+                .any(|w| w == &version.material[..]),
+            "version {} material is in the key backup in the clear",
+            version.version
+        );
+    }
+    // An existing key is never overwritten.
+    expect_err(
+        restore_key(&client, &key_backup).await,
+        Code::AlreadyExists,
+        "KEY_EXISTS",
+    );
+    // A byte flipped anywhere after the name: refused.
+    let mut altered = key_backup.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    delete_key(&client, "ledger").await;
+    expect_err(
+        restore_key(&client, &altered).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    // Deleted, then restored on the same instance: decrypts, counts kept.
+    let restored = restore_key(&client, &key_backup).await.unwrap();
+    assert_eq!(restored.latest_version, 2);
+    assert_eq!(restored.versions, used.versions, "usage counters changed");
+    assert_eq!(
+        &decrypt(&client, "ledger", &sealed.ciphertext)
+            .await
+            .unwrap()[..],
+        b"balance 1200"
+    );
+
+    // A full backup carries the wrapping key: a key backup made before it
+    // restores on a server restored from it (the key itself deleted first, so
+    // the full backup does not hold it).
+    delete_key(&client, "ledger").await;
+    let full = backup_of(&source.server, &source.root).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = TestServer::start(Params::for_data_dir(dir.path(), false)).await;
+    restore(&target.anonymous_client().await, &full)
+        .await
+        .unwrap();
+    unseal(&target.anonymous_client().await, &source.shares[..2]).await;
+    let on_target = target.client_with_token(&source.root).await;
+    restore_key(&on_target, &key_backup).await.unwrap();
+    assert_eq!(
+        &decrypt(&on_target, "ledger", &sealed.ciphertext)
+            .await
+            .unwrap()[..],
+        b"balance 1200"
+    );
+    target.stop().await;
+
+    // Any other instance cannot open it, whether it has a wrapping key or not.
+    let other = TestServer::dev().await;
+    let on_other = other.client().await;
+    expect_err(
+        restore_key(&on_other, &key_backup).await,
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+    create_key_with(
+        &on_other,
+        pb::CreateKeyRequest {
+            name: "own".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    backup_key(&on_other, "own").await.unwrap();
+    expect_err(
+        restore_key(&on_other, &key_backup).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert!(
+        reply(
+            on_other
+                .admin()
+                .get_key(pb::GetKeyRequest {
+                    name: "ledger".into()
+                })
+                .await
+        )
+        .is_err(),
+        "a refused key restore created the key"
+    );
+    other.stop().await;
+}
+
+async fn backup_key(client: &Client, name: &str) -> Result<Vec<u8>, Error> {
+    reply(
+        client
+            .admin()
+            .backup_key(pb::BackupKeyRequest { name: name.into() })
+            .await,
+    )
+    .map(|r| r.key_backup.to_vec())
+}
+
+async fn restore_key(client: &Client, bytes: &[u8]) -> Result<pb::Key, Error> {
+    reply(
+        client
+            .admin()
+            .restore_key(pb::RestoreKeyRequest {
+                key_backup: Bytes::copy_from_slice(bytes),
+            })
+            .await,
+    )
+    .map(|r| r.key.expect("the restored key"))
+}
+
+/// Allows deletion, then deletes.
+async fn delete_key(client: &Client, name: &str) {
+    reply(
+        client
+            .admin()
+            .update_key_config(pb::UpdateKeyConfigRequest {
+                name: name.into(),
+                deletion_allowed: Some(true),
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap();
+    reply(
+        client
+            .admin()
+            .delete_key(pb::DeleteKeyRequest { name: name.into() })
+            .await,
+    )
+    .unwrap();
 }

@@ -58,6 +58,8 @@ enum Req {
     RotateRoot(pb::RotateRootRequest),
     /// `SystemService.Backup`, its stream read to the end.
     Backup,
+    BackupKey(pb::BackupKeyRequest),
+    RestoreKey(pb::RestoreKeyRequest),
     /// `SystemService.Restore` of these chunks.
     Restore(Vec<pb::RestoreRequest>),
     CreateToken(pb::CreateTokenRequest),
@@ -1219,6 +1221,8 @@ async fn send_as(
             while stream.message().await.map_err(Error::from)?.is_some() {}
             Ok(())
         }
+        Req::BackupKey(m) => reply(a.backup_key(with_auth(&header, m)).await).map(drop),
+        Req::RestoreKey(m) => reply(a.restore_key(with_auth(&header, m)).await).map(drop),
         Req::Restore(chunks) => reply(
             s.restore(with_auth(&header, tokio_stream::iter(chunks)))
                 .await,
@@ -1698,6 +1702,30 @@ const AUTH_ROWS: &[AuthRow] = &[
         "token admin (an admin operation, not backup): back up the store",
         |f| bearer(&f.token_admin),
         |_| Req::Backup,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: back up a key it may decrypt with",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::BackupKey(pb::BackupKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: restore a key backup (authorized on the name in its header)",
+        |f| bearer(&f.clinician),
+        |_| {
+            let mut key_backup = b"CIPHERDK\x01\x08patients".to_vec();
+            key_backup.extend_from_slice(&[0; 64]);
+            Req::RestoreKey(pb::RestoreKeyRequest {
+                key_backup: key_backup.into(),
+            })
+        },
         PermissionDenied,
         DENIED,
     ),

@@ -397,6 +397,23 @@ pub enum KeyCommand {
     /// Print an exportable key's material (base64). For a derived key this is the
     /// base material, which opens the data of every context, not of one.
     Export(KeyExportArgs),
+    /// Write a backup of one key to FILE (mode 0600, atomically): its versions,
+    /// material and usage counters, sealed under this server's backup wrapping
+    /// key. It restores only on this server or on one restored from its full
+    /// backup. Needs `key.backup` on the key.
+    Backup(KeyBackupArgs),
+    /// Restore a key from a `key backup` FILE under its original name; an
+    /// existing key of that name is never overwritten.
+    Restore(RestoreArgs),
+}
+
+/// `key backup`.
+#[derive(Debug, Args)]
+pub struct KeyBackupArgs {
+    /// The key's name.
+    pub name: String,
+    /// Where to write the key backup.
+    pub file: PathBuf,
 }
 
 /// A command that takes only a key name.

@@ -1129,4 +1129,41 @@ async fn backup_and_restore_files() {
     .await
     .success();
     assert_eq!(back.stdout, b"Jane Doe");
+
+    // One key: written privately; restoring it over the existing key is refused.
+    let key_file = out.path().join("patients.cdkey");
+    let key_arg = key_file.display().to_string();
+    let token = root.display().to_string();
+    cipherctl(
+        target_addr,
+        &[
+            "--token-file",
+            &token,
+            "key",
+            "backup",
+            "patients",
+            &key_arg,
+        ],
+        None,
+    )
+    .await
+    .success();
+    let key_backup = std::fs::read(&key_file).expect("key backup");
+    assert!(key_backup.starts_with(b"CIPHERDK"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    cipherctl(
+        target_addr,
+        &["--token-file", &token, "key", "restore", &key_arg],
+        None,
+    )
+    .await
+    .failure("KEY_EXISTS");
 }

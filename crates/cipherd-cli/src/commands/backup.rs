@@ -94,14 +94,7 @@ pub(super) async fn restore(ctx: &Ctx, args: RestoreArgs) -> anyhow::Result<()> 
 /// Streams the backup into `temp` (created new, 0600) and checks its end;
 /// returns its size.
 async fn write_backup(ctx: &Ctx, temp: &Path) -> anyhow::Result<u64> {
-    let mut options = tokio::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut file = options
-        .open(temp)
-        .await
-        .with_context(|| format!("creating {}", temp.display()))?;
+    let mut file = create_private(temp).await?;
     let mut stream = ctx
         .client
         .system()
@@ -145,6 +138,42 @@ async fn write_backup(ctx: &Ctx, temp: &Path) -> anyhow::Result<u64> {
         .await
         .with_context(|| format!("syncing {}", temp.display()))?;
     Ok(bytes)
+}
+
+/// Writes `bytes` to `file` the way `backup` does: a new temporary file beside
+/// it (mode 0600), fsynced, renamed over `file`, the directory fsynced.
+pub(super) async fn write_file_atomically(file: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let temp = temp_path(file);
+    let written = async {
+        let mut out = create_private(&temp).await?;
+        out.write_all(bytes)
+            .await
+            .with_context(|| format!("writing {}", temp.display()))?;
+        out.sync_all()
+            .await
+            .with_context(|| format!("syncing {}", temp.display()))
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&temp, file)
+        .await
+        .with_context(|| format!("renaming {} to {}", temp.display(), file.display()))?;
+    sync_parent(file).await
+}
+
+/// Creates `path` new, mode 0600.
+async fn create_private(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options
+        .open(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 /// `FILE.tmp-<pid>` beside FILE, so the rename stays on one file system.

@@ -1626,6 +1626,34 @@ pub struct ExportedKeyVersion {
     #[prost(bytes = "bytes", tag = "2")]
     pub material: ::prost::bytes::Bytes,
 }
+/// BackupKey: which key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackupKeyRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+/// BackupKey's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct BackupKeyResponse {
+    /// The sealed key backup (docs/operations.md, "Per-key backup"): opaque, and
+    /// useless outside this instance and its restored copies.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key_backup: ::prost::bytes::Bytes,
+}
+/// RestoreKey: a key backup.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RestoreKeyRequest {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key_backup: ::prost::bytes::Bytes,
+}
+/// RestoreKey's reply: the restored key's metadata.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RestoreKeyResponse {
+    #[prost(message, optional, tag = "1")]
+    pub key: ::core::option::Option<Key>,
+}
 /// The AEAD a key encrypts with, fixed at creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -1962,6 +1990,62 @@ pub mod key_admin_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "ExportKey"));
             self.inner.unary(req, path, codec).await
         }
+        /// Backs up one key: its record (config, versions, material) and usage
+        /// counters, sealed under this instance's backup wrapping key, which never
+        /// leaves the barrier. Needs `key.backup` on the key. The backup opens only
+        /// on this instance or one restored from its full backup (the wrapping key
+        /// travels inside full backups and survives root rotation).
+        pub async fn backup_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::BackupKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BackupKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.KeyAdminService/BackupKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "BackupKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Restores a key from BackupKey's bytes under its original name. Needs
+        /// `key.backup` on that name. A key of that name that exists is never
+        /// overwritten: ALREADY_EXISTS / KEY_EXISTS.
+        pub async fn restore_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RestoreKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.KeyAdminService/RestoreKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "RestoreKey"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2036,6 +2120,28 @@ pub mod key_admin_service_server {
             request: tonic::Request<super::ExportKeyRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ExportKeyResponse>,
+            tonic::Status,
+        >;
+        /// Backs up one key: its record (config, versions, material) and usage
+        /// counters, sealed under this instance's backup wrapping key, which never
+        /// leaves the barrier. Needs `key.backup` on the key. The backup opens only
+        /// on this instance or one restored from its full backup (the wrapping key
+        /// travels inside full backups and survives root rotation).
+        async fn backup_key(
+            &self,
+            request: tonic::Request<super::BackupKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BackupKeyResponse>,
+            tonic::Status,
+        >;
+        /// Restores a key from BackupKey's bytes under its original name. Needs
+        /// `key.backup` on that name. A key of that name that exists is never
+        /// overwritten: ALREADY_EXISTS / KEY_EXISTS.
+        async fn restore_key(
+            &self,
+            request: tonic::Request<super::RestoreKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreKeyResponse>,
             tonic::Status,
         >;
     }
@@ -2463,6 +2569,96 @@ pub mod key_admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ExportKeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.KeyAdminService/BackupKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct BackupKeySvc<T: KeyAdminService>(pub Arc<T>);
+                    impl<
+                        T: KeyAdminService,
+                    > tonic::server::UnaryService<super::BackupKeyRequest>
+                    for BackupKeySvc<T> {
+                        type Response = super::BackupKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::BackupKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KeyAdminService>::backup_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = BackupKeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.KeyAdminService/RestoreKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RestoreKeySvc<T: KeyAdminService>(pub Arc<T>);
+                    impl<
+                        T: KeyAdminService,
+                    > tonic::server::UnaryService<super::RestoreKeyRequest>
+                    for RestoreKeySvc<T> {
+                        type Response = super::RestoreKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RestoreKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KeyAdminService>::restore_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RestoreKeySvc(inner);
                         let codec = crate::codec::ProtoCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

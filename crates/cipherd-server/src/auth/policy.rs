@@ -73,6 +73,9 @@ pub enum Operation {
     KeyDelete,
     /// `key.export`: export key material.
     KeyExport,
+    /// `key.backup`: back up a key sealed under the instance's backup wrapping
+    /// key, and restore such a backup under the key's name.
+    KeyBackup,
     /// `system`: seal and the other system administration.
     System,
     /// `token`: create, list, look up and revoke tokens.
@@ -91,7 +94,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, key-scoped ones first.
-    pub const ALL: [Operation; 17] = [
+    pub const ALL: [Operation; 18] = [
         Operation::Encrypt,
         Operation::Decrypt,
         Operation::Rewrap,
@@ -103,6 +106,7 @@ impl Operation {
         Operation::KeyTrim,
         Operation::KeyDelete,
         Operation::KeyExport,
+        Operation::KeyBackup,
         Operation::System,
         Operation::Token,
         Operation::Role,
@@ -125,6 +129,7 @@ impl Operation {
             Operation::KeyTrim => "key.trim",
             Operation::KeyDelete => "key.delete",
             Operation::KeyExport => "key.export",
+            Operation::KeyBackup => "key.backup",
             Operation::System => "system",
             Operation::Token => "token",
             Operation::Role => "role",
@@ -736,8 +741,8 @@ operations = ["encrypt", "decrypt"]
             .into_iter()
             .filter(|op| op.is_key_scoped())
             .collect();
-        assert_eq!(key_scoped.len(), 11);
-        assert_eq!(&Operation::ALL[..11], &key_scoped[..]);
+        assert_eq!(key_scoped.len(), 12);
+        assert_eq!(&Operation::ALL[..12], &key_scoped[..]);
         assert_eq!("key.rotate".parse::<Operation>(), Ok(Operation::KeyRotate));
         assert_eq!(
             "Encrypt".parse::<Operation>(),
@@ -1302,8 +1307,12 @@ operations = ["encrypt", "decrypt"]
     }
 
     fn rule_strategy() -> impl Strategy<Value = ModelRule> {
-        let key_ops = &Operation::ALL[..11];
-        let admin_ops = &Operation::ALL[11..];
+        // Key-scoped operations come first in ALL (checked above).
+        let split = Operation::ALL
+            .iter()
+            .filter(|op| op.is_key_scoped())
+            .count();
+        let (key_ops, admin_ops) = Operation::ALL.split_at(split);
         let key_rule =
             (subset(key_ops), subset(KEY_PATTERNS)).prop_map(|(operations, keys)| ModelRule {
                 keys: Some(keys),
