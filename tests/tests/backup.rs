@@ -476,3 +476,76 @@ async fn delete_key(client: &Client, name: &str) {
     )
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_backup_survives_a_root_rotation() {
+    let source = source().await;
+    let client = source.server.client_with_token(&source.root).await;
+    let name = "canary-xchacha20-poly1305";
+    let key_backup = backup_key(&client, name).await.unwrap();
+    let (_, plaintext, context, ciphertext) = source
+        .canaries
+        .iter()
+        .find(|(key, ..)| key == name)
+        .unwrap()
+        .clone();
+    // Rotate the root: a new generation, every record (the wrapping key's
+    // included) re-sealed under it, the old root dropped.
+    let started = rotate_root(
+        &client,
+        pb::rotate_root_request::Action::Start(true),
+        String::new(),
+    )
+    .await;
+    for share in &source.shares[..2] {
+        rotate_root(
+            &client,
+            pb::rotate_root_request::Action::Share(share.clone()),
+            started.nonce.clone(),
+        )
+        .await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = reply(
+            client
+                .system()
+                .rotate_root(pb::RotateRootRequest::default())
+                .await,
+        )
+        .unwrap();
+        if status.phase == pb::RotateRootPhase::Done as i32 {
+            assert_eq!(status.root_generation, 2);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the root rotation did not finish: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    delete_key(&client, name).await;
+    restore_key(&client, &key_backup).await.unwrap();
+    let got = client
+        .decrypt(name, ciphertext, Bytes::new(), context)
+        .await
+        .unwrap();
+    assert_eq!(&got.plaintext[..], &plaintext[..]);
+}
+
+async fn rotate_root(
+    client: &Client,
+    action: pb::rotate_root_request::Action,
+    nonce: String,
+) -> pb::RotateRootResponse {
+    reply(
+        client
+            .system()
+            .rotate_root(pb::RotateRootRequest {
+                action: Some(action),
+                nonce,
+            })
+            .await,
+    )
+    .unwrap()
+}
