@@ -17,7 +17,7 @@
 //! | `tls.rs` | TLS: X25519MLKEM768 negotiated, plaintext and untrusted clients refused, mTLS, certificate reloads |
 //! | `audit.rs` | the audit log fails closed: with no writable sink every call is refused and nothing changes |
 //! | `postgres.rs` | the PostgreSQL backend (needs PostgreSQL, see `scripts/ensure-postgres.sh`): keys survive a restart on the database; two replicas on one database see each other's rotations; a replica whose change feed was cut off reloads when it is back (a token revoked meanwhile is refused) |
-//! | `backup.rs` | the restore drill: keys of every type and version with a canary corpus, backed up over `SystemService.Backup`, restored on SQLite and PostgreSQL (and back), unsealed with the original shares, every canary decrypted; tampered and truncated backups refused leaving the target uninitialized; restore into an initialized server and backup while sealed refused |
+//! | `backup.rs` | the restore drill: keys of every type and version with a canary corpus, backed up over `SystemService.Backup`, restored on SQLite and PostgreSQL (and back), unsealed with the original shares, every canary decrypted; tampered and truncated backups refused leaving the target uninitialized; restore into an initialized server and backup while sealed refused; per-key backups: no material in the clear, never overwriting, restorable after a delete, on a restore of the full backup and after a root rotation, refused on another instance |
 //! | `edge.rs` | the edge under abuse: declared-size floods (also under a memory cap), stream and connection floods, slow and silent clients, keep-alive, load shedding, timeouts, request ids |
 //!
 //! Every test talks to a real server over a real socket on `127.0.0.1:0`, through
