@@ -213,6 +213,48 @@ async fn a_tampered_or_truncated_backup_is_refused_and_leaves_the_target_uniniti
     target.stop().await;
 }
 
+/// A restore's one reply follows the whole upload: a restore that takes longer
+/// than `limits.request_timeout` (chunks arriving within it each) still
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_may_take_longer_than_the_request_timeout() {
+    let source = source().await;
+    let good = backup_of(&source.server, &source.root).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = Params::for_data_dir(dir.path(), false);
+    params.limits.request_timeout = std::time::Duration::from_millis(300);
+    let target = TestServer::start(params).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let pieces: Vec<Bytes> = good
+        .chunks(good.len() / 6 + 1)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        for backup_chunk in pieces {
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+            if tx.send(pb::RestoreRequest { backup_chunk }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let client = target.anonymous_client().await;
+    let restored = reply(
+        client
+            .system()
+            .restore(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await,
+    );
+    let elapsed = started.elapsed();
+    restored.unwrap_or_else(|e| panic!("a restore of {elapsed:?} failed: {e}"));
+    assert!(
+        elapsed > std::time::Duration::from_millis(600),
+        "the upload was not slow: {elapsed:?}"
+    );
+    assert!(client.status().await.unwrap().initialized);
+    target.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_into_an_initialized_server_is_refused_and_changes_nothing() {
     let source = source().await;

@@ -23,6 +23,7 @@ mod transit;
 use std::{
     io::{IsTerminal as _, Write as _},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -51,7 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         other => other,
     };
     let ctx = Ctx {
-        client: connect(&cli.global).await?,
+        client: connect(&cli.global, matches!(command, Command::Restore(_))).await?,
         format,
     };
     match command {
@@ -95,14 +96,22 @@ impl Ctx {
     }
 }
 
-/// Connects with the global flags applied.
-async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
+/// How long `restore` may take without `--timeout`: its one reply follows the
+/// whole upload and import, which the usual per-call default would cut short.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Connects with the global flags applied; `long_call` (restore) raises the
+/// per-call default to [`RESTORE_TIMEOUT`] unless `--timeout` is given.
+async fn connect(global: &GlobalArgs, long_call: bool) -> anyhow::Result<Client> {
     let addr = endpoint(&global.addr, global.ca_cert.is_some());
     let mut options = ClientOptions {
         token: token(global)?,
         tls: tls_options(global, &addr)?,
         ..ClientOptions::default()
     };
+    if long_call {
+        options.timeout = RESTORE_TIMEOUT;
+    }
     if let Some(timeout) = global.timeout {
         options.timeout = timeout;
         options.connect_timeout = timeout;
