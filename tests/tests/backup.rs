@@ -213,6 +213,55 @@ async fn a_tampered_or_truncated_backup_is_refused_and_leaves_the_target_uniniti
     target.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_are_audited() {
+    let source = source().await;
+    let good = backup_of(&source.server, &source.root).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = TestServer::start(Params::for_data_dir(dir.path(), false)).await;
+    let anonymous = target.anonymous_client().await;
+    expect_err(
+        restore(&anonymous, &good[..good.len() - 1]).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    let restored = restore(&anonymous, &good).await.unwrap();
+
+    let records = |data_dir: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(data_dir.join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let on = |records: &[serde_json::Value], rpc: &str, kind: &str| -> Vec<serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["rpc"] == format!("/cipherd.v1.SystemService/{rpc}") && r["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let at_source = records(&source.server.data_dir);
+    let calls = on(&at_source, "Backup", "call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["operation"], "backup");
+    assert_eq!(calls[0]["outcome"]["code"], "OK");
+    let closing = on(&at_source, "Backup", "chunk");
+    assert_eq!(closing.len(), 1, "{closing:?}");
+    assert_eq!(closing[0]["operation"], "backup");
+    assert_eq!(closing[0]["outcome"]["code"], "OK");
+    assert_eq!(closing[0]["items"]["total"], restored.records);
+
+    let at_target = records(dir.path());
+    let calls = on(&at_target, "Restore", "call");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["operation"], "restore");
+    assert_eq!(calls[0]["outcome"]["code"], "INVALID_ARGUMENT");
+    assert_eq!(calls[1]["outcome"]["code"], "OK");
+    assert_eq!(calls[1]["items"]["total"], restored.records);
+    target.stop().await;
+}
+
 /// A restore's one reply follows the whole upload: a restore that takes longer
 /// than `limits.request_timeout` (chunks arriving within it each) still
 /// succeeds.
