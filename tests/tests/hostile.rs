@@ -57,6 +57,12 @@ enum Req {
     Seal,
     Rekey(pb::RekeyRequest),
     RotateRoot(pb::RotateRootRequest),
+    /// `SystemService.Backup`, its stream read to the end.
+    Backup,
+    BackupKey(pb::BackupKeyRequest),
+    RestoreKey(pb::RestoreKeyRequest),
+    /// `SystemService.Restore` of these chunks.
+    Restore(Vec<pb::RestoreRequest>),
     CreateToken(pb::CreateTokenRequest),
     WritePolicy(pb::WritePolicyRequest),
     AuditHash(pb::HashRequest),
@@ -1236,6 +1242,18 @@ async fn send_as(
         Req::Seal => reply(s.seal(with_auth(&header, pb::SealRequest {})).await).map(drop),
         Req::Rekey(m) => reply(s.rekey(with_auth(&header, m)).await).map(drop),
         Req::RotateRoot(m) => reply(s.rotate_root(with_auth(&header, m)).await).map(drop),
+        Req::Backup => {
+            let mut stream = reply(s.backup(with_auth(&header, pb::BackupRequest {})).await)?;
+            while stream.message().await.map_err(Error::from)?.is_some() {}
+            Ok(())
+        }
+        Req::BackupKey(m) => reply(a.backup_key(with_auth(&header, m)).await).map(drop),
+        Req::RestoreKey(m) => reply(a.restore_key(with_auth(&header, m)).await).map(drop),
+        Req::Restore(chunks) => reply(
+            s.restore(with_auth(&header, tokio_stream::iter(chunks)))
+                .await,
+        )
+        .map(drop),
         Req::CreateToken(m) => {
             reply(client.auth().create_token(with_auth(&header, m)).await).map(drop)
         }
@@ -1710,6 +1728,62 @@ const AUTH_ROWS: &[AuthRow] = &[
         },
         PermissionDenied,
         DENIED,
+    ),
+    auth_row(
+        "clinician: back up the store",
+        |f| bearer(&f.clinician),
+        |_| Req::Backup,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "token admin (an admin operation, not backup): back up the store",
+        |f| bearer(&f.token_admin),
+        |_| Req::Backup,
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: back up a key it may decrypt with",
+        |f| bearer(&f.clinician),
+        |_| {
+            Req::BackupKey(pb::BackupKeyRequest {
+                name: "patients".into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "clinician: restore a key backup (authorized on the name in its header)",
+        |f| bearer(&f.clinician),
+        |_| {
+            let mut key_backup = b"CIPHERDK\x01\x08patients".to_vec();
+            key_backup.extend_from_slice(&[0; 64]);
+            Req::RestoreKey(pb::RestoreKeyRequest {
+                key_backup: key_backup.into(),
+            })
+        },
+        PermissionDenied,
+        DENIED,
+    ),
+    auth_row(
+        "no credential: back up the store",
+        |_| None,
+        |_| Req::Backup,
+        Unauthenticated,
+        UNAUTH,
+    ),
+    auth_row(
+        "no credential: restore over the initialized store",
+        |_| None,
+        |_| {
+            Req::Restore(vec![pb::RestoreRequest {
+                backup_chunk: Bytes::from_static(b"CIPHERDB"),
+            }])
+        },
+        FailedPrecondition,
+        "ALREADY_INITIALIZED",
     ),
     auth_row(
         "no credential: start a rekey",

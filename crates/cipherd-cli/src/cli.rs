@@ -94,6 +94,13 @@ pub enum Command {
     /// stored record is then re-sealed under the new root in the background.
     #[command(subcommand)]
     RotateRoot(RotateRootCommand),
+    /// Write a backup of the whole store to FILE (mode 0600, written atomically):
+    /// every record as stored, encrypted, plus the seal record. Restoring it
+    /// needs the unseal shares of this server. Needs the `backup` operation.
+    Backup(BackupArgs),
+    /// Restore a backup FILE into an uninitialized cipherd (SQLite or PostgreSQL),
+    /// which is then sealed: unseal it with the backed-up server's shares.
+    Restore(RestoreArgs),
     /// Manage named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -303,6 +310,21 @@ pub struct InitArgs {
     pub threshold: u32,
 }
 
+/// `backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Where to write the backup; an existing file is replaced only once the
+    /// new backup is complete.
+    pub file: PathBuf,
+}
+
+/// `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A backup written by `cipherctl backup`.
+    pub file: PathBuf,
+}
+
 /// `unseal`.
 #[derive(Debug, Args)]
 pub struct UnsealArgs {
@@ -380,6 +402,23 @@ pub enum KeyCommand {
     /// Print an exportable key's material (base64). For a derived key this is the
     /// base material, which opens the data of every context, not of one.
     Export(KeyExportArgs),
+    /// Write a backup of one key to FILE (mode 0600, atomically): its versions,
+    /// material and usage counters, sealed under this server's backup wrapping
+    /// key. It restores only on this server or on one restored from its full
+    /// backup. Needs `key.backup` on the key.
+    Backup(KeyBackupArgs),
+    /// Restore a key from a `key backup` FILE under its original name; an
+    /// existing key of that name is never overwritten.
+    Restore(RestoreArgs),
+}
+
+/// `key backup`.
+#[derive(Debug, Args)]
+pub struct KeyBackupArgs {
+    /// The key's name.
+    pub name: String,
+    /// Where to write the key backup.
+    pub file: PathBuf,
 }
 
 /// A command that takes only a key name.

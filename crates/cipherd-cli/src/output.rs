@@ -381,6 +381,66 @@ impl View for SealView {
     }
 }
 
+/// `backup`.
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    /// Where the backup was written.
+    pub file: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+impl View for BackupView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(
+            w,
+            &[
+                ("backup", self.file.clone()),
+                ("bytes", self.bytes.to_string()),
+            ],
+        )
+    }
+}
+
+/// `restore`.
+#[derive(Debug, Serialize)]
+pub struct RestoreView {
+    /// Records restored, the seal record included.
+    pub records: u64,
+    /// When the backup was taken.
+    pub created_at: String,
+    /// The backend it was taken from.
+    pub source_backend: String,
+    /// Always true: a restored server starts sealed.
+    pub sealed: bool,
+}
+
+impl From<pb::RestoreResponse> for RestoreView {
+    fn from(r: pb::RestoreResponse) -> Self {
+        Self {
+            records: r.records,
+            created_at: r.created_at,
+            source_backend: r.source_backend,
+            sealed: true,
+        }
+    }
+}
+
+impl View for RestoreView {
+    fn write_human(&self, w: &mut dyn Write) -> io::Result<()> {
+        write_rows(
+            w,
+            &[
+                ("records", self.records.to_string()),
+                ("backup taken", self.created_at.clone()),
+                ("source backend", self.source_backend.clone()),
+                ("sealed", yes_no(self.sealed)),
+            ],
+        )?;
+        writeln!(w, "unseal with the backed-up server's shares")
+    }
+}
+
 /// A key's metadata (`key create/get/rotate/config/trim`).
 #[derive(Debug, Serialize)]
 pub struct KeyView {

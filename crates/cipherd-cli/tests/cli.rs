@@ -1135,3 +1135,135 @@ fn write_private(path: &std::path::Path, text: &str) {
     file.write_all(text.as_bytes())
         .expect("write the token file");
 }
+
+/// `backup FILE` writes a private file atomically; `restore FILE` puts it into
+/// a fresh server, which the dev server's share unseals and whose root token
+/// then decrypts what the dev server encrypted. A failed backup leaves neither
+/// FILE nor its temporary file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_files() {
+    let source = TestServer::dev().await;
+    let addr = endpoint(&source);
+    let addr = addr.as_str();
+    cipherctl(addr, &["key", "create", "patients"], None)
+        .await
+        .success();
+    let ct = one_line(
+        &cipherctl(addr, &["encrypt", "patients", "Jane Doe"], None)
+            .await
+            .success(),
+    );
+
+    let out = tempfile::tempdir().expect("temp dir");
+    let file = out.path().join("cipherd.cdbk");
+    let file_arg = file.display().to_string();
+    std::fs::write(&file, b"an older backup").expect("write");
+    let run = cipherctl(addr, &["--json", "backup", &file_arg], None)
+        .await
+        .success();
+    let bytes = std::fs::read(&file).expect("read the backup");
+    assert_eq!(run.json()["bytes"], bytes.len() as u64);
+    assert!(
+        bytes.starts_with(b"CIPHERDB"),
+        "the old file was not replaced"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let listed: Vec<_> = std::fs::read_dir(out.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(listed, ["cipherd.cdbk"], "a temporary file was left behind");
+
+    let target_dir = tempfile::tempdir().expect("temp dir");
+    let target = TestServer::start(Params::for_data_dir(target_dir.path(), false)).await;
+    let target_addr = endpoint(&target);
+    let target_addr = target_addr.as_str();
+    // Uninitialized: a backup fails, and writes nothing.
+    let failed = out.path().join("failed.cdbk");
+    cipherctl(
+        target_addr,
+        &["backup", &failed.display().to_string()],
+        None,
+    )
+    .await
+    .failure("NOT_INITIALIZED");
+    assert!(!failed.exists());
+    assert_eq!(std::fs::read_dir(out.path()).expect("list").count(), 1);
+
+    let restored = cipherctl(target_addr, &["--json", "restore", &file_arg], None)
+        .await
+        .success()
+        .json();
+    assert_eq!(restored["sealed"], true);
+    assert_eq!(restored["source_backend"], "sqlite");
+    assert!(restored["records"].as_u64().expect("records") > 1);
+    // Restoring again: the server is initialized now.
+    cipherctl(target_addr, &["restore", &file_arg], None)
+        .await
+        .failure("ALREADY_INITIALIZED");
+
+    let share = std::fs::read(source.data_dir.join(cipherd_server::DEV_SHARE_FILE))
+        .expect("dev share file");
+    let unsealed = cipherctl(target_addr, &["--json", "unseal"], Some(&share))
+        .await
+        .success()
+        .json();
+    assert_eq!(unsealed["sealed"], false);
+    let root = source.data_dir.join(cipherd_server::DEV_ROOT_TOKEN_FILE);
+    let back = cipherctl(
+        target_addr,
+        &[
+            "--token-file",
+            &root.display().to_string(),
+            "decrypt",
+            "patients",
+            &ct,
+        ],
+        None,
+    )
+    .await
+    .success();
+    assert_eq!(back.stdout, b"Jane Doe");
+
+    // One key: written privately; restoring it over the existing key is refused.
+    let key_file = out.path().join("patients.cdkey");
+    let key_arg = key_file.display().to_string();
+    let token = root.display().to_string();
+    cipherctl(
+        target_addr,
+        &[
+            "--token-file",
+            &token,
+            "key",
+            "backup",
+            "patients",
+            &key_arg,
+        ],
+        None,
+    )
+    .await
+    .success();
+    let key_backup = std::fs::read(&key_file).expect("key backup");
+    assert!(key_backup.starts_with(b"CIPHERDK"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    cipherctl(
+        target_addr,
+        &["--token-file", &token, "key", "restore", &key_arg],
+        None,
+    )
+    .await
+    .failure("KEY_EXISTS");
+}

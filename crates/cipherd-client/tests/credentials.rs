@@ -75,6 +75,19 @@ impl SystemService for Fake {
     ) -> Result<Response<pb::RotateRootResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    type BackupStream = Stream<pb::BackupResponse>;
+    async fn backup(
+        &self,
+        _: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn restore(
+        &self,
+        _: Request<tonic::Streaming<pb::RestoreRequest>>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;

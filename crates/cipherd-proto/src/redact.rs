@@ -8,10 +8,10 @@
 use std::fmt;
 
 use crate::v1::{
-    CreateTokenResponse, DecryptResponse, EncryptItem, EncryptRequest, ExportKeyResponse,
-    ExportedKeyVersion, GenerateDataKeyResponse, InitResponse, PlaintextResult, RekeyRequest,
-    RekeyResponse, RotateRootRequest, UnsealRequest, plaintext_result, rekey_request,
-    rotate_root_request,
+    BackupKeyResponse, BackupResponse, CreateTokenResponse, DecryptResponse, EncryptItem,
+    EncryptRequest, ExportKeyResponse, ExportedKeyVersion, GenerateDataKeyResponse, InitResponse,
+    PlaintextResult, RekeyRequest, RekeyResponse, RestoreKeyRequest, RestoreRequest,
+    RotateRootRequest, UnsealRequest, plaintext_result, rekey_request, rotate_root_request,
 };
 
 /// Formats a secret byte field as its length only.
@@ -43,6 +43,38 @@ impl fmt::Debug for EncryptItem {
             .field("associated_data", &Redacted(self.associated_data.len()))
             .field("context", &Redacted(self.context.len()))
             .field("reference", &self.reference)
+            .finish()
+    }
+}
+
+impl fmt::Debug for BackupResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupResponse")
+            .field("backup_chunk", &Redacted(self.backup_chunk.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for BackupKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupKeyResponse")
+            .field("key_backup", &Redacted(self.key_backup.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for RestoreKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestoreKeyRequest")
+            .field("key_backup", &Redacted(self.key_backup.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for RestoreRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestoreRequest")
+            .field("backup_chunk", &Redacted(self.backup_chunk.len()))
             .finish()
     }
 }
@@ -244,6 +276,30 @@ mod tests {
                 UnsealRequest {
                     share: String::from_utf8_lossy(SECRET).into_owned(),
                     reset: false
+                }
+            ),
+            format!(
+                "{:?}",
+                BackupResponse {
+                    backup_chunk: SECRET.to_vec().into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                RestoreRequest {
+                    backup_chunk: SECRET.to_vec().into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                BackupKeyResponse {
+                    key_backup: SECRET.to_vec().into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                RestoreKeyRequest {
+                    key_backup: SECRET.to_vec().into(),
                 }
             ),
             // Batch and stream messages nest the ones above.

@@ -66,7 +66,7 @@ fn generated_code_is_up_to_date() {
 }
 
 /// Fully qualified names of messages whose Debug is hand-written and redacting.
-const REDACTED_MESSAGES: [&str; 13] = [
+const REDACTED_MESSAGES: [&str; 17] = [
     "cipherd.v1.EncryptRequest",
     "cipherd.v1.EncryptItem",
     "cipherd.v1.DecryptResponse",
@@ -80,12 +80,19 @@ const REDACTED_MESSAGES: [&str; 13] = [
     "cipherd.v1.RekeyRequest",
     "cipherd.v1.RekeyResponse",
     "cipherd.v1.RotateRootRequest",
+    "cipherd.v1.BackupResponse",
+    "cipherd.v1.RestoreRequest",
+    "cipherd.v1.BackupKeyResponse",
+    "cipherd.v1.RestoreKeyRequest",
 ];
 
 /// Names of `bytes` or `string` fields that carry plaintext, key material, unseal
-/// shares or token secrets (a `uint32 shares` is a count, not a secret).
-const SECRET_FIELDS: [&str; 6] = [
+/// shares or token secrets (a `uint32 shares` is a count, not a secret), and
+/// backup bytes (encrypted, but a whole store's worth: logs get their size only).
+const SECRET_FIELDS: [&str; 8] = [
     "plaintext",
+    "backup_chunk",
+    "key_backup",
     "material",
     "share",
     "shares",

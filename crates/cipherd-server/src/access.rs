@@ -10,7 +10,8 @@
 //!    when `[jwt]` is configured), else the client certificate's identity under
 //!    mTLS. A missing, malformed, expired, revoked or forged credential is
 //!    UNAUTHENTICATED, one message for all (the detail is logged here). The
-//!    lifecycle calls `Status`, `Init` and `Unseal` need no credential.
+//!    lifecycle calls `Status`, `Init`, `Unseal` and `Restore` need no
+//!    credential (`Restore`, like `Init`, only works on an uninitialized store).
 //! 3. **Rate limit** per principal (`limits.principal_rate`).
 //! 4. The call runs with its [`Caller`] and a [`CallCtx`] in the request
 //!    extensions; services authorize it against the key it names
@@ -384,6 +385,7 @@ fn public(path: &str) -> bool {
         "/cipherd.v1.SystemService/Status"
             | "/cipherd.v1.SystemService/Init"
             | "/cipherd.v1.SystemService/Unseal"
+            | "/cipherd.v1.SystemService/Restore"
     )
 }
 

@@ -296,6 +296,36 @@ impl KeyAdminService for KeyAdminHandler {
         }))
     }
 
+    async fn backup_key(
+        &self,
+        request: Request<pb::BackupKeyRequest>,
+    ) -> Result<Response<pb::BackupKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        let unsealed = self.core.unsealed()?;
+        let name = key_name(&request.into_inner().name)?;
+        ctx.authorize(Operation::KeyBackup, Some(name.as_str()), "", "")?;
+        let key_backup = unsealed.keys.backup_key(&name).await?;
+        Ok(Response::new(pb::BackupKeyResponse {
+            key_backup: key_backup.into(),
+        }))
+    }
+
+    async fn restore_key(
+        &self,
+        request: Request<pb::RestoreKeyRequest>,
+    ) -> Result<Response<pb::RestoreKeyResponse>, Status> {
+        let ctx = CallCtx::of(&request)?;
+        let unsealed = self.core.unsealed()?;
+        let r = request.into_inner();
+        // The name is in the backup's clear header: authorize before opening it.
+        let name = unsealed.keys.key_backup_name(&r.key_backup)?;
+        ctx.authorize(Operation::KeyBackup, Some(name.as_str()), "", "")?;
+        let key = unsealed.keys.restore_key(&r.key_backup).await?;
+        Ok(Response::new(pb::RestoreKeyResponse {
+            key: Some(key_to_proto(&unsealed.keys, &key).await?),
+        }))
+    }
+
     async fn export_key(
         &self,
         request: Request<pb::ExportKeyRequest>,

@@ -188,7 +188,7 @@ const INTEGRITY_MESSAGE: &str = "stored data failed its integrity check; see the
 /// - Everything else: `INTERNAL`. A schema newer than this binary or another
 ///   permanent backend failure ([`cipherd_store::Error::Backend`]), an invalid
 ///   path (a bug here), and the precondition answers (`AlreadyExists`,
-///   `Conflict`, `NotFound`), which every caller handles itself, so one that
+///   `Conflict`, `NotFound`, `NotEmpty`), which every caller handles itself, so one that
 ///   reaches a client is an invariant violation, not a reason to retry.
 ///
 /// All but the first carry `STORAGE_INTEGRITY`.
@@ -201,7 +201,8 @@ fn storage_status(err: &cipherd_store::Error) -> (Code, &'static str) {
         | S::InvalidPath(_)
         | S::AlreadyExists { .. }
         | S::Conflict { .. }
-        | S::NotFound { .. } => (Code::Internal, STORAGE_INTEGRITY),
+        | S::NotFound { .. }
+        | S::NotEmpty => (Code::Internal, STORAGE_INTEGRITY),
         // A kind added to the store later fails closed until classified here.
         _ => (Code::Internal, STORAGE_INTEGRITY),
     }

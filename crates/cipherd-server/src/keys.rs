@@ -82,10 +82,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use base64::Engine as _;
 use cipherd_core::{
     aead::AeadKey,
     barrier::Barrier,
+    key_type::KeyType,
     keyring::{CreateOptions, KeyId, KeyName, KeyVersion, NamedKey},
+    secret::KeyMaterial,
 };
 use cipherd_store::{Change, Store};
 use dashmap::DashMap;
@@ -118,7 +121,7 @@ pub struct KeyManager {
     usage: UsageLedger,
     /// Per key: the id, highest generation and its store revision opened so far
     /// (rollback detection, see the module docs).
-    seen: DashMap<KeyName, Seen>,
+    seen: Arc<DashMap<KeyName, Seen>>,
     /// Per key: use statistics not yet merged into storage.
     uses: DashMap<KeyName, Arc<KeyUse>>,
     invalidator: tokio::task::JoinHandle<()>,
@@ -329,16 +332,18 @@ impl KeyManager {
     /// the store's change feed reports another writer's change.
     pub fn new(store: Arc<dyn Store>, barrier: Arc<Barrier>, usage: UsagePolicy) -> Self {
         let cache: Arc<DashMap<KeyName, Arc<LoadedKey>>> = Arc::new(DashMap::new());
+        let seen = Arc::new(DashMap::new());
         let invalidator = tokio::spawn(invalidate_on_change(
             store.subscribe(),
             Arc::downgrade(&cache),
+            Arc::clone(&seen),
         ));
         Self {
             usage: UsageLedger::new(Arc::clone(&store), Arc::clone(&barrier), usage),
             store,
             barrier,
             cache,
-            seen: DashMap::new(),
+            seen,
             uses: DashMap::new(),
             invalidator,
         }
@@ -504,6 +509,7 @@ impl KeyManager {
         }
         self.cache.remove(name);
         self.uses.remove(name);
+        self.seen.remove(name);
         self.usage.remove(name).await?;
         let stats = stats_path(name);
         if let Some(rec) = self.store.get(&stats).await? {
@@ -851,6 +857,147 @@ impl KeyManager {
         Ok(())
     }
 
+    /// Backs up one key: its record (config, versions, material) and the usage
+    /// records of its versions, sealed under the instance's backup wrapping key
+    /// (created on first use; see [`KEY_BACKUP_PATH`]). The plaintext record
+    /// exists only in memory here; what is returned is ciphertext bound to the
+    /// key's name.
+    pub async fn backup_key(&self, name: &KeyName) -> Result<Vec<u8>> {
+        let path = key_path(name);
+        let record = self
+            .store
+            .get(&path)
+            .await?
+            .ok_or_else(|| Error::KeyNotFound(name.to_string()))?;
+        let key = open_key(&self.barrier, &path, &record.value)?;
+        let mut usage = Vec::new();
+        for (version, _) in key.versions() {
+            let reserved = self.usage.reserved(name, key.id(), version).await?;
+            if reserved > 0 {
+                usage.push((version.get(), reserved));
+            }
+        }
+        let payload = KeyBackupPayload {
+            key: base64::engine::general_purpose::STANDARD.encode(key.to_record().expose_secret()),
+            usage,
+        };
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(&payload).map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        drop(payload);
+        let wrapping = self.backup_wrapping_key(true).await?;
+        let mut out = key_backup_header(name);
+        let aad = out.clone();
+        wrapping.seal_append(&aad, &plain, &mut out)?;
+        tracing::info!(key = %name, "key backed up");
+        Ok(out)
+    }
+
+    /// Restores a key from [`backup_key`](Self::backup_key)'s bytes under its
+    /// original name: the usage records first (only ever raised, never
+    /// lowered), then the key record, put-if-absent, so an existing key of that
+    /// name is never overwritten (`KeyExists`).
+    pub async fn restore_key(&self, backup: &[u8]) -> Result<Arc<LoadedKey>> {
+        let name = key_backup_name(backup)?;
+        let header_len = key_backup_header(&name).len();
+        let path = key_path(&name);
+        if self.store.get(&path).await?.is_some() {
+            return Err(Error::KeyExists(name.to_string()));
+        }
+        let wrapping = self.backup_wrapping_key(false).await?;
+        let mut plain = zeroize::Zeroizing::new(Vec::new());
+        wrapping
+            .open_append(&backup[..header_len], &backup[header_len..], &mut plain)
+            .map_err(|_| {
+                Error::InvalidArgument(
+                    "the key backup does not open on this instance: it was made by another \
+                     instance (restore it where it was made, or into a restore of that \
+                     instance's full backup), or it was altered"
+                        .into(),
+                )
+            })?;
+        let payload: KeyBackupPayload = serde_json::from_slice(&plain)
+            .map_err(|_| Error::InvalidArgument("the key backup's content is invalid".into()))?;
+        let record = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(&payload.key)
+                .map_err(|_| {
+                    Error::InvalidArgument("the key backup's content is invalid".into())
+                })?,
+        );
+        let mut key = NamedKey::from_record(&record)
+            .map_err(|_| Error::InvalidArgument("the key backup's key record is invalid".into()))?;
+        drop(record);
+        // Restoring is the undoing of a deletion: the copy taken while the key
+        // was scheduled for deletion must not be destroyed again by the sweep.
+        key.cancel_deletion();
+        key.next_generation();
+        if key.name() != &name {
+            return Err(Error::InvalidArgument(
+                "the key backup's record names another key".into(),
+            ));
+        }
+        for &(version, reserved) in &payload.usage {
+            let version = KeyVersion::new(version)
+                .map_err(|_| Error::InvalidArgument("the key backup names version 0".into()))?;
+            self.usage.raise(&name, key.id(), version, reserved).await?;
+        }
+        let sealed = self.barrier.seal(&path, key.to_record().expose_secret())?;
+        let revision = match self.store.create(&path, &sealed).await {
+            Ok(rev) => rev,
+            Err(cipherd_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::KeyExists(name.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // An older copy of a key this process saw deleted: not a rollback.
+        self.seen.remove(&name);
+        self.note_seen(&key, revision)?;
+        let uses = self.uses_of(&key);
+        let loaded = Arc::new(LoadedKey::prepare(key, revision, uses)?);
+        self.install(&name, &loaded);
+        tracing::info!(key = %name, "key restored from a key backup");
+        Ok(loaded)
+    }
+
+    /// The backup wrapping key, from its barrier-sealed record; created (if
+    /// `create`) on first use, put-if-absent so replicas agree on one.
+    async fn backup_wrapping_key(&self, create: bool) -> Result<AeadKey> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            if let Some(rec) = self.store.get(KEY_BACKUP_PATH).await? {
+                let plain = self.barrier.open(KEY_BACKUP_PATH, &rec.value)?;
+                let material = KeyMaterial::from_slice(plain.expose_secret())
+                    .map_err(|_| Error::Corrupt(KEY_BACKUP_PATH.to_owned()))?;
+                return Ok(AeadKey::new(KeyType::Xaes256Gcm, &material)?);
+            }
+            if !create {
+                return Err(Error::FailedPrecondition(
+                    "this instance has never made a key backup, so none opens here: restore \
+                     a key backup on the instance that made it, or on a restore of that \
+                     instance's full backup"
+                        .into(),
+                ));
+            }
+            let material = KeyMaterial::generate()?;
+            let sealed = self
+                .barrier
+                .seal(KEY_BACKUP_PATH, material.expose_secret())?;
+            match self.store.create(KEY_BACKUP_PATH, &sealed).await {
+                Ok(_) => return Ok(AeadKey::new(KeyType::Xaes256Gcm, &material)?),
+                // Another call or replica made one first: use that one.
+                Err(cipherd_store::Error::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Aborted(KEY_BACKUP_PATH.to_owned()))
+    }
+
+    /// The key name in a key backup's clear header (to authorize a restore
+    /// before anything is opened).
+    pub fn key_backup_name(&self, backup: &[u8]) -> Result<KeyName> {
+        key_backup_name(backup)
+    }
+
     /// The configured usage policy.
     pub fn usage_policy(&self) -> UsagePolicy {
         self.usage.policy()
@@ -1133,6 +1280,42 @@ impl UsageLedger {
         Ok(())
     }
 
+    /// Raises the stored count of `version` to at least `reserved` (a key
+    /// restore): creates the record, or raises a lower one; never lowers it.
+    async fn raise(
+        &self,
+        name: &KeyName,
+        id: Option<KeyId>,
+        version: KeyVersion,
+        reserved: u64,
+    ) -> Result<()> {
+        let path = usage_path(name, id, version);
+        let body = serde_json::to_vec(&UsageRecord { reserved })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let sealed = self.barrier.seal(&path, &body)?;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let written = match self.store.get(&path).await? {
+                Some(rec) if self.open(&path, &rec.value)?.reserved >= reserved => return Ok(()),
+                Some(rec) => {
+                    self.store
+                        .compare_and_set(&path, rec.revision, &sealed)
+                        .await
+                }
+                None => self.store.create(&path, &sealed).await,
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(
+                    cipherd_store::Error::Conflict { .. }
+                    | cipherd_store::Error::AlreadyExists { .. }
+                    | cipherd_store::Error::NotFound { .. },
+                ) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Aborted(path))
+    }
+
     /// Forgets a deleted key's blocks and deletes its usage records.
     async fn remove(&self, name: &KeyName) -> Result<()> {
         self.blocks.retain(|(n, _, _), _| n != name);
@@ -1228,6 +1411,61 @@ struct UsageRecord {
     reserved: u64,
 }
 
+/// Storage path of the backup wrapping key: 256 random bits, barrier-sealed
+/// like every record, so it never leaves the barrier, survives root rotations
+/// (which re-seal it with the rest) and travels inside full backups.
+pub const KEY_BACKUP_PATH: &str = "sys/key-backup-key";
+
+/// The first bytes of a key backup.
+const KEY_BACKUP_MAGIC: &[u8; 8] = b"CIPHERDK";
+
+/// The key backup format this build writes and reads.
+const KEY_BACKUP_FORMAT: u8 = 1;
+
+/// What a key backup seals: the key record and its versions' usage counts.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBackupPayload {
+    /// base64 of the key record (material included).
+    key: String,
+    /// `(version, encryptions reserved)` for each counted version.
+    usage: Vec<(u32, u64)>,
+}
+
+impl Drop for KeyBackupPayload {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+/// The clear header of a key backup, also its associated data: magic, format,
+/// the name's length (at most 128) and the name.
+fn key_backup_header(name: &KeyName) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + name.as_str().len());
+    out.extend_from_slice(KEY_BACKUP_MAGIC);
+    out.push(KEY_BACKUP_FORMAT);
+    // Key names are at most MAX_KEY_NAME_LEN (128) bytes.
+    out.push(name.as_str().len() as u8);
+    out.extend_from_slice(name.as_str().as_bytes());
+    out
+}
+
+/// The key name in a key backup's header.
+fn key_backup_name(backup: &[u8]) -> Result<KeyName> {
+    let invalid = || Error::InvalidArgument("not a cipherd key backup".into());
+    let rest = backup.strip_prefix(KEY_BACKUP_MAGIC).ok_or_else(invalid)?;
+    let (&format, rest) = rest.split_first().ok_or_else(invalid)?;
+    if format != KEY_BACKUP_FORMAT {
+        return Err(Error::InvalidArgument(format!(
+            "key backup format {format} is not supported (this build reads {KEY_BACKUP_FORMAT})"
+        )));
+    }
+    let (&len, rest) = rest.split_first().ok_or_else(invalid)?;
+    let name = rest.get(..usize::from(len)).ok_or_else(invalid)?;
+    let name = std::str::from_utf8(name).map_err(|_| invalid())?;
+    KeyName::new(name).map_err(|_| invalid())
+}
+
 const KEY_PREFIX: &str = "keys/";
 const USAGE_PREFIX: &str = "usage/";
 const STATS_PREFIX: &str = "stats/";
@@ -1259,6 +1497,7 @@ pub fn now_ms() -> u64 {
 async fn invalidate_on_change(
     mut changes: tokio::sync::broadcast::Receiver<Change>,
     cache: Weak<DashMap<KeyName, Arc<LoadedKey>>>,
+    seen: Arc<DashMap<KeyName, Seen>>,
 ) {
     loop {
         let change = changes.recv().await;
@@ -1273,6 +1512,11 @@ async fn invalidate_on_change(
                 else {
                     continue;
                 };
+                // A deleted key's generation no longer binds: a key restored
+                // from a key backup is an older copy put back on purpose.
+                if revision.is_none() {
+                    seen.remove(&name);
+                }
                 // Our own writes are installed already; drop only older copies.
                 let stale = cache
                     .get(&name)
@@ -1362,7 +1606,7 @@ mod tests {
             policy(1000, LimitAction::Refuse),
         );
         let opts = CreateOptions {
-            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            key_type: KeyType::Aes256Gcm96,
             ..Default::default()
         };
         before.create(&name, opts).await.unwrap();
@@ -1461,7 +1705,7 @@ mod tests {
         let name = KeyName::new("gcm").unwrap();
         let v1 = KeyVersion::FIRST;
         let opts = CreateOptions {
-            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            key_type: KeyType::Aes256Gcm96,
             ..Default::default()
         };
         let first = KeyManager::new(
@@ -1530,7 +1774,7 @@ mod tests {
         let name = KeyName::new("legacy").unwrap();
         let v1 = KeyVersion::FIRST;
         let opts = CreateOptions {
-            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            key_type: KeyType::Aes256Gcm96,
             ..Default::default()
         };
         let manager = || {
@@ -1576,7 +1820,7 @@ mod tests {
 
     fn gcm96() -> CreateOptions {
         CreateOptions {
-            key_type: cipherd_core::KeyType::Aes256Gcm96,
+            key_type: KeyType::Aes256Gcm96,
             deletion_allowed: true,
             ..Default::default()
         }

@@ -23,6 +23,7 @@ mod admin;
 pub mod audit;
 pub mod auth;
 mod auth_service;
+mod backup;
 pub mod config;
 pub mod datadir;
 mod edge;

@@ -487,8 +487,113 @@ impl Core {
         let Some(rec) = self.store.get(SEAL_PATH).await? else {
             return Ok(None);
         };
+        Seal::parse(&rec.value, rec.revision).map(Some)
+    }
+
+    /// A point-in-time snapshot of every stored record, the seal record
+    /// included, for a backup. Needs the unsealed state (a backup is an
+    /// authorized administrative call, and authorization needs it); the
+    /// records themselves stay as stored, barrier-encrypted.
+    pub async fn backup_snapshot(&self) -> Result<Box<dyn cipherd_store::Snapshot>> {
+        self.unsealed()?;
+        Ok(self.store.snapshot().await?)
+    }
+
+    /// Restores a backup into this uninitialized store: checks `seal_record`
+    /// (the backup's `sys/seal` value) the way an unseal will read it, then
+    /// imports every record `records` yields in one transaction, committed only
+    /// if they number `expected_records` (the backup's header). Whatever
+    /// fails, nothing is committed and the store stays uninitialized. Leaves
+    /// the service sealed; the backed-up server's shares unseal it. Returns
+    /// how many records were restored.
+    ///
+    /// Holds the lifecycle lock throughout, so an `Init` cannot slip in.
+    pub async fn restore(
+        &self,
+        seal_record: &[u8],
+        expected_records: u64,
+        mut records: tokio::sync::mpsc::Receiver<Result<(String, Vec<u8>)>>,
+    ) -> Result<u64> {
+        let _guard = self.lifecycle.lock().await;
+        if self.seal_record().await?.is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        Seal::parse(seal_record, 1).map_err(|_| {
+            Error::InvalidArgument("invalid backup: its seal record is not valid".into())
+        })?;
+        let mut import = match self.store.import().await {
+            Ok(import) => import,
+            Err(cipherd_store::Error::NotEmpty) => {
+                return Err(Error::FailedPrecondition(
+                    "the store holds records but no seal record; restore needs an empty store"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut seal_seen = false;
+        let mut put = 0u64;
+        while let Some(record) = records.recv().await {
+            let (path, value) = record?;
+            if path == SEAL_PATH {
+                if value != seal_record {
+                    return Err(Error::Internal(
+                        "the backup's seal record changed between verification and import".into(),
+                    ));
+                }
+                seal_seen = true;
+            }
+            match import.put(&path, &value).await {
+                Ok(()) => put += 1,
+                Err(cipherd_store::Error::AlreadyExists { path }) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "invalid backup: the path {path:?} appears twice"
+                    )));
+                }
+                Err(cipherd_store::Error::InvalidPath(why)) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "invalid backup: a record path is invalid ({why})"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !seal_seen {
+            return Err(Error::InvalidArgument(
+                "invalid backup: it has no seal record".into(),
+            ));
+        }
+        if put != expected_records {
+            return Err(Error::Internal(format!(
+                "the backup yielded {put} records at import, {expected_records} at verification"
+            )));
+        }
+        let count = import.commit().await?;
+        self.initialized.store(true, Ordering::Relaxed);
+        *self.write_state() = State::Sealed {
+            pending: Vec::new(),
+        };
+        tracing::info!(records = count, "restored from a backup; sealed");
+        Ok(count)
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // Invariant: no code panics while holding this lock (only moves of Arcs and
+        // Vecs happen under it), so poisoning cannot occur; recover regardless.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Seal {
+    /// A seal record's stored bytes, checked: the JSON, the threshold, the
+    /// format and its seal id. Anything else is `Corrupt`.
+    fn parse(value: &[u8], revision: u64) -> Result<Self> {
         let corrupt = || Error::Corrupt(SEAL_PATH.into());
-        let record: SealRecord = serde_json::from_slice(&rec.value).map_err(|_| corrupt())?;
+        let record: SealRecord = serde_json::from_slice(value).map_err(|_| corrupt())?;
         if record.threshold == 0 || record.threshold > record.shares {
             return Err(corrupt());
         }
@@ -503,22 +608,12 @@ impl Core {
             }
             _ => return Err(corrupt()),
         };
-        Ok(Some(Seal {
+        Ok(Seal {
             record,
-            revision: rec.revision,
+            revision,
             derivation,
             id,
-        }))
-    }
-
-    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // Invariant: no code panics while holding this lock (only moves of Arcs and
-        // Vecs happen under it), so poisoning cannot occur; recover regardless.
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        })
     }
 }
 

@@ -144,6 +144,18 @@ impl Store for WatchedStore {
         r
     }
 
+    async fn snapshot(&self) -> Result<Box<dyn cipherd_store::Snapshot>> {
+        let r = self.inner.snapshot().await;
+        self.health.report(&r);
+        r
+    }
+
+    async fn import(&self) -> Result<Box<dyn cipherd_store::Import>> {
+        let r = self.inner.import().await;
+        self.health.report(&r);
+        r
+    }
+
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.inner.subscribe()
     }
@@ -232,6 +244,14 @@ mod tests {
         async fn ping(&self) -> Result<()> {
             self.check()?;
             self.inner.ping().await
+        }
+        async fn snapshot(&self) -> Result<Box<dyn cipherd_store::Snapshot>> {
+            self.check()?;
+            self.inner.snapshot().await
+        }
+        async fn import(&self) -> Result<Box<dyn cipherd_store::Import>> {
+            self.check()?;
+            self.inner.import().await
         }
     }
 

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::{Change, Error, Record, Store, path};
+use crate::{Change, Error, Record, Snapshot, Store, path};
 
 /// Runs every property against stores made by `make`, each on a fresh store;
 /// panics with the name of the first property that fails and why.
@@ -85,6 +85,22 @@ where
     check("large_values_round_trip", large_values(make().await).await);
     check("errors_omit_values", errors_omit_values(make().await).await);
     check("ping", ping(make().await).await);
+    check(
+        "snapshot_is_point_in_time",
+        snapshot_is_point_in_time(make().await).await,
+    );
+    check(
+        "import_into_empty_store",
+        import_into_empty(make().await).await,
+    );
+    check(
+        "import_refuses_a_non_empty_store",
+        import_refuses_non_empty(make().await).await,
+    );
+    check(
+        "import_dropped_or_failed_writes_nothing",
+        import_all_or_nothing(make().await).await,
+    );
 }
 
 /// How many tasks race in the concurrency properties.
@@ -902,4 +918,238 @@ async fn errors_omit_values<S: Store>(store: S) -> Outcome {
 
 async fn ping<S: Store>(store: S) -> Outcome {
     store.ping().await.context("ping")
+}
+
+/// Reads a whole snapshot in pages of `page`, checking each page's size.
+async fn read_snapshot(
+    snapshot: &mut dyn Snapshot,
+    page: usize,
+) -> Result<Vec<(String, Record)>, String> {
+    let mut all = Vec::new();
+    loop {
+        let got = snapshot.next_page(page).await.context("next_page")?;
+        ensure!(
+            got.len() <= page,
+            "a page of {} exceeded the limit {page}",
+            got.len()
+        );
+        if got.is_empty() {
+            return Ok(all);
+        }
+        all.extend(got);
+    }
+}
+
+async fn snapshot_is_point_in_time<S: Store>(store: S) -> Outcome {
+    let mut before = Vec::new();
+    for (path, value) in [
+        ("a", "1"),
+        ("b/x", "2"),
+        ("b/y", "3"),
+        ("c", "4"),
+        ("d", "5"),
+    ] {
+        let revision = store
+            .create(path, value.as_bytes())
+            .await
+            .context("create")?;
+        before.push((
+            path.to_owned(),
+            Record {
+                value: value.as_bytes().to_vec(),
+                revision,
+            },
+        ));
+    }
+    let mut snapshot = store.snapshot().await.context("snapshot")?;
+    ensure!(
+        snapshot.record_count() == 5,
+        "the snapshot counts {} records, expected 5",
+        snapshot.record_count()
+    );
+    // Writes after the snapshot began: none of them may show in it.
+    let a = &before[0].1;
+    store
+        .compare_and_set("a", a.revision, b"changed")
+        .await
+        .context("cas during snapshot")?;
+    store
+        .delete("c", before[3].1.revision)
+        .await
+        .context("delete during snapshot")?;
+    store
+        .create("b/z", b"new")
+        .await
+        .context("create during snapshot")?;
+    store
+        .create("e", b"new")
+        .await
+        .context("create during snapshot")?;
+    let seen = read_snapshot(&mut *snapshot, 2).await?;
+    let seen_paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+    ensure!(
+        seen == before,
+        "the snapshot must hold exactly the records as they were when it began, in path \
+         order, whatever was written meanwhile; got paths {seen_paths:?}"
+    );
+    ensure!(
+        snapshot
+            .next_page(2)
+            .await
+            .context("next_page after the end")?
+            .is_empty(),
+        "a snapshot read to its end returned more"
+    );
+    drop(snapshot);
+    let now = store.get("a").await.context("get")?;
+    ensure!(
+        now.is_some_and(|r| r.value == b"changed"),
+        "the write made during the snapshot is not in the store"
+    );
+    let mut later = store.snapshot().await.context("second snapshot")?;
+    let paths: Vec<String> = read_snapshot(&mut *later, 100)
+        .await?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    ensure!(
+        paths == ["a", "b/x", "b/y", "b/z", "d", "e"] && later.record_count() == 6,
+        "a new snapshot must see the writes: {paths:?}"
+    );
+    Ok(())
+}
+
+async fn import_into_empty<S: Store>(store: S) -> Outcome {
+    let mut feed = store.subscribe();
+    let records: Vec<(String, Vec<u8>)> = (0..300u32)
+        .map(|i| {
+            (
+                format!("keys/k{i:03}"),
+                i.to_be_bytes().repeat(i as usize % 7 + 1),
+            )
+        })
+        .collect();
+    let mut import = store.import().await.context("import")?;
+    for (path, value) in &records {
+        import.put(path, value).await.context("put")?;
+    }
+    let count = import.commit().await.context("commit")?;
+    ensure!(
+        count == 300,
+        "commit reported {count} records, expected 300"
+    );
+    let mut highest = 0;
+    let mut revisions = BTreeSet::new();
+    for (path, value) in &records {
+        let got = store.get(path).await.context("get")?;
+        let Some(record) = got else {
+            return Err(format!("imported record {path} is missing"));
+        };
+        ensure!(&record.value == value, "imported record {path} changed");
+        ensure!(
+            record.revision >= 1,
+            "imported record {path} has revision 0"
+        );
+        revisions.insert(record.revision);
+        highest = highest.max(record.revision);
+    }
+    ensure!(revisions.len() == 300, "imported records share revisions");
+    let next = store
+        .create("after", b"x")
+        .await
+        .context("create after import")?;
+    ensure!(
+        next > highest,
+        "a create after the import got revision {next}, not above the imported {highest}"
+    );
+    // The feed announces the import: a resync marker or the records themselves.
+    let change = recv_change(&mut feed).await?;
+    ensure!(
+        change.is_resync() || change.path.starts_with("keys/k"),
+        "the first change after an import is {change:?}, neither a resync nor an \
+         imported record"
+    );
+    let listed = store.list("keys/", None, 1000).await.context("list")?;
+    ensure!(
+        listed.len() == 300,
+        "list shows {} imported records",
+        listed.len()
+    );
+    Ok(())
+}
+
+async fn import_refuses_non_empty<S: Store>(store: S) -> Outcome {
+    let revision = store
+        .create("sys/seal", b"existing")
+        .await
+        .context("create")?;
+    let refused = store.import().await;
+    ensure!(
+        matches!(refused, Err(Error::NotEmpty)),
+        "import into a store with a record must fail with NotEmpty, got {}",
+        match &refused {
+            Ok(_) => "Ok(an import)".to_owned(),
+            Err(e) => format!("Err({e:?})"),
+        }
+    );
+    drop(refused);
+    let got = store.get("sys/seal").await.context("get")?;
+    ensure!(
+        got == Some(Record {
+            value: b"existing".to_vec(),
+            revision
+        }),
+        "the refused import changed the record"
+    );
+    // The refusal released whatever it locked: writes go on.
+    store
+        .create("other", b"x")
+        .await
+        .context("create after the refusal")?;
+    Ok(())
+}
+
+async fn import_all_or_nothing<S: Store>(store: S) -> Outcome {
+    // Dropped before commit: nothing.
+    let mut import = store.import().await.context("import")?;
+    import.put("keys/a", b"1").await.context("put")?;
+    import.put("keys/b", b"2").await.context("put")?;
+    drop(import);
+    // A failed put: nothing either, once dropped.
+    let mut import = store.import().await.context("import after a dropped one")?;
+    import.put("keys/a", b"1").await.context("put")?;
+    let duplicate = import.put("keys/a", b"again").await;
+    ensure!(
+        matches!(duplicate, Err(Error::AlreadyExists { .. })),
+        "a path put twice into one import must be AlreadyExists, got {}",
+        describe(&duplicate)
+    );
+    let invalid = import.put("/bad", b"x").await;
+    ensure!(
+        matches!(invalid, Err(Error::InvalidPath(_))),
+        "an invalid path must be InvalidPath, got {}",
+        describe(&invalid)
+    );
+    drop(import);
+    let listed = store.list("", None, 10).await.context("list")?;
+    ensure!(
+        listed.is_empty(),
+        "an import dropped before its commit left records: {listed:?}"
+    );
+    // The store is still empty and unlocked: an import can be retried.
+    let mut import = store.import().await.context("retried import")?;
+    import.put("keys/c", b"3").await.context("put")?;
+    ensure!(
+        import.commit().await.context("commit")? == 1,
+        "the retried import did not commit its one record"
+    );
+    ensure!(
+        store.list("", None, 10).await.context("list")? == ["keys/c"],
+        "the retried import's record is not alone in the store"
+    );
+    store
+        .create("keys/d", b"4")
+        .await
+        .context("create after the import")?;
+    Ok(())
 }

@@ -11,6 +11,9 @@
 //!   A revision is never reused, not even after a delete and re-create of the same
 //!   path, so a compare-and-set based on a stale read can never succeed (no ABA).
 //! - Lists paths by prefix in byte order, with cursor paging.
+//! - Takes a point-in-time snapshot of every record ([`Store::snapshot`]) and
+//!   imports records into an empty store in one transaction ([`Store::import`]),
+//!   for backup and restore.
 //! - Publishes a change feed ([`Store::subscribe`]) so caches can be invalidated;
 //!   with PostgreSQL it carries every replica's writes (LISTEN/NOTIFY).
 //! - Runs its schema migrations when a backend is opened, and refuses to open a
@@ -231,6 +234,50 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Cheap liveness check of the backend, for health and readiness probes.
     async fn ping(&self) -> Result<()>;
+
+    /// A point-in-time view of every record, for backups: read it in pages
+    /// with [`Snapshot::next_page`]. Every page comes from the same instant (the
+    /// moment this call returns), whatever is written meanwhile: SQLite holds
+    /// one read transaction (a WAL snapshot), PostgreSQL one `REPEATABLE READ
+    /// READ ONLY` transaction. Writes go on meanwhile; the snapshot keeps a
+    /// connection (and old row versions, or the WAL from being checkpointed
+    /// past it) until it is dropped, so read it promptly.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>>;
+
+    /// Starts an import into this store, which must be **empty**: for a
+    /// restore. Fails with [`Error::NotEmpty`] if the store holds any record.
+    ///
+    /// The import is one transaction: records added with [`Import::put`] become
+    /// visible all at once at [`Import::commit`], or, if the import is dropped
+    /// before it or a put fails, not at all. Other writers wait (or time out
+    /// with [`Error::Unavailable`]) while it is open. Imported records get fresh
+    /// revisions, greater than any the store had issued, in the order they were
+    /// put; after the commit, the change feed carries them (or a
+    /// [resync marker](Change::resync)).
+    async fn import(&self) -> Result<Box<dyn Import>>;
+}
+
+/// A point-in-time view of a whole store (see [`Store::snapshot`]).
+#[async_trait::async_trait]
+pub trait Snapshot: Send {
+    /// How many records the snapshot holds (counted inside it).
+    fn record_count(&self) -> u64;
+
+    /// The next at most `limit` records (`limit` at least 1), in path order;
+    /// an empty page means the end.
+    async fn next_page(&mut self, limit: usize) -> Result<Vec<(String, Record)>>;
+}
+
+/// An import into an empty store, one transaction (see [`Store::import`]).
+#[async_trait::async_trait]
+pub trait Import: Send {
+    /// Adds one record. A path already added fails with
+    /// [`Error::AlreadyExists`]; an invalid one with [`Error::InvalidPath`].
+    /// After any error the import must be dropped, not committed.
+    async fn put(&mut self, path: &str, value: &[u8]) -> Result<()>;
+
+    /// Commits every record put, atomically; returns how many there were.
+    async fn commit(self: Box<Self>) -> Result<u64>;
 }
 
 /// The result type of this crate.
@@ -257,6 +304,11 @@ pub enum Error {
         /// The contested path.
         path: String,
     },
+
+    /// [`Store::import`] found records in the store: an import goes only into
+    /// an empty store, and nothing was written.
+    #[error("the store is not empty; an import needs an empty store")]
+    NotEmpty,
 
     /// [`Store::delete`] found no record at this path.
     #[error("no record at {path:?}")]
@@ -327,6 +379,7 @@ mod tests {
             Error::AlreadyExists { path: path() },
             Error::Conflict { path: path() },
             Error::NotFound { path: path() },
+            Error::NotEmpty,
         ] {
             assert!(!permanent.is_transient(), "{permanent:?}");
         }

@@ -42,11 +42,11 @@ use std::time::Duration;
 
 use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{AssertSqlSafe, SqlSafeStr};
+use sqlx::{AssertSqlSafe, Postgres, SqlSafeStr, Transaction};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::path::KeyRange;
-use crate::{CHANGE_FEED_CAPACITY, Change, Error, Record, Result, Store, path};
+use crate::{CHANGE_FEED_CAPACITY, Change, Error, Import, Record, Result, Snapshot, Store, path};
 
 /// The NOTIFY channel of the change feed (see the migration's trigger).
 pub const CHANNEL: &str = "cipherd_changes";
@@ -428,6 +428,50 @@ impl Store for PostgresStore {
         self.changes.subscribe()
     }
 
+    /// One `REPEATABLE READ READ ONLY` transaction: every statement in it sees
+    /// the database as of its first statement (the count).
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| map_sqlx("begin snapshot", e))?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx("snapshot count", e))?;
+        let count = u64::try_from(count).map_err(|_| corrupt("a negative record count"))?;
+        Ok(Box::new(PostgresSnapshot {
+            tx,
+            count,
+            after: None,
+        }))
+    }
+
+    /// One transaction that first locks `records` against every other writer
+    /// (`SHARE ROW EXCLUSIVE` conflicts with writes and with itself, not with
+    /// reads), then checks that the table is empty. Revisions come from the
+    /// sequence; the trigger announces every record at the commit.
+    async fn import(&self) -> Result<Box<dyn Import>> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| map_sqlx("begin import", e))?;
+        sqlx::query("LOCK TABLE records IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx("import: lock the records", e))?;
+        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM records)")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| map_sqlx("import: check the store is empty", e))?;
+        if any {
+            return Err(Error::NotEmpty);
+        }
+        Ok(Box::new(PostgresImport { tx, count: 0 }))
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -443,6 +487,91 @@ impl fmt::Debug for PostgresStore {
             .field("database", &format_args!("{}", self.target))
             .field("subscribers", &self.changes.receiver_count())
             .finish_non_exhaustive()
+    }
+}
+
+/// A [`Snapshot`] of a [`PostgresStore`]: pages after `after`, in one
+/// repeatable-read transaction.
+struct PostgresSnapshot {
+    tx: Transaction<'static, Postgres>,
+    count: u64,
+    after: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Snapshot for PostgresSnapshot {
+    fn record_count(&self) -> u64 {
+        self.count
+    }
+
+    async fn next_page(&mut self, limit: usize) -> Result<Vec<(String, Record)>> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let rows: Vec<(String, Vec<u8>, i64)> = match &self.after {
+            None => {
+                sqlx::query_as("SELECT path, value, revision FROM records ORDER BY path LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&mut *self.tx)
+                    .await
+            }
+            Some(after) => {
+                sqlx::query_as(
+                    "SELECT path, value, revision FROM records WHERE path > $1 \
+                     ORDER BY path LIMIT $2",
+                )
+                .bind(after.as_str())
+                .bind(limit)
+                .fetch_all(&mut *self.tx)
+                .await
+            }
+        }
+        .map_err(|e| map_sqlx("snapshot page", e))?;
+        let rows = rows
+            .into_iter()
+            .map(|(path, value, revision)| {
+                let revision = stored_revision(revision)?;
+                Ok((path, Record { value, revision }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((last, _)) = rows.last() {
+            self.after = Some(last.clone());
+        }
+        Ok(rows)
+    }
+}
+
+/// An [`Import`] into a [`PostgresStore`]: one transaction holding the table
+/// lock taken by [`Store::import`].
+struct PostgresImport {
+    tx: Transaction<'static, Postgres>,
+    count: u64,
+}
+
+#[async_trait::async_trait]
+impl Import for PostgresImport {
+    async fn put(&mut self, path: &str, value: &[u8]) -> Result<()> {
+        path::validate(path)?;
+        let inserted = sqlx::query(
+            "INSERT INTO records (path, value, revision) \
+             VALUES ($1, $2, nextval('revisions')) ON CONFLICT (path) DO NOTHING",
+        )
+        .bind(path)
+        .bind(value)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| map_sqlx("import", e))?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::AlreadyExists { path: path.into() });
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<u64> {
+        let Self { tx, count } = *self;
+        tx.commit()
+            .await
+            .map_err(|e| map_sqlx("import commit", e))?;
+        Ok(count)
     }
 }
 

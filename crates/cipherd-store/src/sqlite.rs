@@ -23,18 +23,19 @@
 //! one `cipherd` at a time. For several replicas use the PostgreSQL backend.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{SqlSafeStr, Sqlite, Transaction};
 use tokio::sync::broadcast;
 
 use crate::path::KeyRange;
-use crate::{CHANGE_FEED_CAPACITY, Change, Error, Record, Result, Store, path};
+use crate::{CHANGE_FEED_CAPACITY, Change, Error, Import, Record, Result, Snapshot, Store, path};
 
 mod writer;
 
@@ -304,6 +305,70 @@ impl Store for SqliteStore {
         self.changes.subscribe()
     }
 
+    /// On a file, one deferred read transaction on a pooled connection: its
+    /// first statement (the count) fixes the WAL snapshot every page reads. An
+    /// in-memory database has one connection, which the writer needs too, so
+    /// its snapshot is read whole by one statement (itself a snapshot) up front.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
+        match self.location {
+            Location::File(_) => {
+                let mut tx = self
+                    .pool
+                    .begin()
+                    .await
+                    .map_err(|e| map_sqlx("begin snapshot", e))?;
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| map_sqlx("snapshot count", e))?;
+                Ok(Box::new(SqliteSnapshot::Transaction {
+                    tx,
+                    count: stored_count(count)?,
+                    after: None,
+                }))
+            }
+            Location::Memory => {
+                let rows: Vec<(String, Vec<u8>, i64)> =
+                    sqlx::query_as("SELECT path, value, revision FROM records ORDER BY path")
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(|e| map_sqlx("snapshot", e))?;
+                let rows = rows_to_records(rows)?;
+                Ok(Box::new(SqliteSnapshot::Loaded {
+                    count: rows.len() as u64,
+                    rows: rows.into(),
+                }))
+            }
+        }
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction, so the group-commit writer (and any
+    /// other connection) waits for it; the emptiness check runs inside it.
+    async fn import(&self) -> Result<Box<dyn Import>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| map_sqlx("begin import", e))?;
+        let (any, counter): (bool, Option<i64>) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM records), \
+                    (SELECT current FROM revision_counter WHERE id = 1)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| map_sqlx("import: check the store is empty", e))?;
+        if any {
+            return Err(Error::NotEmpty);
+        }
+        let counter = counter.ok_or_else(|| corrupt("the revision counter row is missing"))?;
+        Ok(Box::new(SqliteImport {
+            tx,
+            counter,
+            count: 0,
+            changes: self.changes.clone(),
+        }))
+    }
+
     /// A trivial read of the database (the revision counter's one row), so that
     /// a file that cannot be read, not only a closed pool, fails the ping.
     async fn ping(&self) -> Result<()> {
@@ -322,6 +387,141 @@ impl std::fmt::Debug for SqliteStore {
             .field("subscribers", &self.changes.receiver_count())
             .finish_non_exhaustive()
     }
+}
+
+/// A [`Snapshot`] of a [`SqliteStore`].
+enum SqliteSnapshot {
+    /// A file store: pages read in one read transaction, after `after`.
+    Transaction {
+        tx: Transaction<'static, Sqlite>,
+        count: u64,
+        after: Option<String>,
+    },
+    /// An in-memory store: every record, read by one statement.
+    Loaded {
+        rows: VecDeque<(String, Record)>,
+        count: u64,
+    },
+}
+
+#[async_trait::async_trait]
+impl Snapshot for SqliteSnapshot {
+    fn record_count(&self) -> u64 {
+        match self {
+            Self::Transaction { count, .. } | Self::Loaded { count, .. } => *count,
+        }
+    }
+
+    async fn next_page(&mut self, limit: usize) -> Result<Vec<(String, Record)>> {
+        let limit = limit.max(1);
+        match self {
+            Self::Loaded { rows, .. } => {
+                let n = limit.min(rows.len());
+                Ok(rows.drain(..n).collect())
+            }
+            Self::Transaction { tx, after, .. } => {
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows: Vec<(String, Vec<u8>, i64)> = match after {
+                    None => {
+                        sqlx::query_as(
+                            "SELECT path, value, revision FROM records ORDER BY path LIMIT ?1",
+                        )
+                        .bind(limit)
+                        .fetch_all(&mut **tx)
+                        .await
+                    }
+                    Some(after) => {
+                        sqlx::query_as(
+                            "SELECT path, value, revision FROM records WHERE path > ?1 \
+                         ORDER BY path LIMIT ?2",
+                        )
+                        .bind(after.as_str())
+                        .bind(limit)
+                        .fetch_all(&mut **tx)
+                        .await
+                    }
+                }
+                .map_err(|e| map_sqlx("snapshot page", e))?;
+                let rows = rows_to_records(rows)?;
+                if let Some((last, _)) = rows.last() {
+                    *after = Some(last.clone());
+                }
+                Ok(rows)
+            }
+        }
+    }
+}
+
+/// An [`Import`] into a [`SqliteStore`]: one `BEGIN IMMEDIATE` transaction,
+/// revisions taken from the counter in memory and written back at the commit
+/// (as the writer does for a group).
+struct SqliteImport {
+    tx: Transaction<'static, Sqlite>,
+    /// The last revision issued (the counter as it will be written back).
+    counter: i64,
+    count: u64,
+    changes: broadcast::Sender<Change>,
+}
+
+#[async_trait::async_trait]
+impl Import for SqliteImport {
+    async fn put(&mut self, path: &str, value: &[u8]) -> Result<()> {
+        path::validate(path)?;
+        let revision = self
+            .counter
+            .checked_add(1)
+            .ok_or_else(|| corrupt("the revision counter is exhausted"))?;
+        let inserted = sqlx::query(
+            "INSERT INTO records (path, value, revision) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (path) DO NOTHING",
+        )
+        .bind(path)
+        .bind(value)
+        .bind(revision)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| map_sqlx("import", e))?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::AlreadyExists { path: path.into() });
+        }
+        self.counter = revision;
+        self.count += 1;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<u64> {
+        sqlx::query("UPDATE revision_counter SET current = ?1 WHERE id = 1")
+            .bind(self.counter)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(|e| map_sqlx("import: advance the revision counter", e))?;
+        let Self {
+            tx, count, changes, ..
+        } = *self;
+        tx.commit()
+            .await
+            .map_err(|e| map_sqlx("import commit", e))?;
+        // Everything changed at once: subscribers reload (no one may be
+        // listening, hence the ignored error).
+        let _ = changes.send(Change::resync());
+        Ok(count)
+    }
+}
+
+/// Rows of `(path, value, revision)` as records, failing closed on an
+/// impossible revision.
+fn rows_to_records(rows: Vec<(String, Vec<u8>, i64)>) -> Result<Vec<(String, Record)>> {
+    rows.into_iter()
+        .map(|(path, value, revision)| {
+            let revision = stored_revision(revision)?;
+            Ok((path, Record { value, revision }))
+        })
+        .collect()
+}
+
+/// A `COUNT(*)` as a u64.
+fn stored_count(count: i64) -> Result<u64> {
+    u64::try_from(count).map_err(|_| corrupt(&format!("a record count is {count}")))
 }
 
 /// Where the database lives (for `Debug` and logs).

@@ -114,6 +114,16 @@ impl Store for FaultyStore {
         self.inner.scan(prefix, start_after, limit).await
     }
 
+    async fn snapshot(&self) -> Result<Box<dyn cipherd_store::Snapshot>> {
+        self.check()?;
+        self.inner.snapshot().await
+    }
+
+    async fn import(&self) -> Result<Box<dyn cipherd_store::Import>> {
+        self.check()?;
+        self.inner.import().await
+    }
+
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.inner.subscribe()
     }

@@ -4,6 +4,7 @@
 //! change, except `list` and `export`; `delete` prints the deletion time too. Material is only ever printed by
 //! `export`, for keys created exportable; the server enforces that.
 
+use anyhow::Context as _;
 use cipherd_client::pb;
 
 use super::Ctx;
@@ -32,6 +33,30 @@ pub(super) async fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<()> {
             emit_key(ctx, reply.into_inner().key)
         }
         KeyCommand::List(args) => list(ctx, args).await,
+        KeyCommand::Backup(args) => {
+            let reply = admin
+                .backup_key(pb::BackupKeyRequest { name: args.name })
+                .await
+                .map_err(Failure::from)?;
+            let bytes = reply.into_inner().key_backup;
+            super::backup::write_file_atomically(&args.file, &bytes).await?;
+            ctx.emit(&crate::output::BackupView {
+                file: args.file.display().to_string(),
+                bytes: bytes.len() as u64,
+            })
+        }
+        KeyCommand::Restore(args) => {
+            let key_backup = tokio::fs::read(&args.file)
+                .await
+                .with_context(|| format!("reading {}", args.file.display()))?;
+            let reply = admin
+                .restore_key(pb::RestoreKeyRequest {
+                    key_backup: key_backup.into(),
+                })
+                .await
+                .map_err(Failure::from)?;
+            emit_key(ctx, reply.into_inner().key)
+        }
         KeyCommand::Rotate(args) => {
             let reply = admin
                 .rotate_key(pb::RotateKeyRequest { name: args.name })

@@ -13,6 +13,7 @@
 
 mod audit;
 mod auth;
+mod backup;
 mod keys;
 mod lines;
 mod policy;
@@ -22,6 +23,7 @@ mod transit;
 use std::{
     io::{IsTerminal as _, Write as _},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -50,7 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         other => other,
     };
     let ctx = Ctx {
-        client: connect(&cli.global).await?,
+        client: connect(&cli.global, matches!(command, Command::Restore(_))).await?,
         format,
     };
     match command {
@@ -60,6 +62,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal => system::seal(&ctx).await?,
         Command::Rekey(command) => system::rekey(&ctx, command).await?,
         Command::RotateRoot(command) => system::rotate_root(&ctx, command).await?,
+        Command::Backup(args) => backup::backup(&ctx, args).await?,
+        Command::Restore(args) => backup::restore(&ctx, args).await?,
         Command::Key(cmd) => keys::run(&ctx, cmd).await?,
         Command::Encrypt(args) if args.lines => lines::encrypt(&ctx, args).await?,
         Command::Encrypt(args) => transit::encrypt(&ctx, args).await?,
@@ -92,14 +96,22 @@ impl Ctx {
     }
 }
 
-/// Connects with the global flags applied.
-async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
+/// How long `restore` may take without `--timeout`: its one reply follows the
+/// whole upload and import, which the usual per-call default would cut short.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Connects with the global flags applied; `long_call` (restore) raises the
+/// per-call default to [`RESTORE_TIMEOUT`] unless `--timeout` is given.
+async fn connect(global: &GlobalArgs, long_call: bool) -> anyhow::Result<Client> {
     let addr = endpoint(&global.addr, global.ca_cert.is_some());
     let mut options = ClientOptions {
         token: token(global)?,
         tls: tls_options(global, &addr)?,
         ..ClientOptions::default()
     };
+    if long_call {
+        options.timeout = RESTORE_TIMEOUT;
+    }
     if let Some(timeout) = global.timeout {
         options.timeout = timeout;
         options.connect_timeout = timeout;

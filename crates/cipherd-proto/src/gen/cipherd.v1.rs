@@ -1684,6 +1684,34 @@ pub struct ExportedKeyVersion {
     #[prost(bytes = "bytes", tag = "2")]
     pub material: ::prost::bytes::Bytes,
 }
+/// BackupKey: which key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackupKeyRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+/// BackupKey's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct BackupKeyResponse {
+    /// The sealed key backup (docs/operations.md, "Per-key backup"): opaque, and
+    /// useless outside this instance and its restored copies.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key_backup: ::prost::bytes::Bytes,
+}
+/// RestoreKey: a key backup.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RestoreKeyRequest {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key_backup: ::prost::bytes::Bytes,
+}
+/// RestoreKey's reply: the restored key's metadata.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RestoreKeyResponse {
+    #[prost(message, optional, tag = "1")]
+    pub key: ::core::option::Option<Key>,
+}
 /// The AEAD a key encrypts with, fixed at creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -2052,6 +2080,62 @@ pub mod key_admin_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "ExportKey"));
             self.inner.unary(req, path, codec).await
         }
+        /// Backs up one key: its record (config, versions, material) and usage
+        /// counters, sealed under this instance's backup wrapping key, which never
+        /// leaves the barrier. Needs `key.backup` on the key. The backup opens only
+        /// on this instance or one restored from its full backup (the wrapping key
+        /// travels inside full backups and survives root rotation).
+        pub async fn backup_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::BackupKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BackupKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.KeyAdminService/BackupKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "BackupKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Restores a key from BackupKey's bytes under its original name. Needs
+        /// `key.backup` on that name. A key of that name that exists is never
+        /// overwritten: ALREADY_EXISTS / KEY_EXISTS.
+        pub async fn restore_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RestoreKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.KeyAdminService/RestoreKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.KeyAdminService", "RestoreKey"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2139,6 +2223,28 @@ pub mod key_admin_service_server {
             request: tonic::Request<super::ExportKeyRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ExportKeyResponse>,
+            tonic::Status,
+        >;
+        /// Backs up one key: its record (config, versions, material) and usage
+        /// counters, sealed under this instance's backup wrapping key, which never
+        /// leaves the barrier. Needs `key.backup` on the key. The backup opens only
+        /// on this instance or one restored from its full backup (the wrapping key
+        /// travels inside full backups and survives root rotation).
+        async fn backup_key(
+            &self,
+            request: tonic::Request<super::BackupKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BackupKeyResponse>,
+            tonic::Status,
+        >;
+        /// Restores a key from BackupKey's bytes under its original name. Needs
+        /// `key.backup` on that name. A key of that name that exists is never
+        /// overwritten: ALREADY_EXISTS / KEY_EXISTS.
+        async fn restore_key(
+            &self,
+            request: tonic::Request<super::RestoreKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreKeyResponse>,
             tonic::Status,
         >;
     }
@@ -2627,6 +2733,96 @@ pub mod key_admin_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/cipherd.v1.KeyAdminService/BackupKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct BackupKeySvc<T: KeyAdminService>(pub Arc<T>);
+                    impl<
+                        T: KeyAdminService,
+                    > tonic::server::UnaryService<super::BackupKeyRequest>
+                    for BackupKeySvc<T> {
+                        type Response = super::BackupKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::BackupKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KeyAdminService>::backup_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = BackupKeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.KeyAdminService/RestoreKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RestoreKeySvc<T: KeyAdminService>(pub Arc<T>);
+                    impl<
+                        T: KeyAdminService,
+                    > tonic::server::UnaryService<super::RestoreKeyRequest>
+                    for RestoreKeySvc<T> {
+                        type Response = super::RestoreKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RestoreKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KeyAdminService>::restore_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RestoreKeySvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -2853,6 +3049,37 @@ pub struct RotateRootResponse {
     /// Why it stopped.
     #[prost(string, tag = "7")]
     pub error: ::prost::alloc::string::String,
+}
+/// Backup (no fields).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackupRequest {}
+/// One piece of a backup stream: concatenated in order, the pieces are the
+/// backup file.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct BackupResponse {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub backup_chunk: ::prost::bytes::Bytes,
+}
+/// One piece of a backup file, in order.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RestoreRequest {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub backup_chunk: ::prost::bytes::Bytes,
+}
+/// Restore's reply.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RestoreResponse {
+    /// Records restored, the seal record included.
+    #[prost(uint64, tag = "1")]
+    pub records: u64,
+    /// When the backup was taken (RFC 3339, UTC) and the backend it was taken
+    /// from, as its header says.
+    #[prost(string, tag = "2")]
+    pub created_at: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub source_backend: ::prost::alloc::string::String,
 }
 /// Where a rekey stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -3176,6 +3403,65 @@ pub mod system_service_client {
                 .insert(GrpcMethod::new("cipherd.v1.SystemService", "RotateRoot"));
             self.inner.unary(req, path, codec).await
         }
+        /// Streams a backup: a consistent snapshot of every stored record as stored
+        /// (barrier-encrypted, bound to its path) plus the seal record, in the framed
+        /// format of docs/operations.md, ending with a SHA-256 over the whole stream.
+        /// Restoring it needs the original unseal shares. Needs an unsealed server
+        /// and the `backup` operation. A stream that ends in an error is not a backup.
+        pub async fn backup(
+            &mut self,
+            request: impl tonic::IntoRequest<super::BackupRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::BackupResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/Backup",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "Backup"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Restores a backup into an uninitialized server (the same exposure as
+        /// `Init`, so no credential). The whole stream is verified (framing, record
+        /// count, SHA-256) before anything is written, then imported in one
+        /// transaction: a refused or interrupted restore leaves the server
+        /// uninitialized. Afterwards the server is sealed; unseal it with the shares
+        /// of the backed-up server.
+        pub async fn restore(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::RestoreRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RestoreResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProtoCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cipherd.v1.SystemService/Restore",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cipherd.v1.SystemService", "Restore"));
+            self.inner.client_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3234,6 +3520,31 @@ pub mod system_service_server {
             tonic::Response<super::RotateRootResponse>,
             tonic::Status,
         >;
+        /// Server streaming response type for the Backup method.
+        type BackupStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::BackupResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams a backup: a consistent snapshot of every stored record as stored
+        /// (barrier-encrypted, bound to its path) plus the seal record, in the framed
+        /// format of docs/operations.md, ending with a SHA-256 over the whole stream.
+        /// Restoring it needs the original unseal shares. Needs an unsealed server
+        /// and the `backup` operation. A stream that ends in an error is not a backup.
+        async fn backup(
+            &self,
+            request: tonic::Request<super::BackupRequest>,
+        ) -> std::result::Result<tonic::Response<Self::BackupStream>, tonic::Status>;
+        /// Restores a backup into an uninitialized server (the same exposure as
+        /// `Init`, so no credential). The whole stream is verified (framing, record
+        /// count, SHA-256) before anything is written, then imported in one
+        /// transaction: a refused or interrupted restore leaves the server
+        /// uninitialized. Afterwards the server is sealed; unseal it with the shares
+        /// of the backed-up server.
+        async fn restore(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::RestoreRequest>>,
+        ) -> std::result::Result<tonic::Response<super::RestoreResponse>, tonic::Status>;
     }
     /// The lifecycle of the server: initialize, unseal with Shamir shares, seal. Always
     /// served, sealed or not.
@@ -3576,6 +3887,99 @@ pub mod system_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/Backup" => {
+                    #[allow(non_camel_case_types)]
+                    struct BackupSvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::ServerStreamingService<super::BackupRequest>
+                    for BackupSvc<T> {
+                        type Response = super::BackupResponse;
+                        type ResponseStream = T::BackupStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::BackupRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::backup(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = BackupSvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cipherd.v1.SystemService/Restore" => {
+                    #[allow(non_camel_case_types)]
+                    struct RestoreSvc<T: SystemService>(pub Arc<T>);
+                    impl<
+                        T: SystemService,
+                    > tonic::server::ClientStreamingService<super::RestoreRequest>
+                    for RestoreSvc<T> {
+                        type Response = super::RestoreResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::RestoreRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SystemService>::restore(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RestoreSvc(inner);
+                        let codec = crate::codec::ProtoCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

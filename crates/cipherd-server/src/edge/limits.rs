@@ -11,7 +11,8 @@
 //!
 //! The timeout bounds the wait for the response to start: for a unary call that
 //! is the whole call (reading the request, waiting for budget, the work), for a
-//! streaming call only until the stream is accepted. Each message of a stream is
+//! streaming call only until the stream is accepted (`Restore`, whose reply
+//! follows the whole upload and import, is exempt: see [`RESTORE_PATH`]). Each message of a stream is
 //! then bounded by the body wrapper (see [`RequestBody`]), so a long ETL stream
 //! is never cut off while it keeps sending.
 
@@ -35,6 +36,14 @@ use crate::{Error, config::Limits};
 
 /// Path prefix of the gRPC health service, exempt from load shedding.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// `SystemService.Restore`, exempt from the wait for the response: it is a
+/// client stream whose one reply comes only after the whole backup has been
+/// received, verified and imported, which for a large store takes longer than
+/// any request timeout. Each of its messages is still bounded by the body
+/// wrapper, so it cannot stall; and it is only ever served by an uninitialized
+/// server (an initialized one refuses it before reading).
+const RESTORE_PATH: &str = "/cipherd.v1.SystemService/Restore";
 
 /// The [`LimitsService`] layer (see the module docs).
 #[derive(Clone)]
@@ -81,6 +90,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let counted = !request.uri().path().starts_with(HEALTH_PREFIX);
+        let timed = request.uri().path() != RESTORE_PATH;
         if counted && !self.shared.try_start_request() {
             return LimitsFuture::refused(Error::Overloaded {
                 limit: self.shared.limits.max_concurrent_requests,
@@ -106,6 +116,7 @@ where
         LimitsFuture {
             inner: Some(self.inner.call(request)),
             timer: None,
+            timed,
             guard: Some(guard),
             refused: None,
         }
@@ -176,6 +187,8 @@ pin_project_lite::pin_project! {
         inner: Option<F>,
         #[pin]
         timer: Option<Sleep>,
+        // Whether the wait for the response is bounded (all but Restore).
+        timed: bool,
         guard: Option<InFlight>,
         refused: Option<Error>,
     }
@@ -186,6 +199,7 @@ impl<F> LimitsFuture<F> {
         Self {
             inner: None,
             timer: None,
+            timed: true,
             guard: None,
             refused: Some(err),
         }
@@ -214,6 +228,9 @@ where
                     guard,
                 })
             }));
+        }
+        if !*this.timed {
+            return Poll::Pending;
         }
         let timeout = this
             .guard
