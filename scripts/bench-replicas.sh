@@ -63,7 +63,7 @@ token_sq="$work/s/root-token.INSECURE"
 echo "== 1. encrypt throughput, PostgreSQL (A) vs SQLite (S), ${DURATION}s each, 2 rounds"
 bench() { # PORT TOKEN ARGS...
   local port=$1 token=$2; shift 2
-  "$bin/cipherd-bench" --addr "127.0.0.1:$port" --cipherd-token-file "$token" --create-keys \
+  "$bin/cipherd-bench" --addr "127.0.0.1:$port" --token-file "$token" --create-keys \
     --duration "$DURATION" --warmup 2 --json "$@" \
     | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["items_per_sec"]))'
 }
@@ -90,7 +90,7 @@ echo "== 2. rotation propagation A -> B, $ROTATIONS rotations"
 
 echo "== 3. cold start with $KEYS keys"
 started=$(date +%s.%N)
-"$bin/cipherd-bench" --addr 127.0.0.1:8311 --cipherd-token-file "$token_pg" --create-keys \
+"$bin/cipherd-bench" --addr 127.0.0.1:8311 --token-file "$token_pg" --create-keys \
   --keys "$KEYS" --key cold --setup-only >/dev/null
 echo "created $KEYS keys in $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s"
 kill "$pid_b"; wait "$pid_b" 2>/dev/null || true
