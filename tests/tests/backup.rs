@@ -148,6 +148,15 @@ async fn drill(source: &Source, target: &TestServer, backup: &[u8], from: &str, 
     for (_, label) in ALL_KEY_TYPES {
         let key = get_key(&client, &format!("canary-{label}")).await;
         assert_eq!(key.latest_version, VERSIONS, "{backend}: {label}");
+        // The source's use statistics, still in its memory when the backup
+        // began, were flushed into the snapshot: three encryptions per version.
+        for v in &key.versions {
+            assert!(
+                v.encrypt_count >= 3,
+                "{backend}: {label} v{}: {v:?}",
+                v.version
+            );
+        }
     }
     // The restored server goes on: new keys and encryptions work.
     let name = format!("after-restore-{backend}");

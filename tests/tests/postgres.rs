@@ -6,7 +6,8 @@
 //! revoked token stops working there too; and on a private cluster of its own,
 //! a database outage (stopped with `pg_ctl stop -m immediate`, started again)
 //! that cached keys serve through and that both replicas recover from without a
-//! restart.
+//! restart; and three replicas sharing rotations, revocations, scheduled
+//! deletions and scheduled rotations (once a period).
 //!
 //! Needs PostgreSQL: `make test` starts it (`scripts/ensure-postgres.sh`).
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
@@ -640,4 +641,181 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+}
+
+/// Three replicas on one database: a rotation through one is used by the other
+/// two, a token revoked through one is refused by all, a deletion scheduled
+/// through one refuses use on all and is cancelled through another, and a key
+/// with an `auto_rotate_period` is rotated once per period although all three
+/// sweep for due rotations every 20 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_rotations_revocations_deletions_and_scheduled_rotations() {
+    let db = TestDatabase::create("e2e_three").await;
+    let first_dir = tempfile::tempdir().unwrap();
+    let replica = |dir: &std::path::Path| {
+        let mut params = params_on(&db, dir, true);
+        params.lifecycle.housekeeping_interval = Duration::from_millis(20);
+        params.lifecycle.min_auto_rotate_period = Duration::from_secs(1);
+        params
+    };
+    let a = TestServer::start(replica(first_dir.path())).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            first_dir.path().join(DEV_SHARE_FILE),
+            dir.path().join(DEV_SHARE_FILE),
+        )
+        .unwrap();
+        others.push((TestServer::start(replica(dir.path())).await, dir));
+    }
+    let token = a.root_token().expect("dev root token");
+    let ca = a.client().await;
+    let cb = others[0].0.client_with_token(&token).await;
+    let cc = others[1].0.client_with_token(&token).await;
+    let until = |what: String| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        move || assert!(Instant::now() < deadline, "{what} within 10 s")
+    };
+
+    // A rotation through B: A and C encrypt under it (through the change feed).
+    create_key(&ca, "shared", pb::KeyType::Xaes256Gcm).await;
+    for c in [&ca, &cb, &cc] {
+        assert_eq!(encrypt(c, "shared", b"v1").await.key_version, 1);
+    }
+    assert_eq!(rotate(&cb, "shared").await.latest_version, 2);
+    for (name, c) in [("A", &ca), ("C", &cc)] {
+        let check = until(format!("{name} encrypting under v2"));
+        while encrypt(c, "shared", b"v2").await.key_version != 2 {
+            check();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // A token created through A, revoked through C: refused everywhere.
+    let created = ca
+        .create_token(vec!["root".into()], None, "three")
+        .await
+        .unwrap();
+    let mut as_token: Vec<Client> = Vec::new();
+    for server in [&a, &others[0].0, &others[1].0] {
+        as_token.push(
+            server
+                .client_with_token(created.token.expose_secret())
+                .await,
+        );
+    }
+    for c in &as_token {
+        c.lookup_token(None)
+            .await
+            .expect("the new token works everywhere");
+    }
+    cc.revoke_token(&created.info.accessor).await.unwrap();
+    for (i, c) in as_token.iter().enumerate() {
+        let check = until(format!("replica {i} refusing the revoked token"));
+        while c.lookup_token(None).await.is_ok() {
+            check();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // A deletion scheduled through A refuses use on B and C; cancelled through B.
+    reply(
+        ca.admin()
+            .update_key_config(pb::UpdateKeyConfigRequest {
+                name: "shared".into(),
+                deletion_allowed: Some(true),
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap();
+    reply(
+        ca.admin()
+            .delete_key(pb::DeleteKeyRequest {
+                name: "shared".into(),
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap();
+    for (name, c) in [("B", &cb), ("C", &cc)] {
+        let check = until(format!("{name} refusing a key pending deletion"));
+        loop {
+            match c
+                .encrypt("shared", &b"x"[..], &EncryptOptions::default())
+                .await
+            {
+                Err(e) if e.reason() == Some("KEY_PENDING_DELETION") => break,
+                Ok(_) => check(),
+                Err(e) => panic!("{name}: {e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    reply(
+        cb.admin()
+            .cancel_key_deletion(pb::CancelKeyDeletionRequest {
+                name: "shared".into(),
+            })
+            .await,
+    )
+    .unwrap();
+    let check = until("C using the key again".into());
+    while cc
+        .encrypt("shared", &b"x"[..], &EncryptOptions::default())
+        .await
+        .is_err()
+    {
+        check();
+        tokio::task::yield_now().await;
+    }
+
+    // Scheduled rotation every second, three replicas sweeping: once a period.
+    let started = Instant::now();
+    reply(
+        ca.admin()
+            .create_key(pb::CreateKeyRequest {
+                name: "rotating".into(),
+                auto_rotate_period: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await,
+    )
+    .unwrap();
+    let check = until("three scheduled rotations".into());
+    while get_key(&cc, "rotating").await.latest_version < 4 {
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = get_key(&cb, "rotating").await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let rotations = f64::from(key.latest_version - 1);
+    assert!(
+        rotations <= elapsed + 1.0,
+        "{rotations} rotations in {elapsed:.2} s with a period of 1 s: more than one per period"
+    );
+    // Consecutive versions are a period apart (not two in one sweep).
+    let created: Vec<i64> = key
+        .versions
+        .iter()
+        .map(|v| {
+            let t = v.created_at.unwrap();
+            t.seconds * 1000 + i64::from(t.nanos / 1_000_000)
+        })
+        .collect();
+    for pair in created.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1000,
+            "versions {pair:?} less than a period apart"
+        );
+    }
+    drop((ca, cb, cc, as_token));
+    for (server, _dir) in others {
+        server.stop().await;
+    }
+    a.stop().await;
 }

@@ -76,6 +76,8 @@ impl SystemService for SystemHandler {
     ) -> std::result::Result<Response<Self::BackupStream>, Status> {
         let ctx = CallCtx::of(&request)?;
         ctx.authorize(Operation::Backup, None, "", "")?;
+        // The use statistics gathered in memory go into the snapshot too.
+        self.core.flush_stats().await;
         let snapshot = self.core.backup_snapshot().await?;
         let header = backup::Header {
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
