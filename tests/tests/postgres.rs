@@ -117,23 +117,7 @@ async fn a_new_token_works_on_another_replica_before_its_notification() {
         .client_with_token(&first.root_token().expect("dev root token"))
         .await;
     on_b_root.lookup_token(None).await.unwrap();
-    let mut admin = db.admin().await;
-    let database = db.name();
-    admin
-        .execute(AssertSqlSafe(format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
-        )))
-        .await
-        .unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND application_name = 'cipherd-listener'",
-    )
-    .bind(database)
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, [true, true], "one listener per replica");
+    let mut admin = cut_off_listeners(&db).await;
 
     let created = admin_a
         .create_token(vec!["root".into()], None, "miss-test")
@@ -145,12 +129,7 @@ async fn a_new_token_works_on_another_replica_before_its_notification() {
     let info = on_b.lookup_token(None).await.expect("accepted at once");
     assert_eq!(info.accessor, created.info.accessor);
 
-    admin
-        .execute(AssertSqlSafe(format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
-        )))
-        .await
-        .unwrap();
+    allow_connections(&mut admin, &db, true).await;
     drop((admin_a, on_b, on_b_root));
     second.stop().await;
     first.stop().await;
@@ -182,23 +161,7 @@ async fn a_replica_whose_feed_was_cut_off_still_learns_of_a_revocation() {
     // Cut both replicas' listeners off, and keep them off (no new connection to
     // the database) while the token is revoked through the first replica: the
     // second cannot hear of it.
-    let mut admin = db.admin().await;
-    let database = db.name();
-    admin
-        .execute(AssertSqlSafe(format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
-        )))
-        .await
-        .unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND application_name = 'cipherd-listener'",
-    )
-    .bind(database)
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, [true, true], "one listener per replica");
+    let mut admin = cut_off_listeners(&db).await;
     admin_a.revoke_token(&accessor).await.unwrap();
     assert!(
         on_b.lookup_token(None).await.is_ok(),
@@ -207,12 +170,7 @@ async fn a_replica_whose_feed_was_cut_off_still_learns_of_a_revocation() {
 
     // Once the listener is back, the replica reloads what it caches (the
     // resync), so the revoked token stops working there too.
-    admin
-        .execute(AssertSqlSafe(format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
-        )))
-        .await
-        .unwrap();
+    allow_connections(&mut admin, &db, true).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match on_b.lookup_token(None).await {
@@ -230,6 +188,35 @@ async fn a_replica_whose_feed_was_cut_off_still_learns_of_a_revocation() {
     drop((admin_a, on_b));
     second.stop().await;
     first.stop().await;
+}
+
+/// Refuses new connections to `db` and terminates both replicas' change-feed
+/// listeners, so that neither hears of changes until connections are allowed
+/// again; their pools' open connections keep working. Returns the admin
+/// connection that did it.
+async fn cut_off_listeners(db: &TestDatabase) -> sqlx::PgConnection {
+    let mut admin = db.admin().await;
+    allow_connections(&mut admin, db, false).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'cipherd-listener'",
+    )
+    .bind(db.name())
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true, true], "one listener per replica");
+    admin
+}
+
+async fn allow_connections(admin: &mut sqlx::PgConnection, db: &TestDatabase, allow: bool) {
+    let database = db.name();
+    admin
+        .execute(AssertSqlSafe(format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"
+        )))
+        .await
+        .unwrap();
 }
 
 /// Two dev-mode replicas on `db`, each with its own data dir, unsealed with the

@@ -528,28 +528,14 @@ impl KeyManager {
     /// same time act once between them. A key that fails is logged and skipped.
     pub async fn sweep(&self, now_ms: u64, keep_going: impl Fn() -> bool) -> Result<SweepReport> {
         let mut report = SweepReport::default();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(KEY_PREFIX, after.as_deref(), WARM_PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(report);
-            };
-            after = Some(last.clone());
-            for (path, record) in &page {
+        let mut after = None;
+        while let Some(page) = self.key_page(&mut after).await? {
+            for (name, path, record) in page {
                 if !keep_going() {
                     return Ok(report);
                 }
-                let Some(name) = path
-                    .strip_prefix(KEY_PREFIX)
-                    .and_then(|n| KeyName::new(n).ok())
-                else {
-                    continue;
-                };
                 report.keys += 1;
-                let key = match open_key(&self.barrier, path, &record.value) {
+                let key = match open_key(&self.barrier, &path, &record.value) {
                     Ok(key) => key,
                     Err(e) => {
                         tracing::error!(key = %name, error = %e, "key failed to load");
@@ -557,13 +543,13 @@ impl KeyManager {
                     }
                 };
                 let outcome = if key.deletion_time_ms().is_some_and(|at| at <= now_ms) {
-                    self.destroy_if_due(&name, now_ms).await.map(|destroyed| {
-                        report.destroyed += usize::from(destroyed);
-                    })
+                    self.destroy_if_due(&name, now_ms)
+                        .await
+                        .map(|destroyed| report.destroyed += usize::from(destroyed))
                 } else if key.rotation_due(now_ms) {
-                    self.rotate_if_due(&name, now_ms).await.map(|rotated| {
-                        report.rotated += usize::from(rotated);
-                    })
+                    self.rotate_if_due(&name, now_ms)
+                        .await
+                        .map(|rotated| report.rotated += usize::from(rotated))
                 } else {
                     Ok(())
                 };
@@ -572,6 +558,32 @@ impl KeyManager {
                 }
             }
         }
+        Ok(report)
+    }
+
+    /// The next page of stored key records (at most [`WARM_PAGE`], in name
+    /// order) after `after`, which it advances; `None` at the end. Paths that
+    /// name no valid key are left out.
+    async fn key_page(
+        &self,
+        after: &mut Option<String>,
+    ) -> Result<Option<Vec<(KeyName, String, cipherd_store::Record)>>> {
+        let page = self
+            .store
+            .scan(KEY_PREFIX, after.as_deref(), WARM_PAGE)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(None);
+        };
+        *after = Some(last.clone());
+        Ok(Some(
+            page.into_iter()
+                .filter_map(|(path, record)| {
+                    let name = KeyName::new(path.strip_prefix(KEY_PREFIX)?).ok()?;
+                    Some((name, path, record))
+                })
+                .collect(),
+        ))
     }
 
     /// Rotates the key if its automatic rotation is due at `now_ms` on the stored
@@ -709,28 +721,14 @@ impl KeyManager {
     /// (the service was sealed). Keys that fail to load are logged and skipped:
     /// requests for them fail closed on their own.
     pub async fn warm(&self, keep_going: impl Fn() -> bool) -> Result<usize> {
-        let mut after: Option<String> = None;
         let mut loaded = 0;
-        loop {
-            let page = self
-                .store
-                .scan(KEY_PREFIX, after.as_deref(), WARM_PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(loaded);
-            };
-            after = Some(last.clone());
-            for (path, record) in &page {
+        let mut after = None;
+        while let Some(page) = self.key_page(&mut after).await? {
+            for (name, path, record) in page {
                 if !keep_going() {
                     return Ok(loaded);
                 }
-                let Some(name) = path
-                    .strip_prefix(KEY_PREFIX)
-                    .and_then(|n| KeyName::new(n).ok())
-                else {
-                    continue;
-                };
-                match self.open_record(path, &record.value, record.revision) {
+                match self.open_record(&path, &record.value, record.revision) {
                     Ok(key) => {
                         self.install(&name, &Arc::new(key));
                         loaded += 1;
@@ -739,6 +737,7 @@ impl KeyManager {
                 }
             }
         }
+        Ok(loaded)
     }
 
     /// Key names in byte order, after `start_after`, at most `limit`.
