@@ -117,6 +117,9 @@ pub struct RawStorage {
     pub statement_timeout_ms: u64,
     /// PostgreSQL: CA file for `sslmode=verify-full`.
     pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: seconds between forced cache reloads (0: only after a lost
+    /// listener connection).
+    pub resync_interval_s: u64,
 }
 
 /// By hand, so that the URL's password never reaches a log line.
@@ -129,6 +132,7 @@ impl std::fmt::Debug for RawStorage {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("ca_file", &self.ca_file)
+            .field("resync_interval_s", &self.resync_interval_s)
             .finish()
     }
 }
@@ -506,6 +510,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("storage.backend", "sqlite"),
     ("storage.pool_size", "10"),
     ("storage.statement_timeout_ms", "30000"),
+    ("storage.resync_interval_s", "300"),
     ("limits.max_plaintext_bytes", "1048576"),
     ("limits.max_associated_data_bytes", "65536"),
     ("limits.max_context_bytes", "4096"),
@@ -793,6 +798,13 @@ fn storage_params(
             config.pool_size = raw.pool_size;
             config.statement_timeout = Duration::from_millis(raw.statement_timeout_ms);
             config.ca_file = ca_file;
+            if raw.resync_interval_s > 86_400 {
+                return Err(ConfigError(format!(
+                    "storage.resync_interval_s = {}: at most 86400 (a day); 0 turns it off",
+                    raw.resync_interval_s
+                )));
+            }
+            config.resync_interval = Duration::from_secs(raw.resync_interval_s);
             Ok(StorageParams::Postgres { config })
         }
         other => Err(ConfigError(format!(
@@ -1189,6 +1201,7 @@ mod tests {
             ),
             ("storage.pool_size", "4"),
             ("storage.statement_timeout_ms", "2500"),
+            ("storage.resync_interval_s", "60"),
         ])
         .unwrap();
         let StorageParams::Postgres { config } = &params.storage else {
@@ -1196,6 +1209,7 @@ mod tests {
         };
         assert_eq!(config.pool_size, 4);
         assert_eq!(config.statement_timeout, Duration::from_millis(2500));
+        assert_eq!(config.resync_interval, Duration::from_secs(60));
         assert!(!format!("{params:?}").contains("pw-7f3a"), "{params:?}");
 
         for (pairs, named) in [

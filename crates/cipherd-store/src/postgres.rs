@@ -28,7 +28,11 @@
 //! subscribers the same way, so one source keeps the order. When the listener's
 //! connection is lost, notifications sent meanwhile are lost with it: the task
 //! reconnects with backoff and, once listening again, sends [`Change::resync`],
-//! on which every subscriber reloads everything it caches (as on a lag).
+//! on which every subscriber reloads everything it caches (as on a lag). It also
+//! sends one every [`PostgresConfig::resync_interval`] (5 minutes by default),
+//! so that a notification lost without the connection failing (a server-side
+//! queue overflow, a bug anywhere on the path) cannot leave a replica stale for
+//! longer than that.
 //!
 //! Connection credentials never reach logs or errors: the store names its
 //! database as `postgres://user@host:port/db` ([`PostgresConfig::redacted`]).
@@ -56,6 +60,9 @@ pub const DEFAULT_POOL_SIZE: u32 = 10;
 
 /// The default [`PostgresConfig::statement_timeout`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`PostgresConfig::resync_interval`].
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How long an operation waits for a pooled connection (or a new one) before
 /// failing with [`Error::Unavailable`].
@@ -95,6 +102,9 @@ pub struct PostgresConfig {
     /// PEM file of the CA that signed the server's certificate: TLS is required
     /// and verified, host name included (`verify-full`).
     pub ca_file: Option<PathBuf>,
+    /// How often the change feed sends [`Change::resync`] even when nothing was
+    /// lost; `Duration::ZERO` never does.
+    pub resync_interval: Duration,
 }
 
 impl PostgresConfig {
@@ -120,6 +130,7 @@ impl PostgresConfig {
             pool_size: DEFAULT_POOL_SIZE,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             ca_file: None,
+            resync_interval: DEFAULT_RESYNC_INTERVAL,
         })
     }
 
@@ -243,6 +254,7 @@ impl PostgresStore {
             changes.clone(),
             stopped,
             target.clone(),
+            config.resync_interval,
         ));
         tracing::info!(database = %target, "opened PostgreSQL store");
         Ok(Self {
@@ -781,7 +793,16 @@ async fn run_listener(
     changes: broadcast::Sender<Change>,
     mut stopped: oneshot::Receiver<()>,
     target: String,
+    resync_interval: Duration,
 ) {
+    let mut periodic = (!resync_interval.is_zero()).then(|| {
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + resync_interval,
+            resync_interval,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     let mut listener = Some(first);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -823,6 +844,11 @@ async fn run_listener(
         loop {
             let received = tokio::select! {
                 _ = &mut stopped => return,
+                _ = async { periodic.as_mut()?.tick().await; Some(()) }, if periodic.is_some() => {
+                    tracing::debug!(database = %target, "periodic resync of the change feed");
+                    announce_resync(&changes);
+                    continue;
+                }
                 received = tokio::time::timeout(LISTENER_PING_INTERVAL, current.try_recv()) => received,
             };
             match received {

@@ -201,6 +201,36 @@ async fn a_lost_listener_reconnects_and_tells_subscribers_to_resync() {
     let _ = admin.close().await;
 }
 
+/// With `resync_interval` set, subscribers are told to resync periodically
+/// although no connection was lost, and notifications keep flowing between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_resyncs_periodically() {
+    let db = TestDatabase::create("periodic_resync").await;
+    let mut config = PostgresConfig::new(db.url()).expect("test URL");
+    config.resync_interval = Duration::from_millis(200);
+    let store = PostgresStore::open(&config).await.expect("open");
+    let mut feed = store.subscribe();
+    for round in 0..2 {
+        let told = tokio::time::timeout(WAIT, feed.recv()).await;
+        assert!(
+            matches!(&told, Ok(Ok(change)) if change.is_resync()),
+            "round {round}: expected a periodic resync within {WAIT:?}, got {told:?}"
+        );
+        let rev = store
+            .create(&format!("keys/periodic-{round}"), b"x")
+            .await
+            .expect("create");
+        assert_eq!(next_record_change(&mut feed).await.revision, Some(rev));
+    }
+    // The default: every 5 minutes, never zero.
+    assert_eq!(
+        PostgresConfig::new(db.url())
+            .expect("test URL")
+            .resync_interval,
+        Duration::from_secs(300)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_a_database_from_a_newer_schema() {
     let db = TestDatabase::create("newer_schema").await;
