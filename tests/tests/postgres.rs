@@ -806,3 +806,78 @@ async fn three_replicas_share_rotations_revocations_deletions_and_scheduled_rota
     }
     a.stop().await;
 }
+
+/// An `aes256-gcm96` usage limit holds across replicas: two replicas encrypting
+/// under one version at once, with `refuse` at the limit, answer at most the
+/// limit between them (each reserves its own blocks in the database, never one
+/// the other holds), and at least the limit minus the unused rest of one block
+/// per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_limit_holds_across_replicas() {
+    const LIMIT: u64 = 600;
+    const BLOCK: u64 = 40;
+    let db = TestDatabase::create("e2e_limit").await;
+    let replica = |dir: &std::path::Path| {
+        let mut params = params_on(&db, dir, true);
+        params.usage.limit = LIMIT;
+        params.usage.reservation_block = BLOCK;
+        params.usage.on_limit = cipherd_server::config::LimitAction::Refuse;
+        params
+    };
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(replica(first_dir.path())).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        first_dir.path().join(DEV_SHARE_FILE),
+        second_dir.path().join(DEV_SHARE_FILE),
+    )
+    .unwrap();
+    let second = TestServer::start(replica(second_dir.path())).await;
+    let token = first.root_token().expect("dev root token");
+    let one = first.client().await;
+    let other = second.client_with_token(&token).await;
+    create_key(&one, "capped", pb::KeyType::Aes256Gcm96).await;
+
+    let workers: Vec<_> = [one.clone(), other.clone(), one.clone(), other.clone()]
+        .into_iter()
+        .map(|client| {
+            tokio::spawn(async move {
+                let mut answered = 0u64;
+                loop {
+                    match client
+                        .encrypt("capped", &b"x"[..], &EncryptOptions::default())
+                        .await
+                    {
+                        Ok(r) => {
+                            assert_eq!(r.key_version, 1, "no rotation with refuse");
+                            answered += 1;
+                        }
+                        Err(e) if e.reason() == Some("KEY_USAGE_EXHAUSTED") => return answered,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap();
+    }
+    assert!(
+        total <= LIMIT,
+        "{total} encryptions answered under a limit of {LIMIT}"
+    );
+    assert!(
+        total >= LIMIT - 2 * BLOCK,
+        "{total}: more than one unused block per replica was lost"
+    );
+    let key = get_key(&one, "capped").await;
+    assert_eq!(
+        key.versions[0].encryptions, LIMIT,
+        "the stored count is at the limit"
+    );
+    eprintln!("limit {LIMIT} across two replicas: {total} encryptions answered");
+    drop((one, other));
+    second.stop().await;
+    first.stop().await;
+}

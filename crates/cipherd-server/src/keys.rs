@@ -24,7 +24,9 @@
 //!    in the key record (compare-and-set, one extra write per version's lifetime).
 //!    A version counted before the flag existed gets it at its next block.
 //! 2. A usage record that is absent while the key record's flag says the version
-//!    was counted is refused: `DATA_LOSS`/`STORAGE_INTEGRITY` for encryption (and
+//!    was counted (and still absent when read again after the flag: another
+//!    replica may have created the record and set the flag between our two
+//!    reads) is refused: `DATA_LOSS`/`STORAGE_INTEGRITY` for encryption (and
 //!    from [`KeyManager::reserved_encryptions`]; `GetKey` shows such a version as
 //!    used up). Nothing is re-created; an operator restores the record or
 //!    rotates the key.
@@ -1237,24 +1239,30 @@ impl UsageLedger {
         version: KeyVersion,
     ) -> Result<u64> {
         let path = usage_path(name, id, version);
-        match self.store.get(&path).await? {
-            Some(rec) => Ok(self.open(&path, &rec.value)?.reserved),
-            None => {
-                self.check_never_counted(name, id, version, &path).await?;
-                Ok(0)
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            match self.store.get(&path).await? {
+                Some(rec) => return Ok(self.open(&path, &rec.value)?.reserved),
+                None if self.check_never_counted(name, id, version, &path).await? => return Ok(0),
+                // Created by another replica between the two reads: read it.
+                None => continue,
             }
         }
+        Err(Error::Aborted(path))
     }
 
-    /// For a usage record found absent: fails closed unless the stored key record
-    /// (read afresh, not cached) says `version` was never counted.
+    /// For a usage record found absent: `true` if the stored key record (read
+    /// afresh, not cached) says `version` was never counted, so the count is 0.
+    /// If the flag says it was counted, the usage record is read once more: the
+    /// first block's record is created before the flag is set, so another
+    /// replica may have done both between our two reads; then `false` (read it
+    /// again). Still absent: it vanished, and that fails closed (`Corrupt`).
     async fn check_never_counted(
         &self,
         name: &KeyName,
         id: Option<KeyId>,
         version: KeyVersion,
         path: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let key_path = key_path(name);
         let record = self
             .store
@@ -1268,6 +1276,9 @@ impl UsageLedger {
             return Err(Error::Aborted(name.to_string()));
         }
         if key.usage_reserved(version)? {
+            if self.store.get(path).await?.is_some() {
+                return Ok(false);
+            }
             tracing::error!(
                 key = %name,
                 %version,
@@ -1276,7 +1287,7 @@ impl UsageLedger {
             );
             return Err(Error::Corrupt(path.to_owned()));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Raises the stored count of `version` to at least `reserved` (a key
@@ -1345,10 +1356,9 @@ impl UsageLedger {
             let current = self.store.get(&path).await?;
             let reserved = match &current {
                 Some(rec) => self.open(&path, &rec.value)?.reserved,
-                None => {
-                    self.check_never_counted(name, id, version, &path).await?;
-                    0
-                }
+                None if self.check_never_counted(name, id, version, &path).await? => 0,
+                // Created by another replica between the two reads: read it.
+                None => continue,
             };
             let Some(end) = next_reservation(reserved, count, self.policy.reservation_block, limit)
             else {
