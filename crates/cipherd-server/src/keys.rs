@@ -669,22 +669,11 @@ impl KeyManager {
             }
             let body = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
             let sealed = self.barrier.seal(&path, &body)?;
-            let written = match &current {
-                Some(rec) => {
-                    self.store
-                        .compare_and_set(&path, rec.revision, &sealed)
-                        .await
-                }
-                None => self.store.create(&path, &sealed).await,
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(
-                    cipherd_store::Error::Conflict { .. }
-                    | cipherd_store::Error::AlreadyExists { .. }
-                    | cipherd_store::Error::NotFound { .. },
-                ) => continue,
-                Err(e) => return Err(e.into()),
+            if write_over(&*self.store, &path, current.as_ref(), &sealed)
+                .await?
+                .is_some()
+            {
+                return Ok(());
             }
         }
         Err(Error::Aborted(path))
@@ -1072,6 +1061,30 @@ impl KeyManager {
     }
 }
 
+/// Writes `sealed` at `path` over what the caller read there (`current`):
+/// compare-and-set on its revision, or put-if-absent if it read nothing. The
+/// new revision, or `None` if another writer got in first (re-read, retry).
+async fn write_over(
+    store: &dyn Store,
+    path: &str,
+    current: Option<&cipherd_store::Record>,
+    sealed: &[u8],
+) -> Result<Option<u64>> {
+    let written = match current {
+        Some(rec) => store.compare_and_set(path, rec.revision, sealed).await,
+        None => store.create(path, sealed).await,
+    };
+    match written {
+        Ok(revision) => Ok(Some(revision)),
+        Err(
+            cipherd_store::Error::Conflict { .. }
+            | cipherd_store::Error::AlreadyExists { .. }
+            | cipherd_store::Error::NotFound { .. },
+        ) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `KEY_PENDING_DELETION` for a key scheduled for deletion.
 pub fn refuse_pending(key: &NamedKey) -> Result<()> {
     match key.deletion_time_ms() {
@@ -1304,23 +1317,17 @@ impl UsageLedger {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let sealed = self.barrier.seal(&path, &body)?;
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let written = match self.store.get(&path).await? {
-                Some(rec) if self.open(&path, &rec.value)?.reserved >= reserved => return Ok(()),
-                Some(rec) => {
-                    self.store
-                        .compare_and_set(&path, rec.revision, &sealed)
-                        .await
-                }
-                None => self.store.create(&path, &sealed).await,
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(
-                    cipherd_store::Error::Conflict { .. }
-                    | cipherd_store::Error::AlreadyExists { .. }
-                    | cipherd_store::Error::NotFound { .. },
-                ) => continue,
-                Err(e) => return Err(e.into()),
+            let current = self.store.get(&path).await?;
+            if let Some(rec) = &current
+                && self.open(&path, &rec.value)?.reserved >= reserved
+            {
+                return Ok(());
+            }
+            if write_over(&*self.store, &path, current.as_ref(), &sealed)
+                .await?
+                .is_some()
+            {
+                return Ok(());
             }
         }
         Err(Error::Aborted(path))
@@ -1369,22 +1376,11 @@ impl UsageLedger {
             let body = serde_json::to_vec(&UsageRecord { reserved: end })
                 .map_err(|e| Error::Internal(e.to_string()))?;
             let sealed = self.barrier.seal(&path, &body)?;
-            let written = match &current {
-                Some(rec) => {
-                    self.store
-                        .compare_and_set(&path, rec.revision, &sealed)
-                        .await
-                }
-                None => self.store.create(&path, &sealed).await,
-            };
-            match written {
-                Ok(_) => return Ok((reserved, end)),
-                Err(
-                    cipherd_store::Error::Conflict { .. }
-                    | cipherd_store::Error::AlreadyExists { .. }
-                    | cipherd_store::Error::NotFound { .. },
-                ) => continue,
-                Err(e) => return Err(e.into()),
+            if write_over(&*self.store, &path, current.as_ref(), &sealed)
+                .await?
+                .is_some()
+            {
+                return Ok((reserved, end));
             }
         }
         Err(Error::Aborted(path))
