@@ -176,6 +176,8 @@ pub struct CreateOptions {
     pub exportable: bool,
     /// Whether the key may be deleted.
     pub deletion_allowed: bool,
+    /// Seconds between automatic rotations; 0: never.
+    pub auto_rotate_period_s: u64,
 }
 
 /// A change to a key's policy; `None` fields are left as they are.
@@ -290,7 +292,7 @@ impl NamedKey {
             id: Some(KeyId::generate()?),
             generation: 0,
             deletion_time_ms: None,
-            auto_rotate_period_s: 0,
+            auto_rotate_period_s: opts.auto_rotate_period_s,
         })
     }
 
@@ -1438,6 +1440,7 @@ mod tests {
             derived: true,
             exportable: true,
             deletion_allowed: true,
+            auto_rotate_period_s: 0,
         });
         k.rotate(2_000).unwrap();
         k.rotate(3_000).unwrap();

@@ -81,18 +81,9 @@ impl KeyAdminService for KeyAdminHandler {
             derived: r.derived,
             exportable: r.exportable,
             deletion_allowed: r.deletion_allowed,
+            auto_rotate_period_s: self.auto_rotate_period(r.auto_rotate_period)?.unwrap_or(0),
         };
-        let period = self.auto_rotate_period(r.auto_rotate_period)?.unwrap_or(0);
-        let mut key = unsealed.keys.create(&name, opts).await?;
-        if period != 0 {
-            key = unsealed
-                .keys
-                .update(&name, |k| {
-                    k.set_auto_rotate_period_s(period);
-                    Ok(true)
-                })
-                .await?;
-        }
+        let key = unsealed.keys.create(&name, opts).await?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_proto(&unsealed.keys, &key).await?),
         }))
